@@ -1,0 +1,147 @@
+"""
+Shared helpers for the benchmarks: machine facts, tables, JSON results.
+
+Every benchmark prints its table and writes ``bench/results/<name>.json``;
+``python -m bench.report`` turns all results into ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine_info() -> dict[str, Any]:
+    """
+    What the figures were measured on.
+    """
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for name in ("twisted", "klein", "treq", "pipecomet", *packages):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def tool_version(cmd: Sequence[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (p.stdout or p.stderr).strip().splitlines()[0]
+    except Exception as e:  # a missing tool is a fact worth recording
+        return f"unavailable ({e})"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """
+    A Markdown table (also readable in a terminal).
+    """
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def write_result(
+    name: str,
+    *,
+    title: str,
+    command: str,
+    tables: Sequence[dict[str, Any]],
+    targets: Sequence[dict[str, Any]] = (),
+    ratios: dict[str, float] | None = None,
+    peers: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    extra_versions: Sequence[str] = (),
+    raw: Any = None,
+) -> Path:
+    """
+    Print and save one benchmark's results.
+
+    :param tables: ``[{"title": str, "columns": [...], "rows": [[...]]}]``.
+    :param targets: ``[{"what": str, "target": str, "value": float|str, "met": bool}]``.
+    """
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "name": name,
+        "title": title,
+        "command": command,
+        "tables": list(tables),
+        "ratios": ratios or {},
+        "targets": list(targets),
+        "peers": list(peers),
+        "notes": list(notes),
+        "machine": machine_info(),
+        "versions": versions(*extra_versions),
+        "raw": raw,
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print(f"\n## {title}\n")
+    for t in tables:
+        if t.get("title"):
+            print(f"### {t['title']}\n")
+        print(format_table(t["columns"], t["rows"]))
+        print()
+    if ratios:
+        for k, v in ratios.items():
+            print(f"ratio {k}: {v:.3f}")
+    for t in targets:
+        print(f"target {'MET' if t['met'] else 'NOT MET'}: {t['what']} — target {t['target']}, got {t['value']}")
+    for n in notes:
+        print(f"note: {n}")
+    print(f"\nwritten: {path.relative_to(ROOT)}")
+    return path
+
+
+def python() -> str:
+    return sys.executable

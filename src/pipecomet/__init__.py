@@ -1,0 +1,78 @@
+"""
+pipecomet: an event-driven HTTP server framework on Twisted for API gateways.
+
+A request runs through a chain of small stateless pipes; a chain can answer
+at once, move blocking work onto a quota thread pool, send CPU-heavy work to
+worker processes, stream the results of parallel branches, or wait for
+events and push them to the client.
+"""
+
+from ._app import App, PipecometResource, Route
+from ._chain import (
+    Answer,
+    Chain,
+    ChainRun,
+    Parallel,
+    Pipe,
+    PipeContext,
+    PipeInput,
+    PipeResult,
+    SkipRest,
+    pipe,
+    process_pipe,
+)
+from ._config import Config, ConfigError, load_config
+from ._errors import (
+    BadGateway,
+    BadRequest,
+    Forbidden,
+    GatewayTimeout,
+    HeadersTooLarge,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    PipecometError,
+    RequestTimeout,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+)
+from ._runtime import Runtime
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "Answer",
+    "BadGateway",
+    "BadRequest",
+    "Chain",
+    "ChainRun",
+    "Config",
+    "ConfigError",
+    "Forbidden",
+    "GatewayTimeout",
+    "HeadersTooLarge",
+    "InternalError",
+    "MethodNotAllowed",
+    "NotFound",
+    "Parallel",
+    "PayloadTooLarge",
+    "Pipe",
+    "PipeContext",
+    "PipeInput",
+    "PipeResult",
+    "PipecometError",
+    "PipecometResource",
+    "RequestTimeout",
+    "Route",
+    "Runtime",
+    "ServiceUnavailable",
+    "SkipRest",
+    "TooManyRequests",
+    "Unauthorized",
+    "load_config",
+    "pipe",
+    "process_pipe",
+]

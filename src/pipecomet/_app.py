@@ -1,0 +1,286 @@
+"""
+The app: routes bound to chains, served through twisted.web and Klein.
+
+``App`` wraps a :class:`klein.Klein`: every chain route is registered there
+(so a Klein app can mount it), and plain Klein handlers can be added with
+``app.klein.route``.  Serving goes through :class:`PipecometResource`, which
+finds chain routes itself (an exact-path table, then a werkzeug map bound
+once) and hands everything else to Klein; that keeps the per-request cost of
+a chain below Klein's own routing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+from twisted.application.service import IService, MultiService
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
+from werkzeug.exceptions import NotFound as WzNotFound
+from werkzeug.routing import Map, Rule
+
+from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeInput
+from ._config import Config, ConfigError
+from ._errors import MethodNotAllowed, NotFound, PipecometError, error_body
+from ._responders import RESPONDERS, choose_responder, send_error
+from ._runtime import Runtime
+
+__all__ = ["App", "Route", "PipecometResource"]
+
+log = Logger()
+
+
+class Route:
+    """
+    A path and methods bound to a chain and the responders it offers.
+    """
+
+    __slots__ = ("path", "methods", "chain", "responders", "app", "_responder", "_one")
+
+    def __init__(self, app: App, path: str, chain: Chain, methods: Sequence[str],
+                 responders: Sequence[str]) -> None:
+        unknown = [r for r in responders if r not in RESPONDERS]
+        if unknown:
+            raise ValueError(f"route {path}: unknown responders {unknown}; known: {sorted(RESPONDERS)}")
+        self.app = app
+        self.path = path
+        self.chain = chain
+        self.methods = tuple(m.upper() for m in methods)
+        self.responders = tuple(responders)
+        self._one = RESPONDERS[self.responders[0]] if len(self.responders) == 1 else None
+
+    def serve(self, request: Any, path_params: dict[str, Any] | None = None) -> ChainRun:
+        """
+        Run the chain for ``request``; the responder answers it.
+        """
+        factory = self._one
+        if factory is None:
+            factory = RESPONDERS[choose_responder(request, self.responders)]
+        run = ChainRun(self.chain, PipeInput(request, path_params),
+                       PipeContext(self.app.runtime), factory(request))
+        run.start()
+        return run
+
+
+class PipecometResource(Resource):
+    """
+    The leaf resource that serves an :class:`App`.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: App) -> None:
+        super().__init__()
+        self.app = app
+        self._klein_resource: Any = None
+
+    def render(self, request: Any) -> Any:
+        app = self.app
+        by_method = app._exact.get(request.path)
+        if by_method is not None:
+            route = by_method.get(request.method)
+            if route is not None:
+                route.serve(request)
+                return NOT_DONE_YET
+        found = app._match(request)
+        if found is not None:
+            route, params = found
+            route.serve(request, params)
+            return NOT_DONE_YET
+        if app._plain_klein_routes:
+            if self._klein_resource is None:
+                self._klein_resource = app.klein.resource()
+            return self._klein_resource.render(request)
+        error: PipecometError
+        if by_method is not None or app._path_exists(request):
+            error = MethodNotAllowed(f"method {request.method.decode('ascii', 'replace')} not allowed here")
+        else:
+            error = NotFound(f"no route for {request.path.decode('utf-8', 'replace')}")
+        send_error(request, error)
+        return NOT_DONE_YET
+
+
+class App:
+    """
+    A pipecomet application.
+
+    :param reactor: the reactor; the global one when None (looked up on use).
+    :param name: shown in logs and status.
+    """
+
+    def __init__(self, *, reactor: Any = None, name: str = "pipecomet",
+                 builtin_routes: bool = True) -> None:
+        from klein import Klein
+
+        self.name = name
+        self.klein = Klein()
+        self.routes: list[Route] = []
+        self._exact: dict[bytes, dict[bytes, Route]] = {}
+        self._map = Map(strict_slashes=False)
+        self._rules: dict[str, Route] = {}
+        self._adapter: Any = None
+        self._plain_klein_routes = False
+        self.runtime = Runtime(reactor)
+        self.config = Config()
+        self.service = MultiService()
+        self.service.setName(name)
+        self._configured = False
+        self._install_klein_errors()
+        if builtin_routes:
+            self.route("/_pipecomet/status", [Pipe(self._status, name="status")])
+
+    @property
+    def reactor(self) -> Any:
+        if self.runtime.reactor is None:
+            from twisted.internet import reactor
+
+            self.runtime.reactor = reactor
+        return self.runtime.reactor
+
+    # -- declaring
+
+    def route(
+        self,
+        path: str,
+        chain: Chain | Iterable[Pipe | Parallel | Callable[..., Any]],
+        *,
+        methods: Sequence[str] = ("GET",),
+        responders: Sequence[str] | None = None,
+    ) -> Route:
+        """
+        Bind ``path`` (werkzeug syntax, e.g. ``/items/<int:id>``) to a chain.
+
+        :param responders: names from :data:`~pipecomet._responders.RESPONDERS`,
+            the first being the default; ``("json", "ndjson", "sse")`` for a
+            chain with branches, ``("json",)`` otherwise.
+        """
+        if not isinstance(chain, Chain):
+            chain = Chain(chain, name=path)
+        if responders is None:
+            responders = ("json", "ndjson", "sse") if chain.has_branches else ("json",)
+        route = Route(self, path, chain, methods, responders)
+        self.routes.append(route)
+        if "<" not in path:
+            table = self._exact.setdefault(path.encode("utf-8"), {})
+            for m in route.methods:
+                table[m.encode("ascii")] = route
+                if m == "GET":
+                    table.setdefault(b"HEAD", route)
+        endpoint = f"pipecomet:{len(self.routes)}:{path}"
+        self._rules[endpoint] = route
+        self._map.add(Rule(path, endpoint=endpoint, methods=list(route.methods)))
+        self._adapter = None
+
+        def handler(request: Any, **params: Any) -> Any:
+            return route.serve(request, params).when_done()
+
+        handler.__name__ = endpoint
+        self.klein.route(path, methods=list(route.methods), endpoint=endpoint)(handler)
+        return route
+
+    def klein_route(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        """
+        ``app.klein.route`` for plain Klein handlers served beside the chains.
+        """
+        self._plain_klein_routes = True
+        return self.klein.route(*args, **kwargs)
+
+    def add_service(self, service: IService) -> None:
+        """
+        Start and stop ``service`` with the app (pools, keepers, clients).
+        """
+        service.setServiceParent(self.service)
+
+    # -- configuring
+
+    def configure(self, config: Config) -> App:
+        """
+        Apply a configuration: every part's installer builds what its table
+        asks for (quota pool, workers, comet...), then the routes are
+        checked against it.  Errors are :class:`ConfigError`.
+        """
+        self.config = config
+        self.runtime.config = config
+        self.reactor  # resolve now, before any part needs it
+        for name, install in config.installers():
+            install(self, getattr(config, name))
+        self._configured = True
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """
+        Fail with :class:`ConfigError` when a route uses a part or a quota
+        category that is not there.
+        """
+        for route in self.routes:
+            for p in route.chain.walk():
+                if p.run == "thread":
+                    quota = self.runtime.quota
+                    if quota is None:
+                        raise ConfigError(f"route {route.path}: pipe {p.name!r} runs in a thread "
+                                          "but no quota pool is configured")
+                    if not quota.has_category(p.category):
+                        raise ConfigError(f"route {route.path}: pipe {p.name!r} uses unknown quota "
+                                          f"category {p.category!r}")
+                elif p.run == "process" and self.runtime.workers is None:
+                    raise ConfigError(f"route {route.path}: pipe {p.name!r} runs in a worker "
+                                      "process but no worker pool is configured")
+
+    # -- serving
+
+    def resource(self) -> PipecometResource:
+        return PipecometResource(self)
+
+    def site(self, **kwargs: Any) -> Site:
+        """
+        A ``twisted.web`` Site serving this app.
+        """
+        kwargs.setdefault("timeout", getattr(self.config.server, "idle_timeout", 60.0))
+        site = Site(self.resource(), reactor=self.reactor, **kwargs)
+        site.displayTracebacks = False
+        return site
+
+    def _match(self, request: Any) -> tuple[Route, dict[str, Any]] | None:
+        if self._adapter is None:
+            self._adapter = self._map.bind("localhost", "/")
+        try:
+            endpoint, params = self._adapter.match(request.path.decode("utf-8", "replace"),
+                                                   request.method.decode("ascii", "replace"))
+        except (WzNotFound, WzMethodNotAllowed):
+            return None
+        except Exception:
+            # werkzeug raises RequestRedirect for slash fixes; treat as a miss.
+            return None
+        return self._rules[endpoint], params
+
+    def _path_exists(self, request: Any) -> bool:
+        if self._adapter is None:
+            self._adapter = self._map.bind("localhost", "/")
+        try:
+            self._adapter.match(request.path.decode("utf-8", "replace"), "GET")
+            return True
+        except WzMethodNotAllowed:
+            return True
+        except Exception:
+            return False
+
+    def _install_klein_errors(self) -> None:
+        @self.klein.handle_errors(WzNotFound)
+        def not_found(request: Any, failure: Any) -> bytes:
+            error = NotFound(f"no route for {request.path.decode('utf-8', 'replace')}")
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"application/json")
+            return error_body(error)
+
+        @self.klein.handle_errors(WzMethodNotAllowed)
+        def not_allowed(request: Any, failure: Any) -> bytes:
+            error = MethodNotAllowed("method not allowed here")
+            request.setResponseCode(405)
+            request.setHeader(b"content-type", b"application/json")
+            return error_body(error)
+
+    def _status(self, inp: PipeInput, ctx: PipeContext, res: Any) -> Any:
+        return {"app": self.name, **self.runtime.status()}

@@ -1,0 +1,170 @@
+"""
+Configuration: one TOML file, one frozen attrs class per table.
+
+Each part of pipecomet owns a table (``[server]``, ``[quota]``, ``[workers]``,
+``[comet]``, ``[limits]``, ``[demo]``...) and registers its class and its
+installer in :data:`SECTIONS`.  Loading rejects unknown tables and keys and
+bad values with a :class:`ConfigError` that names the key, e.g.
+``quota.categories.slow.reserve: must be >= 0``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+__all__ = ["ConfigError", "Config", "ServerConfig", "SECTIONS", "load_config", "build_section"]
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is missing, unknown or wrong; the message names it.
+    """
+
+
+@attrs.frozen
+class ServerConfig:
+    """
+    ``[server]``: where and what to serve.
+
+    :ivar port: Twisted endpoint string.
+    :ivar app: ``module:attr`` of the app (an ``App`` or a factory).
+    :ivar idle_timeout: seconds a connection may stay silent (held comet
+        requests are exempt).
+    """
+
+    port: str = attrs.field(default="tcp:8080", validator=attrs.validators.instance_of(str))
+    app: str = attrs.field(default="pipecomet.demo:make_app",
+                           validator=attrs.validators.instance_of(str))
+    idle_timeout: float = attrs.field(default=60.0, converter=float,
+                                      validator=attrs.validators.gt(0))
+
+
+#: table name → (``module:Class`` of its config, ``module:function`` that
+#: installs the part on an app from that config, or None).
+SECTIONS: dict[str, tuple[str, str | None]] = {
+    "server": ("pipecomet._config:ServerConfig", None),
+    "demo": ("pipecomet.demo._config:DemoConfig", None),
+}
+
+
+def _resolve(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def build_section(cls: type, table: Any, where: str) -> Any:
+    """
+    Build attrs class ``cls`` from a TOML table, recursing into attrs-typed
+    fields and ``dict[str, AttrsClass]`` fields; errors name the key path.
+    """
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        path = f"{where}.{key}" if where else key
+        if name not in fields or name.startswith("_"):
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{path}: unknown key (known: {known})")
+        tp = _unwrap_optional(hints.get(name, Any))
+        origin = typing.get_origin(tp)
+        if attrs.has(tp):
+            value = build_section(tp, value, path)
+        elif origin is dict and attrs.has(_unwrap_optional(typing.get_args(tp)[1])):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path}: expected a table, got {type(value).__name__}")
+            inner = _unwrap_optional(typing.get_args(tp)[1])
+            value = {k: build_section(inner, v, f"{path}.{k}") for k, v in value.items()}
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or cls.__name__}: {_field_message(e)}") from None
+
+
+def _field_message(e: Exception) -> str:
+    # attrs validators put the attribute in args[1]; say its name.
+    if len(e.args) >= 2 and isinstance(e.args[1], attrs.Attribute):
+        return f"{e.args[1].name}: {e.args[0]}"
+    return str(e)
+
+
+class Config:
+    """
+    The whole configuration.  ``config.quota`` etc. give each table's object
+    (defaults when the file has none).
+    """
+
+    def __init__(self, sections: Mapping[str, Any] | None = None) -> None:
+        self._sections = dict(sections or {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._sections[name]
+        except KeyError:
+            pass
+        if name not in SECTIONS:
+            raise AttributeError(f"no config section {name!r}")
+        value = _resolve(SECTIONS[name][0])()
+        self._sections[name] = value
+        return value
+
+    def present(self) -> list[str]:
+        """
+        Tables given explicitly (not defaulted).
+        """
+        return list(self._sections)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Config:
+        sections: dict[str, Any] = {}
+        for key, table in data.items():
+            if key not in SECTIONS:
+                known = ", ".join(sorted(SECTIONS))
+                raise ConfigError(f"{key}: unknown section (known: {known})")
+            sections[key] = build_section(_resolve(SECTIONS[key][0]), table, key)
+        return cls(sections)
+
+    def installers(self) -> list[tuple[str, Any]]:
+        """
+        ``(name, install)`` for every registered part with an installer.
+        """
+        return [(name, _resolve(inst)) for name, (_, inst) in SECTIONS.items() if inst]
+
+
+def load_config(path: str | Path | None) -> Config:
+    """
+    Read a TOML file (or give defaults for None).
+    """
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return Config.from_dict(data)

@@ -1,0 +1,37 @@
+"""
+``[demo]``: the demo gateway's app keys and their rates.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["DemoConfig", "AppKey"]
+
+
+@attrs.frozen
+class AppKey:
+    """
+    One registered app: its rate limit (token bucket) in requests per second
+    and its burst.
+    """
+
+    rate: float = attrs.field(default=100_000.0, converter=float, validator=attrs.validators.gt(0))
+    burst: float = attrs.field(default=0.0, converter=float, validator=attrs.validators.ge(0))
+
+    @property
+    def capacity(self) -> float:
+        return self.burst or self.rate
+
+
+def _default_keys() -> dict[str, AppKey]:
+    return {"demo-key": AppKey(rate=100_000.0), "demo-limited": AppKey(rate=5.0, burst=5.0)}
+
+
+@attrs.frozen
+class DemoConfig:
+    """
+    :ivar keys: app key → :class:`AppKey`.
+    """
+
+    keys: dict[str, AppKey] = attrs.field(factory=_default_keys)

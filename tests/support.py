@@ -1,0 +1,72 @@
+"""
+Helpers for the integration tests: free ports, a twistd server in a
+subprocess, waiting for a port to answer.  Everything listens on 127.0.0.1
+and is stopped by the test that started it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = [sys.executable, "-m", "twisted"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, deadline: float = 20.0) -> None:
+    """
+    Block until 127.0.0.1:port accepts, the process dies, or time runs out.
+    (For synchronous tests only; never called on the reactor thread.)
+    """
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{out}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {deadline}s")
+
+
+@contextmanager
+def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
+                  port: int | None = None) -> Iterator[tuple[int, subprocess.Popen]]:
+    """
+    ``twistd -n pipecomet --port tcp:PORT:interface=127.0.0.1 ARGS`` in a
+    subprocess, stopped (SIGTERM, then SIGKILL) on exit.
+    """
+    port = port or free_port()
+    cmd = [*TWISTD, "-n", "--pidfile=", "pipecomet",
+           "--port", f"tcp:{port}:interface=127.0.0.1", *args]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=ROOT, env=full_env, start_new_session=True)
+    try:
+        wait_for_port(port, proc)
+        yield port, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stdout:
+            proc.stdout.close()
