@@ -1,0 +1,281 @@
+"""
+``make bench-http``: what a five-pipe inline chain costs per request.
+
+In one run, on 127.0.0.1, with wrk: a bare twisted.web Resource, a bare
+Klein app, pipecomet serving a five-pipe inline chain and (as an outside
+anchor) Tornado, all answering ``GET /hello`` with the same 13-byte JSON body
+(see :mod:`bench.http_servers`).  Each server runs alone, pinned to core 0;
+wrk is pinned to core 1.  Per server and round: start it, a warm-up run, a
+measured run, stop it by its PID.  Rounds are interleaved (every kind once
+per round) so drift from other load on the machine hits all kinds alike; the
+table shows the median over rounds and the spread.
+
+Targets (issue 2): pipecomet ≥ 1.0× bare Klein req/s, pipecomet p99 ≤ 1.2×
+bare Klein p99.
+
+Settings come from the environment so the Makefile target needs no
+arguments: ``BENCH_HTTP_ROUNDS`` (3), ``BENCH_HTTP_DURATION`` (10 s),
+``BENCH_HTTP_WARMUP`` (3 s), ``BENCH_HTTP_CONNECTIONS`` (50),
+``BENCH_HTTP_KINDS`` (``twisted,klein,pipecomet,tornado``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from ._common import free_port, tool_version, write_result
+from .http_servers import PATH, QUERY
+
+KINDS = ("twisted", "klein", "pipecomet", "tornado")
+LABELS = {
+    "twisted": "bare twisted.web Resource",
+    "klein": "bare Klein",
+    "pipecomet": "pipecomet, 5-pipe inline chain",
+    "tornado": "bare Tornado (anchor)",
+}
+SERVER_CORE = "0"
+CLIENT_CORE = "1"
+#: No run may outlive this, whatever the settings.
+HARD_LIMIT = 30 * 60
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v else default
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"cannot read wrk duration {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    """
+    Figures from ``wrk --latency`` output: req/s, p50/p75/p90/p99 in ms,
+    requests, non-2xx responses and socket errors.
+    """
+    res: dict[str, Any] = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise ValueError("no Requests/sec in wrk output:\n" + out)
+    res["rps"] = float(m.group(1))
+    m = re.search(r"(\d+) requests in ([\d.]+\w+)", out)
+    res["requests"] = int(m.group(1)) if m else 0
+    dist = out.split("Latency Distribution", 1)
+    if len(dist) < 2:
+        raise ValueError("no latency distribution (was --latency given?):\n" + out)
+    for pct, val in re.findall(r"^\s*(50|75|90|99)%\s+(\S+)", dist[1], re.M):
+        res[f"p{pct}_ms"] = _ms(val)
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    res["non_2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    return res
+
+
+def _pin(core: str, cmd: list[str], pinned: bool) -> list[str]:
+    return ["taskset", "-c", core, *cmd] if pinned else cmd
+
+
+class Server:
+    """
+    One benchmark server process, started and stopped by its PID.
+    """
+
+    def __init__(self, kind: str, pinned: bool) -> None:
+        self.kind = kind
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "bench.http_servers", "--kind", kind, "--port", str(self.port)]
+        self.proc = subprocess.Popen(_pin(SERVER_CORE, cmd, pinned), stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     cwd=os.path.dirname(os.path.dirname(__file__)))
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        buf = b""
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode}")
+            chunk = self.proc.stdout.read()
+            if chunk:
+                buf += chunk
+                if b"ready" in buf:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.kind} server not ready after {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def run_wrk(port: int, seconds: int, connections: int, pinned: bool) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{port}{PATH}?{QUERY}"
+    cmd = _pin(CLIENT_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+                             "--timeout", "5s", url], pinned)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    if p.returncode != 0:
+        raise RuntimeError(f"wrk failed ({p.returncode}): {p.stderr or p.stdout}")
+    return parse_wrk(p.stdout)
+
+
+def measure(kind: str, *, seconds: int, warmup: int, connections: int, pinned: bool) -> dict[str, Any]:
+    server = Server(kind, pinned)
+    try:
+        server.wait_ready()
+        if warmup:
+            run_wrk(server.port, warmup, connections, pinned)
+        out = run_wrk(server.port, seconds, connections, pinned)
+    finally:
+        server.stop()
+    if out["non_2xx"] or out["socket_errors"]:
+        raise RuntimeError(f"{kind}: {out['non_2xx']} non-2xx responses, "
+                           f"{out['socket_errors']} socket errors")
+    return out
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _spread(values: list[float]) -> float:
+    """
+    (max - min) / median, in percent: how much the rounds disagreed.
+    """
+    med = statistics.median(values)
+    return 100.0 * (max(values) - min(values)) / med if med else 0.0
+
+
+def main() -> None:
+    started = time.monotonic()
+    rounds = _env_int("BENCH_HTTP_ROUNDS", 3)
+    seconds = _env_int("BENCH_HTTP_DURATION", 10)
+    warmup = _env_int("BENCH_HTTP_WARMUP", 3)
+    connections = _env_int("BENCH_HTTP_CONNECTIONS", 50)
+    kinds = [k for k in os.environ.get("BENCH_HTTP_KINDS", ",".join(KINDS)).split(",") if k]
+    for k in kinds:
+        if k not in KINDS:
+            raise SystemExit(f"unknown kind {k!r}; known: {KINDS}")
+    for k in ("klein", "pipecomet"):
+        if k not in kinds:
+            raise SystemExit(f"BENCH_HTTP_KINDS must include {k!r}")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (make bench-http installs it with scripts/apt-ensure)")
+    pinned = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    budget = rounds * len(kinds) * (seconds + warmup + 15)
+    if budget > HARD_LIMIT:
+        raise SystemExit(f"settings would take up to {budget}s; the limit is {HARD_LIMIT}s")
+
+    load_before = _loadavg()
+    per_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        # Rotate the order each round so no kind always runs first or last.
+        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+        for kind in order:
+            out = measure(kind, seconds=seconds, warmup=warmup, connections=connections,
+                          pinned=pinned)
+            per_kind[kind].append(out)
+            print(f"round {r + 1}/{rounds} {kind:10s} {out['rps']:9.0f} req/s  "
+                  f"p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms", flush=True)
+    load_after = _loadavg()
+
+    med: dict[str, dict[str, float]] = {}
+    rows = []
+    for kind in kinds:
+        runs = per_kind[kind]
+        rps = [o["rps"] for o in runs]
+        p50 = [o["p50_ms"] for o in runs]
+        p99 = [o["p99_ms"] for o in runs]
+        med[kind] = {"rps": statistics.median(rps), "p50": statistics.median(p50),
+                     "p99": statistics.median(p99)}
+        rows.append([LABELS[kind], round(med[kind]["rps"]), round(med[kind]["p50"], 2),
+                     round(med[kind]["p99"], 2), f"{min(rps):,.0f}–{max(rps):,.0f}",
+                     f"{_spread(rps):.1f}%", f"{_spread(p99):.1f}%"])
+
+    pc, kl = med["pipecomet"], med["klein"]
+    ratios = {
+        "pipecomet/klein req/s": pc["rps"] / kl["rps"],
+        "pipecomet/klein p99": pc["p99"] / kl["p99"],
+    }
+    if "twisted" in med:
+        ratios["pipecomet/twisted.web req/s"] = pc["rps"] / med["twisted"]["rps"]
+        ratios["pipecomet/twisted.web p99"] = pc["p99"] / med["twisted"]["p99"]
+    if "tornado" in med:
+        ratios["pipecomet/tornado req/s"] = pc["rps"] / med["tornado"]["rps"]
+    paired = [p["rps"] / k["rps"] for p, k in zip(per_kind["pipecomet"], per_kind["klein"])]
+    paired_p99 = [p["p99_ms"] / k["p99_ms"] for p, k in zip(per_kind["pipecomet"], per_kind["klein"])]
+
+    targets = [
+        {"what": "pipecomet req/s vs bare Klein", "target": "≥ 1.0×",
+         "value": round(ratios["pipecomet/klein req/s"], 3),
+         "met": ratios["pipecomet/klein req/s"] >= 1.0},
+        {"what": "pipecomet p99 vs bare Klein p99", "target": "≤ 1.2×",
+         "value": round(ratios["pipecomet/klein p99"], 3),
+         "met": ratios["pipecomet/klein p99"] <= 1.2},
+    ]
+    elapsed = time.monotonic() - started
+    notes = [
+        f"{rounds} interleaved rounds per server, each a {warmup} s warm-up then a {seconds} s "
+        f"measured wrk run (1 thread, {connections} keep-alive connections); table = median "
+        "over rounds, spread = (max − min) / median.",
+        ("server pinned to core 0, wrk to core 1 (taskset)" if pinned
+         else "NOT pinned: fewer than 2 cores or no taskset"),
+        "same body everywhere: 13 bytes `{\"msg\":\"hi!\"}` as application/json; pipecomet's chain "
+        "reads the query, checks the app key, takes a token, validates, routes and JSON-encodes "
+        "the handler's dict per request, the bare servers return constant bytes. "
+        "Klein answers chunked (its default), the others with Content-Length.",
+        f"per-round pipecomet/Klein req/s ratios: {', '.join(f'{x:.3f}' for x in paired)}; "
+        f"p99 ratios: {', '.join(f'{x:.3f}' for x in paired_p99)}.",
+        f"load average before {load_before}, after {load_after}: the machine is shared (2 cores, "
+        "other engineers' tests), so single runs can be off by several percent.",
+        f"run took {elapsed:.0f} s.",
+    ]
+    write_result(
+        "http",
+        title="HTTP: pipecomet 5-pipe chain vs bare twisted.web and Klein (wrk)",
+        command="flock /tmp/pipecomet-bench.lock make bench-http",
+        tables=[{
+            "title": "GET /hello, 13-byte body, 50 connections",
+            "columns": ["server", "req/s (median)", "p50 ms", "p99 ms", "req/s range",
+                        "req/s spread", "p99 spread"],
+            "rows": rows,
+        }],
+        ratios=ratios,
+        targets=targets,
+        peers=[LABELS[k] for k in kinds if k != "pipecomet"],
+        notes=notes,
+        extra_versions=("tornado", "werkzeug"),
+        raw={"wrk": tool_version(["wrk", "--version"]), "settings": {
+            "rounds": rounds, "duration_s": seconds, "warmup_s": warmup,
+            "connections": connections, "pinned": pinned}, "runs": per_kind},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""
+The servers `bench.http` measures, one per process:
+
+``python -m bench.http_servers --kind twisted|klein|pipecomet|tornado --port N``
+
+Every kind answers ``GET /hello`` with the same 13-byte body ``{"msg":"hi!"}``
+as ``application/json`` with a ``Content-Length`` (so HTTP/1.1 keep-alive
+holds for all of them) and listens on 127.0.0.1 only.
+
+- ``twisted``: a bare leaf ``twisted.web`` Resource returning constant bytes;
+- ``klein``: a bare Klein app with one route returning constant bytes;
+- ``pipecomet``: an :class:`pipecomet.App` route whose chain has five plain
+  inline pipes doing real, small gateway work per request — app-key check,
+  token-bucket rate check, parameter validation, routing to a handler, and
+  formatting; the JSON responder encodes the handler's dict each time;
+- ``tornado``: a bare Tornado ``RequestHandler``, an outside anchor.
+
+All Twisted kinds use a default ``twisted.web.server.Site`` (pipecomet uses
+``App.site()``), so the access-log line each request costs is paid by all.
+The process prints ``ready`` once it listens and stops on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+BODY = b'{"msg":"hi!"}'
+assert len(BODY) == 13
+CONTENT_TYPE = b"application/json"
+PATH = "/hello"
+#: The query the driver sends to every kind (only pipecomet's chain reads it).
+QUERY = "app_key=bench-key&v=1"
+
+
+def _twisted_site() -> Any:
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    class Hello(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.setHeader(b"content-type", CONTENT_TYPE)
+            return BODY
+
+    root = Resource()
+    root.putChild(PATH.strip("/").encode(), Hello())
+    return Site(root)
+
+
+def _klein_site() -> Any:
+    from klein import Klein
+    from twisted.web.server import Site
+
+    app = Klein()
+
+    @app.route(PATH)
+    def hello(request: Any) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        return BODY
+
+    return Site(app.resource())
+
+
+class _Bucket:
+    """
+    A token bucket per app: ``rate`` tokens a second, at most ``burst``.
+    """
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return -1.0
+        self.tokens -= 1.0
+        return self.tokens
+
+
+def make_pipecomet_app() -> Any:
+    """
+    The measured pipecomet app: one route, a chain of five inline pipes.
+    """
+    from pipecomet import App, BadRequest, NotFound, Pipe, TooManyRequests, Unauthorized
+
+    apps = {"bench-key": {"app": "bench", "rate": 1e9}}
+    buckets = {k: _Bucket(v["rate"], v["rate"]) for k, v in apps.items()}
+    handlers = {"/hello": lambda params: {"msg": "hi!"}}
+
+    def app_key(inp, ctx, res):
+        key = inp.query.get("app_key")
+        app = apps.get(key) if key is not None else None
+        if app is None:
+            raise Unauthorized("unknown app key", code="bad_app_key")
+        ctx["app_key"] = key
+        return app
+
+    def rate(inp, ctx, res):
+        left = buckets[ctx["app_key"]].take()
+        if left < 0:
+            raise TooManyRequests("rate limit exceeded", retry_after=1)
+        return left
+
+    def validate(inp, ctx, res):
+        v = inp.query.get("v", "1")
+        if v != "1":
+            raise BadRequest("unsupported version", code="bad_parameter", details={"param": "v"})
+        return {"v": v}
+
+    def route(inp, ctx, res):
+        handler = handlers.get(inp.request.path.decode("ascii", "replace"))
+        if handler is None:
+            raise NotFound("no such API")
+        return handler
+
+    def fmt(inp, ctx, res):
+        return res["route"](res["validate"])
+
+    app = App(name="bench")
+    app.route(PATH, [Pipe(app_key), Pipe(rate), Pipe(validate), Pipe(route), Pipe(fmt, name="format")])
+    return app
+
+
+def _pipecomet_site(reactor: Any) -> Any:
+    app = make_pipecomet_app()
+    app.runtime.reactor = reactor
+    return app.site()
+
+
+def _serve_twisted(kind: str, port: int) -> None:
+    from twisted.internet import reactor
+
+    if kind == "twisted":
+        site = _twisted_site()
+    elif kind == "klein":
+        site = _klein_site()
+    else:
+        site = _pipecomet_site(reactor)
+    reactor.listenTCP(port, site, backlog=1024, interface="127.0.0.1")
+    reactor.callWhenRunning(lambda: print("ready", flush=True))
+    reactor.run()
+
+
+def _serve_tornado(port: int) -> None:
+    import asyncio
+    import signal
+
+    import tornado.web
+
+    class Hello(tornado.web.RequestHandler):
+        def get(self) -> None:
+            self.set_header("Content-Type", CONTENT_TYPE.decode())
+            self.write(BODY)
+
+    async def main() -> None:
+        app = tornado.web.Application([(PATH, Hello)])
+        app.listen(port, address="127.0.0.1", backlog=1024)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", required=True, choices=("twisted", "klein", "pipecomet", "tornado"))
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.kind == "tornado":
+        _serve_tornado(args.port)
+    else:
+        _serve_twisted(args.kind, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
