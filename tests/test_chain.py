@@ -1,0 +1,424 @@
+"""
+Unit tests of the chain runner: order, context, skips, early answers,
+Deferred and coroutine pipes, errors, parallel branches, cancellation.
+In memory, on a fake clock; they run under trial and pytest.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from pipecomet import (
+    Answer,
+    App,
+    BadRequest,
+    Chain,
+    Parallel,
+    Pipe,
+    SkipRest,
+    pipe,
+)
+from pipecomet.testing import MemoryClient, make_clock
+
+
+def sleep(clock, seconds, value):
+    d = Deferred(lambda d: call.cancel())
+    call = clock.callLater(seconds, d.callback, value)
+    return d
+
+
+class ChainTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = make_clock()
+        self.app = App(reactor=self.clock)
+        self.client = MemoryClient(self.app)
+        self.ran: list[str] = []
+
+    def step(self, name, value=None, **kw):
+        def f(inp, ctx, res):
+            self.ran.append(name)
+            return name if value is None else value(inp, ctx, res)
+
+        return Pipe(f, name=name, **kw)
+
+    def test_order_and_results(self):
+        """
+        Pipes run in order; each sees the results before it; the last
+        result is the response.
+        """
+        self.app.route("/t", [
+            self.step("a"),
+            self.step("b", lambda i, c, r: r["a"] + "+b"),
+            self.step("c", lambda i, c, r: {"seen": dict(r), "last": r.last}),
+        ])
+        call = self.client.get("/t")
+        self.assertEqual(self.ran, ["a", "b", "c"])
+        self.assertEqual(call.status, 200)
+        self.assertEqual(call.json(), {"seen": {"a": "a", "b": "a+b"}, "last": "a+b"})
+
+    def test_context_is_per_request(self):
+        """
+        Context data set by one pipe is seen by later pipes of the same
+        request, never by another request.
+        """
+        def first(inp, ctx, res):
+            self.assertNotIn("user", ctx)
+            ctx["user"] = inp.query["u"]
+
+        def second(inp, ctx, res):
+            return ctx["user"]
+
+        self.app.route("/t", [pipe(first), pipe(second)])
+        self.assertEqual(self.client.get("/t?u=ann").json(), "ann")
+        self.assertEqual(self.client.get("/t?u=bob").json(), "bob")
+
+    def test_skip_condition(self):
+        """
+        A pipe whose condition on earlier results holds does not run.
+        """
+        self.app.route("/t", [
+            self.step("a", lambda i, c, r: i.query.get("cached")),
+            self.step("backend", skip_if=lambda r, c: r["a"] is not None),
+            self.step("out", lambda i, c, r: r.get("backend", r["a"])),
+        ])
+        self.assertEqual(self.client.get("/t?cached=hit").json(), "hit")
+        self.assertEqual(self.ran, ["a", "out"])
+        self.ran.clear()
+        self.assertEqual(self.client.get("/t").json(), "backend")
+        self.assertEqual(self.ran, ["a", "backend", "out"])
+
+    def test_early_answer(self):
+        """
+        Answer ends the chain with its own status, headers and body.
+        """
+        self.app.route("/t", [
+            self.step("a", lambda i, c, r: Answer(b"early", status=202, headers={"X-Why": "test"},
+                                                  content_type="text/plain")),
+            self.step("never"),
+        ])
+        call = self.client.get("/t")
+        self.assertEqual((call.status, call.body), (202, b"early"))
+        self.assertEqual(call.header("x-why"), "test")
+        self.assertEqual(call.header("content-type"), "text/plain")
+        self.assertEqual(self.ran, ["a"])
+
+    def test_skip_rest(self):
+        """
+        SkipRest ends the chain; its value is the response.
+        """
+        self.app.route("/t", [self.step("a", lambda i, c, r: SkipRest({"short": True})),
+                              self.step("never")])
+        self.assertEqual(self.client.get("/t").json(), {"short": True})
+        self.assertEqual(self.ran, ["a"])
+
+    def test_deferred_pipe(self):
+        """
+        A pipe returning a Deferred holds the chain until it fires.
+        """
+        self.app.route("/t", [
+            self.step("wait", lambda i, c, r: sleep(self.clock, 1.0, "slow")),
+            self.step("after", lambda i, c, r: r["wait"] + "!"),
+        ])
+        call = self.client.get("/t")
+        self.assertFalse(call.started)
+        self.assertEqual(self.ran, ["wait"])
+        self.client.advance(1.0)
+        self.assertEqual(call.json(), "slow!")
+        self.assertEqual(self.ran, ["wait", "after"])
+
+    def test_coroutine_pipe(self):
+        """
+        An ``async def`` pipe is awaited like a Deferred.
+        """
+        async def fetch(inp, ctx, res):
+            value = await sleep(self.clock, 0.5, 21)
+            return value * 2
+
+        self.app.route("/t", [Pipe(fetch)])
+        call = self.client.get("/t")
+        self.client.advance(0.5)
+        self.assertEqual(call.json(), 42)
+
+    def test_deferred_answer(self):
+        """
+        A Deferred may fire with an Answer, which ends the chain.
+        """
+        self.app.route("/t", [
+            self.step("a", lambda i, c, r: sleep(self.clock, 0.1, Answer("done", status=201))),
+            self.step("never"),
+        ])
+        call = self.client.get("/t")
+        self.client.advance(0.1)
+        self.assertEqual((call.status, call.body), (201, b"done"))
+        self.assertEqual(self.ran, ["a"])
+
+    def test_pipe_timeout(self):
+        """
+        An inline Deferred past the pipe's timeout gives 504 and is cancelled.
+        """
+        cancelled = []
+        self.app.route("/t", [
+            self.step("slow", lambda i, c, r: Deferred(cancelled.append), timeout=2.0),
+            self.step("never"),
+        ])
+        call = self.client.get("/t")
+        self.client.advance(2.0)
+        self.assertEqual(call.status, 504)
+        self.assertEqual(call.json()["error"]["code"], "timeout")
+        self.assertEqual(len(cancelled), 1)
+        self.assertEqual(self.ran, ["slow"])
+
+    def test_pipecomet_error(self):
+        """
+        A raised PipecometError gives its status and the JSON error shape.
+        """
+        def check(inp, ctx, res):
+            raise BadRequest("n must be a number", code="invalid_parameter", details={"param": "n"})
+
+        self.app.route("/t", [pipe(check), self.step("never")])
+        call = self.client.get("/t")
+        self.assertEqual(call.status, 400)
+        error = call.json()["error"]
+        self.assertEqual(error["code"], "invalid_parameter")
+        self.assertEqual(error["message"], "n must be a number")
+        self.assertEqual(error["param"], "n")
+        self.assertTrue(error["id"])
+        self.assertEqual(self.ran, [])
+
+    def test_unexpected_error(self):
+        """
+        Any other exception gives 500 with an id and no details; the log
+        has the traceback under the same id.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def broken(inp, ctx, res):
+            raise KeyError("secret-internal-detail")
+
+        self.app.route("/t", [pipe(broken)])
+        call = self.client.get("/t")
+        self.assertEqual(call.status, 500)
+        self.assertNotIn(b"secret-internal-detail", call.body)
+        self.assertNotIn(b"Traceback", call.body)
+        error_id = call.json()["error"]["id"]
+        logged = [e for e in events if e.get("error_id") == error_id]
+        self.assertEqual(len(logged), 1)
+        self.assertIn("secret-internal-detail", str(logged[0]["log_failure"].value))
+        self.flushLoggedErrors(KeyError)
+
+    def test_failed_deferred(self):
+        """
+        A Deferred that fails with a PipecometError maps like a raise.
+        """
+        def later(inp, ctx, res):
+            d = Deferred()
+            self.clock.callLater(0.2, d.errback, BadRequest("late", code="late"))
+            return d
+
+        self.app.route("/t", [pipe(later)])
+        call = self.client.get("/t")
+        self.client.advance(0.2)
+        self.assertEqual((call.status, call.json()["error"]["code"]), (400, "late"))
+
+    def test_chain_declared_once(self):
+        """
+        A chain is compiled once and shared; duplicate names are refused.
+        """
+        chain = Chain([self.step("a"), self.step("b")])
+        self.app.route("/one", chain)
+        self.app.route("/two", chain)
+        self.assertEqual(self.client.get("/one").json(), "b")
+        self.assertEqual(self.client.get("/two").json(), "b")
+        with self.assertRaises(ValueError):
+            Chain([self.step("a"), self.step("a")])
+
+    def test_disconnect_cancels(self):
+        """
+        A client that goes away cancels the pending Deferred, and no later
+        pipe runs.
+        """
+        cancelled = []
+        self.app.route("/t", [
+            self.step("wait", lambda i, c, r: Deferred(cancelled.append)),
+            self.step("later"),
+        ])
+        call = self.client.get("/t")
+        self.assertEqual(self.ran, ["wait"])
+        self.client.disconnect(call)
+        self.assertEqual(len(cancelled), 1)
+        self.client.advance(10)
+        self.assertEqual(self.ran, ["wait"])
+
+
+class ParallelTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = make_clock()
+        self.app = App(reactor=self.clock)
+        self.client = MemoryClient(self.app)
+
+    def branch(self, name, delay, value=None, error=None):
+        def f(inp, ctx, res):
+            if error is not None:
+                d = Deferred()
+                self.clock.callLater(delay, d.errback, error)
+                return d
+            return sleep(self.clock, delay, value if value is not None else name)
+
+        return Pipe(f, name=name)
+
+    def route(self, timeout=None, branches=None):
+        branches = branches or [self.branch("fast", 0.1), self.branch("mid", 0.5),
+                                self.branch("slow", 2.0)]
+        self.app.route("/p", [
+            Pipe(lambda i, c, r: "q", name="query"),
+            Parallel(branches, timeout=timeout),
+            Pipe(lambda i, c, r: {"main": r["query"]}, name="summary"),
+        ])
+
+    def test_partial_results_stream(self):
+        """
+        NDJSON: each result is written as it completes; the response ends
+        after the last branch.
+        """
+        self.route()
+        call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
+        self.assertEqual(call.status, 200)
+        self.assertEqual(call.header("content-type"), "application/x-ndjson")
+        self.assertEqual([l["name"] for l in call.lines()], ["main"])
+        self.client.advance(0.1)
+        self.assertEqual([l["name"] for l in call.lines()], ["main", "fast"])
+        self.assertFalse(call.done)
+        self.client.advance(0.4)
+        self.assertEqual([l["name"] for l in call.lines()], ["main", "fast", "mid"])
+        self.assertFalse(call.done)
+        self.client.advance(1.5)
+        self.assertEqual(call.lines()[-1], {"name": "slow", "result": "slow"})
+        self.assertTrue(call.done)
+        self.assertEqual(call.lines()[0], {"name": "main", "result": {"main": "q"}})
+
+    def test_sse(self):
+        """
+        SSE carries the same records as events.
+        """
+        self.route()
+        call = self.client.get("/p?transport=sse")
+        self.client.advance(3)
+        self.assertEqual(call.header("content-type"), "text/event-stream")
+        self.assertEqual(call.header("cache-control"), "no-cache")
+        events = call.events()
+        self.assertEqual([e["event"] for e in events], ["result"] * 4)
+        self.assertIn('"name":"slow"', events[-1]["data"])
+
+    def test_json_collects(self):
+        """
+        The JSON responder sends everything at once when the last is in.
+        """
+        self.route()
+        call = self.client.get("/p")
+        self.client.advance(1.0)
+        self.assertFalse(call.started)
+        self.client.advance(1.0)
+        self.assertEqual(call.json(), {
+            "results": {"main": {"main": "q"}, "fast": "fast", "mid": "mid", "slow": "slow"},
+            "errors": {},
+        })
+
+    def test_branch_error_record(self):
+        """
+        A failing branch yields an error record; the others go on.
+        """
+        self.route(branches=[self.branch("ok", 0.1),
+                             self.branch("bad", 0.2, error=BadRequest("no", code="bad_branch")),
+                             self.branch("late", 0.3)])
+        call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
+        self.client.advance(1)
+        lines = {l["name"]: l for l in call.lines()}
+        self.assertEqual(lines["bad"]["error"]["code"], "bad_branch")
+        self.assertEqual(lines["late"]["result"], "late")
+        self.assertTrue(call.done)
+
+    def test_branch_timeout(self):
+        """
+        A branch past the per-branch timeout is cancelled and reported with
+        code ``timeout``; faster branches are unaffected.
+        """
+        cancelled = []
+
+        def hang(inp, ctx, res):
+            return Deferred(cancelled.append)
+
+        self.route(timeout=1.0, branches=[self.branch("fast", 0.1), Pipe(hang, name="hang")])
+        call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
+        self.client.advance(0.5)
+        self.assertFalse(call.done)
+        self.client.advance(0.5)
+        lines = {l["name"]: l for l in call.lines()}
+        self.assertEqual(lines["fast"]["result"], "fast")
+        self.assertEqual(lines["hang"]["error"]["code"], "timeout")
+        self.assertEqual(len(cancelled), 1)
+        self.assertTrue(call.done)
+
+    def test_main_error_after_fanout(self):
+        """
+        A main-chain failure after the fan-out is a record; branches still
+        report.
+        """
+        def boom(inp, ctx, res):
+            raise BadRequest("main broke", code="main_broke")
+
+        self.app.route("/p", [Parallel([self.branch("b", 0.2)]), Pipe(boom)])
+        call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
+        self.client.advance(0.2)
+        lines = {l["name"]: l for l in call.lines()}
+        self.assertEqual(lines["main"]["error"]["code"], "main_broke")
+        self.assertEqual(lines["b"]["result"], "b")
+        self.assertTrue(call.done)
+
+    def test_error_before_fanout_keeps_status(self):
+        """
+        An error before anything was streamed is a normal error response.
+        """
+        def deny(inp, ctx, res):
+            raise BadRequest("denied", code="denied")
+
+        self.app.route("/p", [Pipe(deny), Parallel([self.branch("b", 0.2)])])
+        call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
+        self.assertEqual(call.status, 400)
+        self.assertEqual(call.json()["error"]["code"], "denied")
+
+    def test_disconnect_cancels_branches(self):
+        """
+        A client gone mid-stream cancels every pending branch.
+        """
+        cancelled = []
+
+        def hang(name):
+            return Pipe(lambda i, c, r: Deferred(lambda d: cancelled.append(name)), name=name)
+
+        self.route(branches=[self.branch("fast", 0.1), hang("h1"), hang("h2")])
+        call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
+        self.client.advance(0.1)
+        self.client.disconnect(call)
+        self.assertEqual(sorted(cancelled), ["h1", "h2"])
+
+    def test_branch_names_checked(self):
+        with self.assertRaises(ValueError):
+            Parallel([self.branch("a", 1), self.branch("a", 2)])
+        with self.assertRaises(ValueError):
+            Parallel([self.branch("main", 1)])
+
+    def test_branch_sub_chain(self):
+        """
+        A branch may be a chain of several pipes with its own results.
+        """
+        sub = Chain([Pipe(lambda i, c, r: 2, name="two"),
+                     Pipe(lambda i, c, r: r["two"] * r["query"].count("q"), name="times")],
+                    name="sub")
+        self.route(branches=[sub])
+        call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
+        self.assertEqual({l["name"]: l["result"] for l in call.lines()},
+                         {"main": {"main": "q"}, "sub": 2})
