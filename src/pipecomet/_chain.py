@@ -40,6 +40,7 @@ __all__ = [
     "PipeResult",
     "ChainRun",
     "BufferedBody",
+    "Stream",
 ]
 
 log = Logger()
@@ -518,8 +519,29 @@ class ChainSink:
     def part_error(self, name: str, error: PipecometError) -> None: ...
     def close(self) -> None: ...
 
+    def stream(self, stream: Stream) -> None:
+        stream.cancel()
+        self.error(InternalError())
 
-_SPECIAL = (Deferred, CoroutineType, Answer, SkipRest)
+
+class Stream:
+    """
+    Returned by a pipe (a many-mode condition pipe) to make the response a
+    long-lived stream: the runner hands it to the responder with
+    ``sink.stream(obj)``, cancels it when the client goes, and counts the
+    run done when ``obj.when_done()`` fires.  See :mod:`pipecomet._comet`.
+    """
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+    def when_done(self) -> Deferred:
+        raise NotImplementedError
+
+
+_SPECIAL = (Deferred, CoroutineType, Answer, SkipRest, Stream)
 
 
 def as_pipecomet_error(failure: Failure | BaseException, where: str) -> PipecometError:
@@ -654,10 +676,25 @@ class ChainRun:
             i += 1
         self._main_finished(res.last)
 
-    def _special(self, name: str, out: Answer | SkipRest) -> bool:
+    def _special(self, name: str, out: Answer | SkipRest | Stream) -> bool:
         """
-        Handle an Answer or SkipRest; True when the walk ends here.
+        Handle an Answer, SkipRest or Stream; True when the walk ends here.
         """
+        if isinstance(out, Stream):
+            self._cancel_branches()
+            self._main_done = True
+            self._pending = out  # type: ignore[assignment]  # cancel() reaches it
+            self.watch_disconnect(self.inp.request)
+
+            def ended(_: Any) -> None:
+                if self._pending is out:
+                    self._pending = None
+                self._closed = True
+                self._fire_done()
+
+            out.when_done().addBoth(ended)
+            self.sink.stream(out)
+            return True
         if isinstance(out, Answer):
             self._cancel_branches()
             self._main_done = True
@@ -680,7 +717,7 @@ class ChainRun:
             if self._pending is not d:
                 return
             self._pending = None
-            if isinstance(out, (Answer, SkipRest)):
+            if isinstance(out, (Answer, SkipRest, Stream)):
                 self._special(name, out)
                 return
             self.res[name] = out

@@ -109,6 +109,14 @@ class Responder(ChainSink):
         else:
             self._send(200, b"application/json", dumps(value))
 
+    def stream(self, stream: Any) -> None:
+        """
+        A condition pipe's stream (:class:`~pipecomet._chain.Stream`) writes
+        to the request itself, framed for this responder's ``name``: the
+        ``json`` responder gives long-poll, ``sse`` and ``ndjson`` streams.
+        """
+        stream.serve(self)
+
 
 class JSONResponder(Responder):
     """
@@ -226,6 +234,8 @@ RESPONDERS: dict[str, Callable[[Any], Responder]] = {
     "json": JSONResponder,
     "ndjson": NDJSONResponder,
     "sse": SSEResponder,
+    # A stream served by the JSON responder is a long-poll (pipecomet._comet).
+    "longpoll": JSONResponder,
 }
 
 #: Media type in ``Accept`` → responder name.

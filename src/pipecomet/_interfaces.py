@@ -1,0 +1,73 @@
+"""
+The seams of pipecomet that have more than one implementation or that tests
+replace, as zope.interface interfaces in one place.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IBus", "IBusReceiver"]
+
+
+class IBusReceiver(Interface):
+    """
+    What a bus delivers to: in pipecomet, the comet hub of one process.
+    """
+
+    def bus_message(topic: str, event: str, data: bytes, key: str | None) -> None:
+        """
+        A message published on ``topic`` reached this process.
+
+        :param event: the event name (``"message"`` by default).
+        :param data: the payload as JSON text (UTF-8).
+        :param key: the publisher's idempotency key, or None.
+        """
+
+    def bus_down(reason: str) -> None:
+        """
+        The bus lost its broker: messages published meanwhile may not
+        arrive.  The receiver tells its subscribers (a gap) when it is back.
+        """
+
+    def bus_up() -> None:
+        """
+        The bus is connected (again).
+        """
+
+
+class IBus(Interface):
+    """
+    Publish/subscribe between the processes and hosts that serve one app.
+
+    The in-memory bus (:class:`pipecomet._bus.MemoryBus`) connects one
+    process to itself and is never down; a broker-backed bus (Redis) may
+    drop and reconnect, and says so through :meth:`IBusReceiver.bus_down`
+    and :meth:`IBusReceiver.bus_up`.
+    """
+
+    connected = Attribute("True while messages published now reach every receiver.")
+
+    def publish(topic: str, event: str, data: bytes, key: str | None = None) -> object:
+        """
+        Send a message to every receiver (this process included).
+
+        :return: a Deferred that fires once the bus accepted the message
+            (the in-memory bus delivers before it returns and fires at once);
+            it fails when the bus cannot take it (e.g. broker down).
+        """
+
+    def add_receiver(receiver: IBusReceiver) -> None:
+        """
+        Deliver every message from now on to ``receiver``.
+        """
+
+    def remove_receiver(receiver: IBusReceiver) -> None:
+        """
+        Stop delivering to ``receiver``.
+        """
+
+    def status() -> dict:
+        """
+        Live figures for ``/_pipecomet/status``.
+        """
