@@ -239,7 +239,11 @@ class App:
         A ``twisted.web`` Site serving this app.
         """
         kwargs.setdefault("timeout", getattr(self.config.server, "idle_timeout", 60.0))
-        site = Site(self.resource(), reactor=self.reactor, **kwargs)
+        lazy = self.runtime.lazy  # set by the [limits] installer (pipecomet._lazy)
+        if lazy is not None:
+            site = lazy.make_site(self.resource(), reactor=self.reactor, **kwargs)
+        else:
+            site = Site(self.resource(), reactor=self.reactor, **kwargs)
         site.displayTracebacks = False
         return site
 

@@ -34,6 +34,7 @@ class Runtime:
     workers: Any = None
     events: Any = None
     bus: Any = None
+    lazy: Any = None
     config: Any = None
     status_sources: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
 

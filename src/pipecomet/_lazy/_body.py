@@ -1,0 +1,352 @@
+"""
+The body of a lazily parsed request, as pipes see it: each parameter is a
+Deferred that fires as soon as that field is complete.
+
+:class:`LazyBody` is what :class:`~pipecomet._chain.PipeInput` delegates
+to when the request is a :class:`~pipecomet._lazy.LazyRequest` serving a
+chain route.  Its lifecycle is the :class:`BodyState` machine below.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import tempfile
+from typing import Any, Callable, Mapping
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+
+from .._errors import BadRequest, PipecometError
+from ._config import LimitsConfig
+from ._parsers import make_parser
+
+__all__ = ["BodyState", "LazyBody", "UploadedFile"]
+
+
+class BodyState(enum.Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+_TRANSITIONS: dict[BodyState, frozenset[BodyState]] = {
+    BodyState.RECEIVING: frozenset({BodyState.COMPLETE, BodyState.FAILED}),
+    BodyState.COMPLETE: frozenset(),
+    BodyState.FAILED: frozenset(),
+}
+
+
+@attrs.define(eq=False)
+class UploadedFile:
+    """
+    A multipart file field: its data is in ``file`` (memory up to
+    ``[limits] file_memory_bytes``, then a temporary file), or was handed to
+    the writer given to :meth:`LazyBody.stream_file`.
+
+    :ivar size: bytes received.
+    :ivar sha256: hex digest, computed while the data arrived.
+    :ivar complete: False while the part is still arriving.
+    """
+
+    name: str
+    filename: str
+    content_type: str
+    file: Any = None
+    size: int = 0
+    sha256: str = ""
+    complete: bool = False
+    _hash: Any = attrs.field(factory=hashlib.sha256, repr=False)
+    _writer: Callable[[bytes], Any] | None = attrs.field(default=None, repr=False)
+
+    def read(self) -> bytes:
+        """
+        The whole file (reads the spool: call it from a thread pipe for big files).
+        """
+        if self.file is None:
+            return b""
+        self.file.seek(0)
+        data = self.file.read()
+        self.file.seek(0)
+        return data
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "filename": self.filename, "content_type": self.content_type,
+                "size": self.size, "sha256": self.sha256}
+
+
+def _missing(name: str) -> BadRequest:
+    return BadRequest(f"missing parameter {name!r}", code="missing_parameter",
+                      details={"param": name})
+
+
+class LazyBody:
+    """
+    Body access while the body arrives: ``param``, ``form``, ``files``,
+    ``file``, ``stream_file``, ``json`` and ``body``, each a Deferred.
+
+    :param limits: the site's limits.
+    :param content_type: the request's Content-Type header value.
+    :param on_demand: called the first time a pipe waits for body data
+        that is not there yet (the request then sends ``100 Continue``).
+    """
+
+    def __init__(self, limits: LimitsConfig, content_type: bytes | None,
+                 on_demand: Callable[[], None] | None = None) -> None:
+        self.limits = limits
+        self.state = BodyState.RECEIVING
+        self.error: PipecometError | None = None
+        self.fields: dict[str, list[Any]] = {}
+        self.uploads: dict[str, list[UploadedFile]] = {}
+        self.received = 0
+        self._on_demand = on_demand
+        self._waiters: dict[str, list[tuple[Deferred, Any]]] = {}
+        self._end_waiters: list[tuple[Deferred, Callable[[], Any]]] = []
+        self._streams: dict[str, Callable[[bytes], Any]] = {}
+        self._current: UploadedFile | None = None
+        self._raw = tempfile.SpooledTemporaryFile(max_size=limits.file_memory_bytes)
+        # Raises a 400 for a bad Content-Type: the caller refuses the
+        # request before reading its body.
+        self.kind, self._parser = make_parser(
+            content_type, self, max_fields=limits.max_fields,
+            max_field_bytes=limits.max_field_bytes,
+            max_part_header_bytes=limits.max_part_header_bytes)
+
+    # -- lifecycle
+
+    def _move(self, new: BodyState) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"body cannot go from {self.state.value} to {new.value}")
+        self.state = new
+
+    def feed(self, data: bytes) -> None:
+        """
+        Some body bytes arrived.  Fires the waiters of every field they
+        complete; a parse error fails the body (and is raised).
+        """
+        if self.state is not BodyState.RECEIVING:
+            return
+        self.received += len(data)
+        self._raw.write(data)
+        try:
+            self._parser.feed(data)
+        except PipecometError as e:
+            self.fail(e)
+            raise
+
+    def finish(self) -> None:
+        """
+        The body is complete: parameters never seen fail (or take their
+        default) and the whole-body Deferreds fire.
+        """
+        if self.state is not BodyState.RECEIVING:
+            return
+        try:
+            self._parser.close()
+        except PipecometError as e:
+            self.fail(e)
+            raise
+        self._move(BodyState.COMPLETE)
+        self._raw.seek(0)
+        waiters, self._waiters = self._waiters, {}
+        for name, ds in waiters.items():
+            for d, default in ds:
+                if d.called:
+                    continue
+                if default is not ...:
+                    d.callback(default)
+                else:
+                    d.errback(_missing(name))
+        ends, self._end_waiters = self._end_waiters, []
+        for d, get in ends:
+            if not d.called:
+                d.callback(get())
+
+    def fail(self, error: PipecometError) -> None:
+        """
+        The body cannot be read (malformed, too large, too slow, cut off):
+        everything waiting on it and asked later fails with ``error``.
+        """
+        if self.state is not BodyState.RECEIVING:
+            return
+        self._move(BodyState.FAILED)
+        self.error = error
+        waiters, self._waiters = self._waiters, {}
+        ends, self._end_waiters = self._end_waiters, []
+        for ds in waiters.values():
+            for d, _ in ds:
+                if not d.called:
+                    d.errback(error)
+        for d, _ in ends:
+            if not d.called:
+                d.errback(error)
+
+    def close(self) -> None:
+        """
+        Release the raw copy and spooled files (the request is gone).
+        """
+        self._raw.close()
+        for files in self.uploads.values():
+            for f in files:
+                if f.file is not None:
+                    f.file.close()
+
+    @property
+    def complete(self) -> bool:
+        return self.state is BodyState.COMPLETE
+
+    # -- FieldSink (called by the parser)
+
+    def field(self, name: str, value: Any) -> None:
+        values = self.fields.get(name)
+        if values is None:
+            self.fields[name] = [value]
+            waiters = self._waiters.pop(name, None)
+            if waiters:
+                for d, _ in waiters:
+                    if not d.called:
+                        d.callback(value)
+        else:
+            values.append(value)
+
+    def file_start(self, name: str, filename: str, content_type: str) -> None:
+        up = UploadedFile(name, filename, content_type)
+        writer = self._streams.pop(name, None)
+        if writer is not None:
+            up._writer = writer
+        else:
+            up.file = tempfile.SpooledTemporaryFile(max_size=self.limits.file_memory_bytes)
+        self._current = up
+
+    def file_data(self, data: bytes) -> None:
+        up = self._current
+        up.size += len(data)
+        up._hash.update(data)
+        if up._writer is not None:
+            up._writer(data)
+        else:
+            up.file.write(data)
+
+    def file_end(self) -> None:
+        up, self._current = self._current, None
+        up.sha256 = up._hash.hexdigest()
+        up.complete = True
+        if up.file is not None:
+            up.file.seek(0)
+        self.uploads.setdefault(up.name, []).append(up)
+        key = "\0file:" + up.name
+        waiters = self._waiters.pop(key, None)
+        if waiters:
+            for d, _ in waiters:
+                if not d.called:
+                    d.callback(up)
+
+    # -- what pipes call
+
+    def _wait(self, key: str, default: Any) -> Deferred:
+        def forget(d: Deferred) -> None:
+            ds = self._waiters.get(key)
+            if ds:
+                ds[:] = [w for w in ds if w[0] is not d]
+
+        d: Deferred = Deferred(forget)
+        self._waiters.setdefault(key, []).append((d, default))
+        self._demand()
+        return d
+
+    def _at_end(self, get: Callable[[], Any]) -> Deferred:
+        if self.state is BodyState.COMPLETE:
+            return succeed(get())
+        if self.state is BodyState.FAILED:
+            return fail(self.error)
+
+        def forget(d: Deferred) -> None:
+            self._end_waiters[:] = [w for w in self._end_waiters if w[0] is not d]
+
+        d: Deferred = Deferred(forget)
+        self._end_waiters.append((d, get))
+        self._demand()
+        return d
+
+    def _demand(self) -> None:
+        on_demand, self._on_demand = self._on_demand, None
+        if on_demand is not None:
+            on_demand()
+
+    def param(self, name: str, default: Any = ..., query: Mapping[str, str] | None = None) -> Deferred:
+        """
+        Parameter ``name``: from the query at once, else the first body
+        field of that name as soon as it is complete.  Fails with 400
+        ``missing_parameter`` when the body ends without it (unless a
+        default is given), or with the body's error.
+        """
+        if query is not None and name in query:
+            return succeed(query[name])
+        values = self.fields.get(name)
+        if values:
+            return succeed(values[0])
+        if self.state is BodyState.COMPLETE:
+            return succeed(default) if default is not ... else fail(_missing(name))
+        if self.state is BodyState.FAILED:
+            return fail(self.error)
+        return self._wait(name, default)
+
+    def file(self, name: str) -> Deferred:
+        """
+        The first file field ``name`` (an :class:`UploadedFile`) once its
+        data is complete.
+        """
+        files = self.uploads.get(name)
+        if files:
+            return succeed(files[0])
+        if self.state is BodyState.COMPLETE:
+            return fail(_missing(name))
+        if self.state is BodyState.FAILED:
+            return fail(self.error)
+        return self._wait("\0file:" + name, ...)
+
+    def stream_file(self, name: str, write: Callable[[bytes], Any]) -> Deferred:
+        """
+        Hand the data of the next file field ``name`` to ``write`` as it
+        arrives instead of spooling it; fires with its
+        :class:`UploadedFile` (``file`` is None) when it is complete.
+        """
+        self._streams[name] = write
+        return self.file(name)
+
+    def form(self) -> Deferred:
+        """
+        Every text field, ``{name: [values]}``, once the body is complete.
+        """
+        return self._at_end(lambda: {k: list(v) for k, v in self.fields.items()})
+
+    def files(self) -> Deferred:
+        """
+        Every file field, ``{name: [UploadedFile]}``, once the body is complete.
+        """
+        return self._at_end(lambda: {k: list(v) for k, v in self.uploads.items()})
+
+    def json(self) -> Deferred:
+        """
+        The decoded JSON body (``application/json``) once it is complete.
+        """
+        return self._at_end(lambda: getattr(self._parser, "value", None))
+
+    def body(self) -> Deferred:
+        """
+        The whole raw body as bytes, once it is complete.
+        """
+        def read() -> bytes:
+            self._raw.seek(0)
+            data = self._raw.read()
+            self._raw.seek(0)
+            return data
+
+        return self._at_end(read)
+
+    @property
+    def raw(self) -> Any:
+        """
+        The file holding the raw body (what twisted.web calls ``content``).
+        """
+        return self._raw

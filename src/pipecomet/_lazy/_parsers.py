@@ -1,0 +1,435 @@
+"""
+Incremental body parsers: bytes go in as they arrive, fields come out as
+soon as each is complete.
+
+Every parser has ``feed(data)`` and ``close()`` and reports to a
+:class:`FieldSink`.  They never keep more than the field being parsed (a
+text field up to ``max_field_bytes``; file data is handed on as it comes),
+and raise a :class:`~pipecomet._errors.PipecometError` naming the problem
+on malformed input, so the client gets a 400 or 413, never a 500.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from typing import Any, Callable, Protocol
+
+from .._errors import BadRequest, PayloadTooLarge
+
+__all__ = [
+    "FieldSink",
+    "FormParser",
+    "MultipartParser",
+    "JSONParser",
+    "RawParser",
+    "parse_content_type",
+    "text_decoder",
+    "make_parser",
+]
+
+
+class FieldSink(Protocol):
+    def field(self, name: str, value: Any) -> None: ...
+    def file_start(self, name: str, filename: str, content_type: str) -> None: ...
+    def file_data(self, data: bytes) -> None: ...
+    def file_end(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------
+# Header values
+
+
+_TOKEN_PARAM = re.compile(
+    rb'\s*;\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.S
+)
+
+
+def parse_content_type(value: bytes | None) -> tuple[str, dict[str, str]]:
+    """
+    ``(media type, {param: value})`` of a Content-Type or
+    Content-Disposition value; names are lower-cased, quotes removed.
+    """
+    if not value:
+        return "", {}
+    head, sep, rest = value.partition(b";")
+    params: dict[str, str] = {}
+    if sep:
+        for m in _TOKEN_PARAM.finditer(b";" + rest):
+            v = m.group(2).strip()
+            if v[:1] == b'"' and v[-1:] == b'"' and len(v) >= 2:
+                v = re.sub(rb"\\(.)", rb"\1", v[1:-1])
+            params[m.group(1).decode("ascii").lower()] = v.decode("utf-8", "replace")
+    return head.strip().decode("latin-1").lower(), params
+
+
+def text_decoder(charset: str | None) -> Callable[[bytes], str]:
+    """
+    A strict decoder for ``charset`` (UTF-8 when None); an unknown charset
+    is a 400 ``unsupported_charset``.
+    """
+    name = (charset or "utf-8").strip().lower()
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        raise BadRequest(f"unsupported charset {name!r}", code="unsupported_charset",
+                         details={"charset": name}) from None
+    decode = info.decode
+
+    def dec(raw: bytes) -> str:
+        try:
+            return decode(raw, "strict")[0]
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"body is not valid {name}: {e.reason} at byte {e.start}",
+                             code="bad_charset", details={"charset": name}) from None
+
+    return dec
+
+
+def _too_many_fields(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"more than {limit} form fields", code="too_many_fields",
+                           details={"limit": limit})
+
+
+def _field_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"a form field is larger than {limit} bytes", code="field_too_large",
+                           details={"limit": limit})
+
+
+# ---------------------------------------------------------------------------
+# application/x-www-form-urlencoded
+
+
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def _unquote_plus(raw: bytes) -> bytes:
+    if b"+" in raw:
+        raw = raw.replace(b"+", b" ")
+    if b"%" not in raw:
+        return raw
+    bad = _BAD_PERCENT.search(raw)
+    if bad is not None:
+        snippet = raw[bad.start():bad.start() + 3].decode("latin-1")
+        raise BadRequest(f"bad percent-encoding {snippet!r} in form body",
+                         code="bad_percent_encoding")
+    return _PERCENT.sub(lambda m: bytes((int(m.group(1), 16),)), raw)
+
+
+class FormParser:
+    """
+    ``application/x-www-form-urlencoded``: a field is complete at its ``&``
+    (or at the end of the body).  Strict: a ``%`` not followed by two hex
+    digits or bytes that are not valid in the charset are errors.
+    """
+
+    __slots__ = ("sink", "max_fields", "max_field_bytes", "_buf", "_count", "_decode")
+
+    def __init__(self, sink: FieldSink, *, charset: str | None = None, max_fields: int = 1000,
+                 max_field_bytes: int = 2**20) -> None:
+        self.sink = sink
+        self.max_fields = max_fields
+        self.max_field_bytes = max_field_bytes
+        self._buf = bytearray()
+        self._count = 0
+        self._decode = text_decoder(charset)
+
+    def feed(self, data: bytes) -> None:
+        start = 0
+        find = data.find
+        while True:
+            i = find(b"&", start)
+            if i < 0:
+                break
+            if self._buf:
+                self._buf += data[start:i]
+                raw = bytes(self._buf)
+                self._buf.clear()
+            else:
+                raw = data[start:i]
+            self._emit(raw)
+            start = i + 1
+        rest = len(data) - start
+        if rest:
+            if len(self._buf) + rest > self.max_field_bytes:
+                raise _field_too_large(self.max_field_bytes)
+            self._buf += data[start:] if start else data
+
+    def close(self) -> None:
+        if self._buf:
+            raw = bytes(self._buf)
+            self._buf.clear()
+            self._emit(raw)
+
+    def _emit(self, raw: bytes) -> None:
+        if not raw:
+            return
+        if len(raw) > self.max_field_bytes:
+            raise _field_too_large(self.max_field_bytes)
+        self._count += 1
+        if self._count > self.max_fields:
+            raise _too_many_fields(self.max_fields)
+        name, _, value = raw.partition(b"=")
+        decode = self._decode
+        self.sink.field(decode(_unquote_plus(name)), decode(_unquote_plus(value)))
+
+
+# ---------------------------------------------------------------------------
+# multipart/form-data
+
+_PREAMBLE, _HEADERS, _DATA, _AFTER_BOUNDARY, _END = range(5)
+
+
+def _bad_multipart(why: str) -> BadRequest:
+    return BadRequest(f"malformed multipart body: {why}", code="bad_multipart")
+
+
+class MultipartParser:
+    """
+    ``multipart/form-data``: a part without ``filename`` is a text field,
+    reported when its closing boundary is seen; a part with one is a file,
+    whose data goes to the sink as it arrives.
+    """
+
+    __slots__ = ("sink", "max_fields", "max_field_bytes", "max_header_bytes", "_state", "_buf",
+                 "_delim", "_first", "_count", "_part", "_text", "_charset")
+
+    def __init__(self, sink: FieldSink, boundary: str, *, charset: str | None = None,
+                 max_fields: int = 1000, max_field_bytes: int = 2**20,
+                 max_header_bytes: int = 8192) -> None:
+        if not boundary or len(boundary) > 70:
+            raise _bad_multipart("missing or invalid boundary in Content-Type")
+        self.sink = sink
+        self.max_fields = max_fields
+        self.max_field_bytes = max_field_bytes
+        self.max_header_bytes = max_header_bytes
+        self._charset = charset
+        b = boundary.encode("latin-1")
+        self._first = b"--" + b
+        self._delim = b"\r\n--" + b
+        self._state = _PREAMBLE
+        self._buf = bytearray()
+        self._count = 0
+        # (name, is_file, decoder) of the part being read
+        self._part: tuple[str, bool, Callable[[bytes], str] | None] | None = None
+        self._text = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        if self._state == _END:
+            return
+        self._buf += data
+        while self._step():
+            pass
+
+    def close(self) -> None:
+        if self._state != _END:
+            raise _bad_multipart("body ended before the closing boundary")
+
+    # -- the state machine; each step returns True when it made progress
+
+    def _step(self) -> bool:
+        buf = self._buf
+        state = self._state
+        if state == _DATA:
+            i = buf.find(self._delim)
+            if i < 0:
+                keep = len(self._delim) - 1
+                if len(buf) > keep:
+                    n = len(buf) - keep
+                    self._data(buf[:n])
+                    del buf[:n]
+                return False
+            if i:
+                self._data(buf[:i])
+            del buf[:i + len(self._delim)]
+            self._end_part()
+            self._state = _AFTER_BOUNDARY
+            return True
+        if state == _AFTER_BOUNDARY:
+            if len(buf) < 2:
+                return False
+            if buf[:2] == b"\r\n":
+                del buf[:2]
+                self._state = _HEADERS
+                return True
+            if buf[:2] == b"--":
+                self._state = _END
+                buf.clear()
+                return False
+            # Transport padding (spaces/tabs) before the CRLF is allowed.
+            j = 0
+            while j < len(buf) and buf[j] in b" \t":
+                j += 1
+            if j == len(buf):
+                if j > 64:
+                    raise _bad_multipart("garbage after a boundary")
+                return False
+            if j and buf[j:j + 2] == b"\r\n":
+                del buf[:j]
+                return True
+            if j and len(buf) - j < 2:
+                return False
+            raise _bad_multipart("boundary not followed by CRLF or '--'")
+        if state == _HEADERS:
+            i = buf.find(b"\r\n\r\n")
+            if i < 0:
+                if buf[:2] == b"\r\n":
+                    # A part with no headers at all.
+                    raise _bad_multipart("part without Content-Disposition")
+                if len(buf) > self.max_header_bytes:
+                    raise _bad_multipart(f"part headers larger than {self.max_header_bytes} bytes")
+                return False
+            if i > self.max_header_bytes:
+                raise _bad_multipart(f"part headers larger than {self.max_header_bytes} bytes")
+            self._start_part(bytes(buf[:i]))
+            del buf[:i + 4]
+            self._state = _DATA
+            return True
+        if state == _PREAMBLE:
+            first = self._first
+            if buf[:len(first)] == first:
+                del buf[:len(first)]
+                self._state = _AFTER_BOUNDARY
+                return True
+            i = buf.find(self._delim)
+            if i < 0:
+                # Preamble text is allowed, but not unboundedly.
+                if len(buf) > self.max_header_bytes:
+                    raise _bad_multipart("no opening boundary")
+                return False
+            del buf[:i + len(self._delim)]
+            self._state = _AFTER_BOUNDARY
+            return True
+        return False
+
+    def _start_part(self, head: bytes) -> None:
+        disposition = ctype = None
+        for line in head.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise _bad_multipart("part header line without ':'")
+            key = name.strip().lower()
+            if key == b"content-disposition":
+                disposition = value.strip()
+            elif key == b"content-type":
+                ctype = value.strip()
+        if disposition is None:
+            raise _bad_multipart("part without Content-Disposition")
+        kind, params = parse_content_type(disposition)
+        if kind != "form-data" or "name" not in params:
+            raise _bad_multipart("part is not form-data with a name")
+        self._count += 1
+        if self._count > self.max_fields:
+            raise _too_many_fields(self.max_fields)
+        name = params["name"]
+        media, cparams = parse_content_type(ctype)
+        if "filename" in params:
+            self._part = (name, True, None)
+            self.sink.file_start(name, params["filename"], media or "application/octet-stream")
+        else:
+            self._part = (name, False, text_decoder(cparams.get("charset") or self._charset))
+            self._text.clear()
+
+    def _data(self, chunk: bytearray | bytes) -> None:
+        part = self._part
+        if part is None:
+            return
+        if part[1]:
+            self.sink.file_data(bytes(chunk))
+            return
+        if len(self._text) + len(chunk) > self.max_field_bytes:
+            raise _field_too_large(self.max_field_bytes)
+        self._text += chunk
+
+    def _end_part(self) -> None:
+        part, self._part = self._part, None
+        if part is None:
+            return
+        name, is_file, decode = part
+        if is_file:
+            self.sink.file_end()
+        else:
+            value = decode(bytes(self._text))
+            self._text.clear()
+            self.sink.field(name, value)
+
+
+# ---------------------------------------------------------------------------
+# application/json and everything else
+
+
+class JSONParser:
+    """
+    ``application/json``: collected whole and decoded at the end of the body
+    (JSON must be UTF-8); the members of a top-level object become fields
+    then.  The body-size limit bounds what is collected.
+    """
+
+    __slots__ = ("sink", "_chunks", "_decode", "value")
+
+    def __init__(self, sink: FieldSink, *, charset: str | None = None, **_: Any) -> None:
+        if charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
+            raise BadRequest(f"JSON must be UTF-8, not {charset!r}", code="unsupported_charset",
+                             details={"charset": charset})
+        self.sink = sink
+        self._chunks: list[bytes] = []
+        self._decode = text_decoder("utf-8")
+        self.value: Any = None
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def close(self) -> None:
+        raw = b"".join(self._chunks)
+        self._chunks = []
+        if raw[:3] == codecs.BOM_UTF8:
+            raw = raw[3:]
+        text = self._decode(raw)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadRequest(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                             code="invalid_json") from None
+        self.value = value
+        if isinstance(value, dict):
+            for k, v in value.items():
+                self.sink.field(k, v)
+
+
+class RawParser:
+    """
+    Any other media type: no fields; the raw body stays available.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, sink: FieldSink, **_: Any) -> None:
+        pass
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_parser(content_type: bytes | None, sink: FieldSink, *, max_fields: int,
+                max_field_bytes: int, max_part_header_bytes: int) -> tuple[str, Any]:
+    """
+    ``(kind, parser)`` for a request's Content-Type; raises a 400 at once
+    for a multipart type without a boundary or an unknown charset, so the
+    request is refused before its body is read.
+    """
+    media, params = parse_content_type(content_type)
+    charset = params.get("charset")
+    limits = {"max_fields": max_fields, "max_field_bytes": max_field_bytes}
+    if media == "application/x-www-form-urlencoded":
+        return "form", FormParser(sink, charset=charset, **limits)
+    if media == "multipart/form-data":
+        return "multipart", MultipartParser(sink, params.get("boundary", ""), charset=charset,
+                                            max_header_bytes=max_part_header_bytes, **limits)
+    if media == "application/json" or media.endswith("+json"):
+        return "json", JSONParser(sink, charset=charset)
+    return "raw", RawParser(sink)
