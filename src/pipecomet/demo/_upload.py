@@ -1,0 +1,71 @@
+"""
+The demo's upload API, ``POST /api/upload`` (form or multipart): the app
+key is checked as soon as its field is parsed, so a bad key is refused
+before the rest of the body is read; the upload is then received with file
+fields streamed through a hash into a spooled file.
+
+Clients send ``app_key`` as the first field (or in the query).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+
+from .._chain import Pipe, PipeContext, PipeInput, PipeResult
+from .._errors import BadRequest, Forbidden
+from ._gateway import RateLimiter
+
+__all__ = ["install_routes"]
+
+_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def upload_key(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
+    """
+    The ``app_key`` field, checked the moment it is complete.
+    """
+
+    def check(key: Any) -> str:
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise BadRequest("app_key must be 1-64 letters, digits, '_', '-' or '.'",
+                             code="invalid_parameter", details={"param": "app_key"})
+        if key not in ctx.runtime.config.demo.keys:
+            raise Forbidden(f"unknown app_key {key!r}", code="invalid_app_key")
+        return key
+
+    return inp.param("app_key").addCallback(check)
+
+
+def receive(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
+    """
+    The rest of the upload: text fields and a description of each file.
+    """
+    source = inp.body_source
+    files = source.files() if hasattr(source, "files") else succeed({})
+
+    def done(parts: list[Any]) -> dict[str, Any]:
+        form, uploads = parts
+        fields = {k: v for k, v in form.items() if k != "app_key"}
+        return {
+            "app_key": res["upload_key"],
+            "lazy": hasattr(source, "files"),
+            "fields": fields,
+            "files": [f.describe() for fs in uploads.values() for f in fs],
+        }
+
+    return gatherResults([inp.form(), files], consumeErrors=True).addCallback(done).addErrback(
+        lambda f: f.value.subFailure if hasattr(f.value, "subFailure") else f)
+
+
+def install_routes(app: Any) -> None:
+    limiter = RateLimiter(lambda: app.config.demo.keys, lambda: app.reactor.seconds())
+
+    def upload_rate(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> bool:
+        limiter.check(res["upload_key"])
+        return True
+
+    app.route("/api/upload", [Pipe(upload_key), Pipe(upload_rate), Pipe(receive)],
+              methods=("POST",))
