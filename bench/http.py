@@ -119,6 +119,15 @@ class Server:
             time.sleep(0.05)
         raise TimeoutError(f"{self.kind} server not ready after {timeout}s")
 
+    def cpu_seconds(self) -> float:
+        """
+        User + system CPU time the server process has used so far.
+        """
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -147,12 +156,19 @@ def measure(kind: str, *, seconds: int, warmup: int, connections: int, pinned: b
         server.wait_ready()
         if warmup:
             run_wrk(server.port, warmup, connections, pinned)
+        cpu0, wall0 = server.cpu_seconds(), time.monotonic()
         out = run_wrk(server.port, seconds, connections, pinned)
+        cpu, wall = server.cpu_seconds() - cpu0, time.monotonic() - wall0
     finally:
         server.stop()
     if out["non_2xx"] or out["socket_errors"]:
         raise RuntimeError(f"{kind}: {out['non_2xx']} non-2xx responses, "
                            f"{out['socket_errors']} socket errors")
+    # CPU the server spent per request: unlike req/s it barely moves when
+    # other processes take turns on the server's core.
+    out["cpu_us_per_req"] = 1e6 * cpu / out["requests"] if out["requests"] else 0.0
+    # Below ~95 % the server was not alone on its core (or not saturated).
+    out["server_busy_pct"] = 100.0 * cpu / wall if wall else 0.0
     return out
 
 
@@ -202,7 +218,9 @@ def main() -> None:
                           pinned=pinned)
             per_kind[kind].append(out)
             print(f"round {r + 1}/{rounds} {kind:10s} {out['rps']:9.0f} req/s  "
-                  f"p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms", flush=True)
+                  f"p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms  "
+                  f"cpu {out['cpu_us_per_req']:6.1f} us/req  busy {out['server_busy_pct']:3.0f}%",
+                  flush=True)
     load_after = _loadavg()
 
     med: dict[str, dict[str, float]] = {}
@@ -212,16 +230,20 @@ def main() -> None:
         rps = [o["rps"] for o in runs]
         p50 = [o["p50_ms"] for o in runs]
         p99 = [o["p99_ms"] for o in runs]
+        cpu = [o["cpu_us_per_req"] for o in runs]
+        busy = [o["server_busy_pct"] for o in runs]
         med[kind] = {"rps": statistics.median(rps), "p50": statistics.median(p50),
-                     "p99": statistics.median(p99)}
+                     "p99": statistics.median(p99), "cpu": statistics.median(cpu)}
         rows.append([LABELS[kind], round(med[kind]["rps"]), round(med[kind]["p50"], 2),
-                     round(med[kind]["p99"], 2), f"{min(rps):,.0f}–{max(rps):,.0f}",
-                     f"{_spread(rps):.1f}%", f"{_spread(p99):.1f}%"])
+                     round(med[kind]["p99"], 2), round(med[kind]["cpu"], 1),
+                     f"{min(rps):,.0f}–{max(rps):,.0f}", f"{_spread(rps):.1f}%",
+                     f"{_spread(p99):.1f}%", f"{_spread(cpu):.1f}%", f"{min(busy):.0f}%"])
 
     pc, kl = med["pipecomet"], med["klein"]
     ratios = {
         "pipecomet/klein req/s": pc["rps"] / kl["rps"],
         "pipecomet/klein p99": pc["p99"] / kl["p99"],
+        "pipecomet/klein server CPU per request": pc["cpu"] / kl["cpu"],
     }
     if "twisted" in med:
         ratios["pipecomet/twisted.web req/s"] = pc["rps"] / med["twisted"]["rps"]
@@ -243,7 +265,10 @@ def main() -> None:
     notes = [
         f"{rounds} interleaved rounds per server, each a {warmup} s warm-up then a {seconds} s "
         f"measured wrk run (1 thread, {connections} keep-alive connections); table = median "
-        "over rounds, spread = (max − min) / median.",
+        "over rounds, spread = (max − min) / median. Server CPU µs/req = the server process's "
+        "user+system CPU time during the measured run / requests served: it changes little "
+        "when other processes share the core, so it is the steadier figure of the chain's cost; "
+        "'min server busy' below ~95 % means the server lost its core to other work in a round.",
         ("server pinned to core 0, wrk to core 1 (taskset)" if pinned
          else "NOT pinned: fewer than 2 cores or no taskset"),
         "same body everywhere: 13 bytes `{\"msg\":\"hi!\"}` as application/json; pipecomet's chain "
@@ -262,8 +287,9 @@ def main() -> None:
         command="flock /tmp/pipecomet-bench.lock make bench-http",
         tables=[{
             "title": "GET /hello, 13-byte body, 50 connections",
-            "columns": ["server", "req/s (median)", "p50 ms", "p99 ms", "req/s range",
-                        "req/s spread", "p99 spread"],
+            "columns": ["server", "req/s (median)", "p50 ms", "p99 ms", "server CPU µs/req",
+                        "req/s range", "req/s spread", "p99 spread", "CPU/req spread",
+                        "min server busy"],
             "rows": rows,
         }],
         ratios=ratios,
