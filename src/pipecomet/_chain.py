@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from types import CoroutineType
 from typing import Any, Callable, Iterable, Mapping, Sequence
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
@@ -370,10 +371,32 @@ class BufferedBody:
 
 
 def _split_query(uri: bytes) -> dict[str, list[bytes]]:
-    from urllib.parse import parse_qs
-
+    """
+    The query of ``uri`` as ``{name: [raw values]}``: the rules of
+    ``urllib.parse.parse_qs(qs, keep_blank_values=True)`` applied to bytes.
+    The stdlib on bytes insists on ASCII (``%C3%A9`` or a raw UTF-8 byte
+    raised), and this runs on every request, so the common case of a
+    plain ``name=value`` skips unquoting.
+    """
     _, _, qs = uri.partition(b"?")
-    return {k.decode("utf-8", "replace"): v for k, v in parse_qs(qs, keep_blank_values=True).items()}
+    out: dict[str, list[bytes]] = {}
+    if not qs:
+        return out
+    for item in qs.split(b"&"):
+        if not item:
+            continue
+        k, _, v = item.partition(b"=")
+        if b"%" in k or b"+" in k:
+            k = unquote_to_bytes(k.replace(b"+", b" "))
+        if b"%" in v or b"+" in v:
+            v = unquote_to_bytes(v.replace(b"+", b" "))
+        key = k.decode("utf-8", "replace")
+        values = out.get(key)
+        if values is None:
+            out[key] = [v]
+        else:
+            values.append(v)
+    return out
 
 
 def _succeed(value: Any) -> Deferred:
