@@ -51,6 +51,7 @@ class ServerConfig:
 SECTIONS: dict[str, tuple[str, str | None]] = {
     "server": ("pipecomet._config:ServerConfig", None),
     "demo": ("pipecomet.demo._config:DemoConfig", None),
+    "comet": ("pipecomet._comet:CometConfig", "pipecomet._comet:install"),
     "limits": ("pipecomet._lazy:LimitsConfig", "pipecomet._lazy:install"),
 }
 

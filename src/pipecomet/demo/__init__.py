@@ -27,6 +27,7 @@ PUBLISH_TOKEN = "demo-publish-token"
 #: Modules with ``install_routes(app)``, one per part of pipecomet.
 DEMO_ROUTE_MODULES = [
     "pipecomet.demo._gateway",
+    "pipecomet.demo._comet",
     "pipecomet.demo._upload",
 ]
 
