@@ -39,6 +39,10 @@ from ._errors import (
     Unauthorized,
 )
 from ._runtime import Runtime
+from ._bus import MemoryBus
+from ._comet import CometConfig, CometHub, Published, Subscription
+from ._events import Condition, Event, EventKeeper, EventState
+from ._interfaces import IBus, IBusReceiver
 
 __version__ = "0.1.0"
 
@@ -68,6 +72,17 @@ __all__ = [
     "RequestTimeout",
     "Route",
     "Runtime",
+    "MemoryBus",
+    "CometConfig",
+    "CometHub",
+    "Published",
+    "Subscription",
+    "Condition",
+    "Event",
+    "EventKeeper",
+    "EventState",
+    "IBus",
+    "IBusReceiver",
     "ServiceUnavailable",
     "SkipRest",
     "TooManyRequests",
