@@ -52,6 +52,7 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "server": ("pipecomet._config:ServerConfig", None),
     "demo": ("pipecomet.demo._config:DemoConfig", None),
     "comet": ("pipecomet._comet:CometConfig", "pipecomet._comet:install"),
+    "quota": ("pipecomet._quota:QuotaConfig", "pipecomet._quota:install"),
     "limits": ("pipecomet._lazy:LimitsConfig", "pipecomet._lazy:install"),
 }
 
