@@ -43,6 +43,16 @@ from ._bus import MemoryBus
 from ._comet import CometConfig, CometHub, Published, Subscription
 from ._events import Condition, Event, EventKeeper, EventState
 from ._interfaces import IBus, IBusReceiver
+from ._quota import (
+    CategoryConfig,
+    ExecutionTimeout,
+    PoolClosing,
+    QueueFull,
+    QueueTimeout,
+    QuotaConfig,
+    QuotaPool,
+    SynchronousThreadPool,
+)
 
 __version__ = "0.1.0"
 
@@ -83,6 +93,14 @@ __all__ = [
     "EventState",
     "IBus",
     "IBusReceiver",
+    "CategoryConfig",
+    "ExecutionTimeout",
+    "PoolClosing",
+    "QueueFull",
+    "QueueTimeout",
+    "QuotaConfig",
+    "QuotaPool",
+    "SynchronousThreadPool",
     "ServiceUnavailable",
     "SkipRest",
     "TooManyRequests",

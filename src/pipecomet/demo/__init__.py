@@ -29,6 +29,7 @@ DEMO_ROUTE_MODULES = [
     "pipecomet.demo._gateway",
     "pipecomet.demo._comet",
     "pipecomet.demo._upload",
+    "pipecomet.demo._slow",
 ]
 
 
