@@ -288,18 +288,18 @@ class MultipartParser:
             self._state = _DATA
             return True
         if state == _PREAMBLE:
+            # Browsers send no preamble; a body that does not open with
+            # the boundary has the wrong one, and is refused at once.
+            while buf[:2] == b"\r\n":
+                del buf[:2]
             first = self._first
-            if buf[:len(first)] == first:
-                del buf[:len(first)]
-                self._state = _AFTER_BOUNDARY
-                return True
-            i = buf.find(self._delim)
-            if i < 0:
-                # Preamble text is allowed, but not unboundedly.
-                if len(buf) > self.max_header_bytes:
-                    raise _bad_multipart("no opening boundary")
+            if len(buf) < len(first):
+                if bytes(buf) != first[:len(buf)]:
+                    raise _bad_multipart("body does not start with the boundary")
                 return False
-            del buf[:i + len(self._delim)]
+            if buf[:len(first)] != first:
+                raise _bad_multipart("body does not start with the boundary")
+            del buf[:len(first)]
             self._state = _AFTER_BOUNDARY
             return True
         return False
