@@ -370,16 +370,18 @@ class BufferedBody:
                                 details={"param": name}))
 
 
-def _split_query(uri: bytes) -> dict[str, list[bytes]]:
+def _split_query(uri: bytes, text: bool = False) -> dict[str, list[Any]]:
     """
     The query of ``uri`` as ``{name: [raw values]}``: the rules of
     ``urllib.parse.parse_qs(qs, keep_blank_values=True)`` applied to bytes.
     The stdlib on bytes insists on ASCII (``%C3%A9`` or a raw UTF-8 byte
     raised), and this runs on every request, so the common case of a
     plain ``name=value`` skips unquoting.
+
+    :param text: decode the values too (UTF-8, bad bytes replaced).
     """
     _, _, qs = uri.partition(b"?")
-    out: dict[str, list[bytes]] = {}
+    out: dict[str, list[Any]] = {}
     if not qs:
         return out
     for item in qs.split(b"&"):
@@ -391,11 +393,12 @@ def _split_query(uri: bytes) -> dict[str, list[bytes]]:
         if b"%" in v or b"+" in v:
             v = unquote_to_bytes(v.replace(b"+", b" "))
         key = k.decode("utf-8", "replace")
+        value = v.decode("utf-8", "replace") if text else v
         values = out.get(key)
         if values is None:
-            out[key] = [v]
+            out[key] = [value]
         else:
-            values.append(v)
+            values.append(value)
     return out
 
 
@@ -445,14 +448,15 @@ class PipeInput:
         if self._query_all is None:
             args = getattr(self.request, "query_args", None)
             if args is None:
-                args = _split_query(self.request.uri)
+                # Split and decoded in one pass: most requests come this way.
+                self._query_all = _split_query(self.request.uri, text=True)
             else:
                 args = {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v
                         for k, v in args.items()}
-            self._query_all = {
-                k: [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in vs]
-                for k, vs in args.items()
-            }
+                self._query_all = {
+                    k: [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in vs]
+                    for k, vs in args.items()
+                }
         return self._query_all
 
     @property
