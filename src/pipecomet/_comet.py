@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ._bus import MemoryBus
-from ._chain import Pipe, Stream
+from ._chain import Pipe, Stream, as_pipecomet_error
 from ._errors import (
     BadRequest,
     Forbidden,
@@ -56,7 +56,7 @@ from ._errors import (
 )
 from ._events import Event, EventKeeper, EventListener
 from ._interfaces import IBusReceiver
-from ._responders import dumps
+from ._responders import dumps, send_error
 
 __all__ = [
     "CometConfig",
@@ -279,7 +279,7 @@ class Topic:
     """
 
     __slots__ = ("hub", "name", "epoch", "last_offset", "history", "bytes", "subscribers",
-                 "timer", "limits", "evicted")
+                 "timer", "idle", "limits", "evicted")
 
     def __init__(self, hub: CometHub, name: str, limits: _Limits) -> None:
         self.hub = hub
@@ -290,6 +290,7 @@ class Topic:
         self.bytes = 0
         self.subscribers = 0
         self.timer: Any = None
+        self.idle: Any = None
         self.limits = limits
         self.evicted = 0
 
@@ -304,6 +305,7 @@ class Topic:
         return f"{self.epoch}:{offset}"
 
     def append(self, event: str, data: bytes, now: float) -> Message:
+        self.busy()
         self.last_offset += 1
         msg = Message(self.name, self.last_offset, f"{self.epoch}:{self.last_offset}", event,
                       data, now)
@@ -348,7 +350,16 @@ class Topic:
             return list(h)
         return [h[i] for i in range(start, end)]
 
+    def busy(self) -> None:
+        """
+        The topic is in use again: it is not to be forgotten.
+        """
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+
     def close(self) -> None:
+        self.busy()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -466,11 +477,20 @@ class Subscription(Stream, EventListener):
         self.started = True
         self.open = True
         self.hub._opened(self)
-        replay, control = self._resolve()
-        if kind == "longpoll":
-            self._serve_longpoll(replay, control)
-        else:
-            self._serve_stream(replay, control)
+        try:
+            replay, control = self._resolve()
+            if kind == "longpoll":
+                self._serve_longpoll(replay, control)
+            else:
+                self._serve_stream(replay, control)
+        except Exception as e:
+            error = as_pipecomet_error(e, "comet subscription")
+            self._close(None)
+            if not self._gone():
+                if self.request.startedWriting:
+                    self.request.finish()
+                else:
+                    send_error(self.request, error)
 
     # -- resolving the cursor against the histories
 
@@ -544,7 +564,10 @@ class Subscription(Stream, EventListener):
     def _serve_longpoll(self, replay: list[Message], control: list[dict[str, Any]]) -> None:
         resumed_from = self.cursor()
         self._resume_headers(resumed_from)
-        if replay or control:
+        # A first poll without a cursor answers at once with one (the
+        # handshake): held without it, a poll cut before its answer would
+        # leave the client nowhere to resume from.
+        if replay or control or self.cursors is None:
             batch = replay[: self.hub.config.longpoll_batch]
             for m in batch:
                 self.pos[m.topic] = m.offset
@@ -598,11 +621,15 @@ class Subscription(Stream, EventListener):
             transport = getattr(channel, "transport", None)
             if transport is not None and hasattr(transport, "setTcpKeepAlive"):
                 transport.setTcpKeepAlive(True)
+        # The head carries the cursor the stream starts from, so a client
+        # that gets no message before it drops still resumes without loss.
+        cursor = self.cursor()
         if sse:
-            head = b"retry: %d\n: %s\n\n" % (int(hub.config.retry * 1000),
-                                             self.resume.encode("ascii"))
+            head = b"retry: %d\nid: %s\n: %s\n\n" % (int(hub.config.retry * 1000),
+                                                    cursor.encode("ascii"),
+                                                    self.resume.encode("ascii"))
         else:
-            head = b""
+            head = dumps({"event": "open", "cursor": cursor, "resume": self.resume}) + b"\n"
         # The first write sends the headers and tells us the framing.
         req.write(head)
         chunked = bool(getattr(req, "chunked", False))
@@ -930,6 +957,16 @@ class CometHub:
         return t
 
     def _maybe_forget(self, t: Topic) -> None:
+        """
+        A topic with no subscriber and no history is forgotten after
+        ``history_age`` idle seconds (its epoch with it): kept meanwhile so
+        that a client between two polls resumes without a reset.
+        """
+        if t.subscribers == 0 and not t.history and t.idle is None:
+            t.idle = self.reactor.callLater(t.limits.history_age, self._forget, t)
+
+    def _forget(self, t: Topic) -> None:
+        t.idle = None
         if t.subscribers == 0 and not t.history and self.topics.get(t.name) is t:
             t.close()
             del self.topics[t.name]
@@ -1114,6 +1151,7 @@ class CometHub:
         objs = sub.objs
         for name in sub.topics:
             t = self._topic(name)
+            t.busy()
             t.subscribers += 1
             objs.append(t)
 
@@ -1235,7 +1273,7 @@ def _publish_send(inp: Any, ctx: Any, res: Any) -> Any:
         try:
             data = dumps(json.loads(body))
         except ValueError:
-            raise hub._reject(BadRequest("the body is not valid JSON", code="bad_json")) from None
+            raise hub._reject(BadRequest("the body is not valid JSON", code="invalid_json")) from None
     else:
         try:
             data = dumps(body.decode("utf-8"))

@@ -1,0 +1,604 @@
+"""
+Unit tests of the EventKeeper, condition pipes and comet transports, on a
+fake clock and in-memory connections (trial and pytest alike).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from pipecomet import App, Chain, Config, Pipe
+from pipecomet._comet import CometConfig, format_cursor, parse_cursor
+from pipecomet._errors import BadRequest, GatewayTimeout
+from pipecomet._events import (
+    TRANSITIONS,
+    Condition,
+    EventAction,
+    EventKeeper,
+    EventListener,
+    EventState,
+    InvalidTransition,
+)
+from pipecomet.testing import MemoryClient, make_clock
+
+TOKEN = "t0ken"
+
+
+class Recorder(EventListener):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any]] = []
+
+    def on_invoke(self, event, value):
+        self.seen.append(("invoke", value))
+
+    def on_complete(self, event, value):
+        self.seen.append(("complete", value))
+
+    def on_timeout(self, event):
+        self.seen.append(("timeout", None))
+
+    def on_cancel(self, event):
+        self.seen.append(("cancel", None))
+
+
+class StateMachineTests(SynchronousTestCase):
+    def test_table(self) -> None:
+        S, A = EventState, EventAction
+        self.assertEqual(TRANSITIONS[S.INIT, A.INVOKE], S.INVOKE)
+        self.assertEqual(TRANSITIONS[S.INVOKE, A.INVOKE], S.INVOKE)
+        for end, action in ((S.COMPLETE, A.COMPLETE), (S.TIMEOUT, A.TIMEOUT),
+                            (S.CANCELLED, A.CANCEL)):
+            self.assertEqual(TRANSITIONS[S.INIT, action], end)
+            self.assertEqual(TRANSITIONS[S.INVOKE, action], end)
+            for a in A:
+                self.assertNotIn((end, a), TRANSITIONS)
+
+    def test_invalid_transition(self) -> None:
+        keeper = EventKeeper(Clock())
+        ev = keeper.listen("k", Recorder())
+        ev.complete(1)
+        self.assertRaises(InvalidTransition, ev.invoke, 2)
+        self.assertRaises(InvalidTransition, ev.complete, 2)
+        ev.cancel()  # a no-op once ended
+        self.assertEqual(ev.state, EventState.COMPLETE)
+
+
+class KeeperTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.keeper = EventKeeper(self.clock)
+
+    def test_invoke_repeats_then_complete(self) -> None:
+        rec = Recorder()
+        ev = self.keeper.listen("k", rec, timeout=10)
+        self.assertEqual(self.keeper.fire("k", 1), 1)
+        self.assertEqual(self.keeper.fire("k", 2), 1)
+        self.assertEqual(ev.state, EventState.INVOKE)
+        self.assertEqual(self.keeper.complete("k", 3), 1)
+        self.assertEqual(rec.seen, [("invoke", 1), ("invoke", 2), ("complete", 3)])
+        self.assertEqual(self.keeper.fire("k", 4), 0)
+        self.assertEqual(self.keeper.waiters(), 0)
+        self.assertEqual(self.keeper.timers, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timeout_is_a_timed_call(self) -> None:
+        rec = Recorder()
+        self.keeper.listen("k", rec, timeout=5)
+        self.keeper.listen("k", Recorder(), timeout=50)
+        # One timed call per deadline; nothing scans.
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        self.clock.advance(4.9)
+        self.assertEqual(rec.seen, [])
+        self.clock.advance(0.2)
+        self.assertEqual(rec.seen, [("timeout", None)])
+        self.assertEqual(self.keeper.waiters("k"), 1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_fire_counts_waiters_on_several_keys(self) -> None:
+        a, b = Recorder(), Recorder()
+        self.keeper.listen(["x", "y"], a, many=True)
+        self.keeper.listen("y", b)
+        self.assertEqual(self.keeper.fire("x", 1), 1)
+        self.assertEqual(self.keeper.fire("y", 2), 2)
+        self.assertEqual(self.keeper.fire("z", 3), 0)
+        self.keeper.complete("x")
+        self.assertEqual(self.keeper.waiters("y"), 1)
+        self.assertEqual(self.keeper.keys(), ["y"])
+
+    def test_wait_once(self) -> None:
+        d = self.keeper.wait("job", timeout=3)
+        self.assertNoResult(d)
+        self.assertEqual(self.keeper.fire("job", {"r": 1}), 1)
+        self.assertEqual(self.successResultOf(d), {"r": 1})
+        self.assertEqual(self.keeper.waiters(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_wait_timeout(self) -> None:
+        d = self.keeper.wait("job", timeout=3)
+        self.clock.advance(3)
+        f = self.failureResultOf(d, GatewayTimeout)
+        self.assertEqual(f.value.status, 504)
+        d2 = self.keeper.wait("job", timeout=1, on_timeout={"late": True})
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(d2), {"late": True})
+
+    def test_wait_cancel_releases(self) -> None:
+        d = self.keeper.wait("job", timeout=3)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.keeper.waiters(), 0)
+        self.assertEqual(self.keeper.timers, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.keeper.fire("job"), 0)
+
+
+def make(config: dict[str, Any] | None = None, routes: Any = None) -> tuple[App, MemoryClient]:
+    clock = make_clock()
+    app = App(reactor=clock)
+    app.route("/sub/<topic>", [Condition(lambda i, c, r: i.path_params["topic"].split(","),
+                                         mode="many")],
+              responders=("sse", "json", "ndjson", "longpoll"))
+    if routes:
+        routes(app)
+    comet = {"publish_token": TOKEN, "heartbeat": 10.0, **(config or {})}
+    app.configure(Config.from_dict({"comet": comet}))
+    app.service.startService()
+    return app, MemoryClient(app, clock)
+
+
+def hub_of(app: App) -> Any:
+    return app.runtime.events.comet
+
+
+def data_events(call: Any) -> list[dict[str, Any]]:
+    return [e for e in call.events() if "data" in e and e.get("event", "message") == "message"]
+
+
+class CometTransportTests(SynchronousTestCase):
+    def test_sse_stream_ids_and_headers(self) -> None:
+        app, c = make()
+        call = c.get("/sub/news")
+        self.assertEqual(call.status, 200)
+        self.assertEqual(call.header("content-type"), "text/event-stream")
+        self.assertEqual(call.header("cache-control"), "no-cache")
+        self.assertEqual(call.header("x-accel-buffering"), "no")
+        hub = hub_of(app)
+        p1 = hub.publish("news", {"n": 1})
+        p2 = hub.publish("news", {"n": 2}, event="update")
+        self.assertEqual(p1.delivered, 1)
+        c.flush()
+        evs = call.events()
+        self.assertEqual(evs[0], {"retry": "2000", "id": f"{hub.topics['news'].epoch}:0"})
+        self.assertEqual(evs[1], {"id": p1.id, "data": '{"n":1}'})
+        self.assertEqual(evs[2], {"id": p2.id, "event": "update", "data": '{"n":2}'})
+        epoch, off = p2.id.split(":")
+        self.assertEqual(off, "2")
+        c.advance(10)
+        self.assertIn(b": heartbeat\n\n", call.body)
+
+    def test_once_mode_route(self) -> None:
+        def routes(app: App) -> None:
+            app.route("/job/<id>", [Condition("job:{id}", timeout=5.0),
+                                    Pipe(lambda i, c, r: {"got": r.last}, name="out")])
+
+        app, c = make(routes=routes)
+        call = c.get("/job/7")
+        self.assertFalse(call.done)
+        keeper = app.runtime.events
+        self.assertEqual(keeper.waiters("job:7"), 1)
+        self.assertEqual(keeper.fire("job:7", 42), 1)
+        c.flush()
+        self.assertEqual(call.json(), {"got": 42})
+        late = c.get("/job/8")
+        c.advance(5)
+        self.assertEqual(late.status, 504)
+        self.assertEqual(late.json()["error"]["code"], "event_timeout")
+        gone = c.get("/job/9")
+        c.disconnect(gone)
+        self.assertEqual(keeper.waiters(), 0)
+        self.assertEqual(keeper.timers, 0)
+
+    def test_longpoll_timeout_is_an_empty_batch(self) -> None:
+        app, c = make({"longpoll_timeout": 5.0, "longpoll_max_timeout": 8.0})
+        hello = c.get("/sub/news", headers={"accept": "application/json"})
+        # Without a cursor the first poll answers at once with one.
+        self.assertEqual(hello.json()["messages"], [])
+        cursor = hello.json()["cursor"]
+        call = c.get(f"/sub/news?since={cursor}", headers={"accept": "application/json"})
+        c.advance(4.9)
+        self.assertFalse(call.done)
+        c.advance(0.2)
+        body = call.json()
+        self.assertEqual(body["messages"], [])
+        self.assertEqual(call.status, 200)
+        # A shorter timeout asked by the client, and a capped longer one.
+        short = c.get(f"/sub/news?transport=longpoll&timeout=1&since={cursor}")
+        c.advance(1.01)
+        self.assertTrue(short.done)
+        capped = c.get(f"/sub/news?transport=longpoll&timeout=100&since={cursor}")
+        c.advance(7.9)
+        self.assertFalse(capped.done)
+        c.advance(0.2)
+        self.assertTrue(capped.done)
+        bad = c.get("/sub/news?transport=longpoll&timeout=-1")
+        self.assertEqual(bad.status, 400)
+        self.assertEqual(bad.json()["error"]["code"], "bad_timeout")
+
+    def test_longpoll_cursor_chain_loses_nothing(self) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        hello = c.get("/sub/news?transport=longpoll")
+        first = c.get("/sub/news?transport=longpoll&since=" + hello.json()["cursor"])
+        hub.publish("news", 1)
+        c.flush()
+        got = [m["data"] for m in first.json()["messages"]]
+        cursor = first.json()["cursor"]
+        for n in (2, 3, 4):  # published while no poll is held
+            hub.publish("news", n)
+        nxt = c.get(f"/sub/news?transport=longpoll&since={cursor}")
+        got += [m["data"] for m in nxt.json()["messages"]]
+        self.assertEqual(got, [1, 2, 3, 4])
+        self.assertEqual(nxt.header("pipecomet-resume"), "ok")
+
+    def test_ndjson_and_end_event(self) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        call = c.get("/sub/news", headers={"accept": "application/x-ndjson"})
+        hub.publish("news", {"a": 1})
+        self.assertEqual(hub.complete("news", {"bye": True}), 1)
+        c.flush()
+        lines = call.lines()
+        self.assertEqual(lines[0]["event"], "open")
+        self.assertEqual(lines[1]["data"], {"a": 1})
+        self.assertEqual(lines[-1], {"event": "end", "topic": "news", "data": {"bye": True}})
+        self.assertTrue(call.done)
+        self.assertEqual(app.runtime.events.waiters(), 0)
+
+    def test_stream_timeout_per_transport(self) -> None:
+        app, c = make({"max_lifetime": 0})
+        sse = c.get("/sub/news?timeout=3")
+        nd = c.get("/sub/news?timeout=3", headers={"accept": "application/x-ndjson"})
+        lp = c.get("/sub/news?timeout=3&transport=longpoll&since=0")
+        c.advance(2.9)
+        self.assertFalse(sse.done or nd.done or lp.done)
+        c.advance(0.2)
+        self.assertTrue(sse.done and nd.done and lp.done)
+        self.assertEqual(sse.events()[-1]["event"], "reconnect")
+        self.assertEqual(nd.lines()[-1]["event"], "reconnect")
+        self.assertEqual(lp.json()["messages"], [])
+        self.assertEqual(app.runtime.events.timers, 0)
+
+    def test_max_lifetime_with_jitter(self) -> None:
+        app, c = make({"max_lifetime": 100.0, "lifetime_jitter": 0.2})
+        calls = [c.get("/sub/news") for _ in range(20)]
+        c.advance(79.9)
+        self.assertFalse(any(x.done for x in calls))
+        c.advance(20.2)
+        self.assertTrue(all(x.done for x in calls))
+        ev = calls[0].events()[-1]
+        self.assertEqual(ev["event"], "reconnect")
+        self.assertIn("retry", ev)
+
+    def test_disconnect_releases_everything(self) -> None:
+        app, c = make()
+        keeper, hub = app.runtime.events, hub_of(app)
+        calls = [c.get("/sub/news"), c.get("/sub/news?transport=longpoll&since=0"),
+                 c.get("/sub/a,b", headers={"accept": "application/x-ndjson"})]
+        self.assertEqual(keeper.waiters(), 3)
+        self.assertEqual(hub.connections, 3)
+        for call in calls:
+            c.disconnect(call)
+        self.assertEqual(keeper.waiters(), 0)
+        self.assertEqual(keeper.timers, 0)
+        self.assertEqual(hub.connections, 0)
+        c.advance(300)
+        self.assertEqual(hub.topics, {})
+
+    def test_resume_exactly_once(self) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        call = c.get("/sub/news")
+        for n in range(3):
+            hub.publish("news", n)
+        c.flush()
+        seen = data_events(call)
+        c.disconnect(call)
+        for n in range(3, 6):
+            hub.publish("news", n)
+        again = c.get("/sub/news", headers={"last-event-id": seen[-1]["id"]})
+        hub.publish("news", 6)
+        c.flush()
+        seen += data_events(again)
+        self.assertEqual([json.loads(e["data"]) for e in seen], list(range(7)))
+        self.assertEqual(again.header("pipecomet-resume"), "ok")
+        self.assertEqual(again.header("pipecomet-resumed-from"), seen[2]["id"])
+
+    def test_gap_and_reset_are_explicit(self) -> None:
+        app, c = make({"history_count": 3})
+        hub = hub_of(app)
+        ids = [hub.publish("news", n).id for n in range(10)]
+        old = c.get("/sub/news", headers={"last-event-id": ids[1]})
+        evs = old.events()
+        gap = [e for e in evs if e.get("event") == "gap"]
+        self.assertEqual(len(gap), 1)
+        info = json.loads(gap[0]["data"])
+        self.assertEqual(info["missed"], 5)
+        self.assertEqual(info["resumed_from"], ids[6])
+        self.assertEqual([json.loads(e["data"]) for e in data_events(old)], [7, 8, 9])
+        self.assertEqual(old.header("pipecomet-resume"), "gap")
+        other = c.get("/sub/news?since=abcd:3", headers={"accept": "application/x-ndjson"})
+        lines = other.lines()
+        self.assertEqual(lines[0]["event"], "open")
+        self.assertEqual(lines[0]["resume"], "reset")
+        lines = lines[1:]
+        self.assertEqual(lines[0]["event"], "reset")
+        self.assertEqual([x["data"] for x in lines[1:]], [7, 8, 9])
+        bad = c.get("/sub/news?since=zz")
+        self.assertEqual(bad.status, 400)
+        self.assertEqual(bad.json()["error"]["code"], "bad_cursor")
+
+    def test_history_age_expires_by_timed_call(self) -> None:
+        app, c = make({"history_age": 10.0})
+        hub = hub_of(app)
+        hub.publish("news", 1)
+        c.advance(5)
+        hub.publish("news", 2)
+        self.assertEqual(len(hub.topics["news"].history), 2)
+        c.advance(5)
+        self.assertEqual(len(hub.topics["news"].history), 1)
+        c.advance(5)
+        self.assertEqual(len(hub.topics["news"].history), 0)
+        # No subscriber, no history: the topic itself is forgotten after
+        # history_age more idle seconds.
+        c.advance(9.9)
+        self.assertIn("news", hub.topics)
+        c.advance(0.2)
+        self.assertNotIn("news", hub.topics)
+
+    def test_history_bytes_bound(self) -> None:
+        app, c = make({"history_bytes": 2000})
+        hub = hub_of(app)
+        for n in range(50):
+            hub.publish("news", "x" * 300)
+        t = hub.topics["news"]
+        self.assertLessEqual(t.bytes, 2000)
+        self.assertEqual(sum(m.size for m in t.history), t.bytes)
+
+    def test_last_value_mode(self) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        for n in range(3):
+            hub.publish("news", n)
+        call = c.get("/sub/news?last=1&transport=longpoll")
+        self.assertEqual([m["data"] for m in call.json()["messages"]], [2])
+        self.assertEqual(call.header("pipecomet-resume"), "last")
+
+    def test_several_topics_on_one_connection(self) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        call = c.get("/sub/a,b")
+        hub.publish("a", 1)
+        hub.publish("b", 2)
+        c.flush()
+        evs = data_events(call)
+        self.assertEqual([json.loads(e["data"])["topic"] for e in evs], ["a", "b"])
+        cursor = evs[-1]["id"]
+        self.assertEqual(parse_cursor(cursor, ["a", "b"]),
+                         {"a": (hub.topics["a"].epoch, 1), "b": (hub.topics["b"].epoch, 1)})
+        c.disconnect(call)
+        hub.publish("a", 3)
+        again = c.get("/sub/a,b?transport=longpoll", headers={"last-event-id": cursor})
+        self.assertEqual([m["data"] for m in again.json()["messages"]], [3])
+
+    def test_shutdown_tells_when_to_reconnect(self) -> None:
+        app, c = make()
+        sse = c.get("/sub/news")
+        lp = c.get("/sub/news?transport=longpoll&since=0")
+        app.service.stopService()
+        c.flush()
+        ev = sse.events()[-1]
+        self.assertEqual(ev["event"], "shutdown")
+        self.assertGreaterEqual(json.loads(ev["data"])["reconnect_after"], 2.0)
+        self.assertTrue(lp.done)
+        self.assertIn("shutdown", lp.json())
+        self.assertEqual(app.runtime.events.waiters(), 0)
+        late = c.get("/sub/news")
+        self.assertEqual(late.status, 503)
+        self.assertEqual(late.json()["error"]["code"], "shutting_down")
+
+
+class CometLimitTests(SynchronousTestCase):
+    def error(self, call: Any, status: int, code: str) -> None:
+        self.assertEqual(call.status, status)
+        self.assertEqual(call.header("content-type"), "application/json")
+        err = call.json()["error"]
+        self.assertEqual(err["code"], code)
+        self.assertTrue(err["message"] and err["id"])
+
+    def test_connection_limits(self) -> None:
+        app, c = make({"max_connections": 3, "max_connections_per_topic": 2,
+                       "max_topics_per_connection": 2, "max_topics": 4})
+        c.get("/sub/a")
+        c.get("/sub/a")
+        full = c.get("/sub/a")
+        self.error(full, 503, "topic_full")
+        self.assertIsNotNone(full.header("retry-after"))
+        self.error(c.get("/sub/b,c,d"), 400, "too_many_topics_per_connection")
+        c.get("/sub/b")
+        self.error(c.get("/sub/c"), 503, "too_many_connections")
+        self.error(c.get("/sub/bad%20name"), 400, "bad_topic")
+
+    def test_topic_count_limit(self) -> None:
+        app, c = make({"max_topics": 2})
+        hub = hub_of(app)
+        c.get("/sub/a")
+        c.get("/sub/b")
+        self.error(c.get("/sub/c"), 503, "too_many_topics")
+        pub = c.post("/_pipecomet/publish/c", headers={"authorization": f"Bearer {TOKEN}"},
+                     data=b"x")
+        self.error(pub, 503, "too_many_topics")
+        self.assertEqual(len(hub.topics), 2)
+
+    def test_publish_auth_size_and_idempotency(self) -> None:
+        app, c = make({"max_message_bytes": 100})
+        hub = hub_of(app)
+        auth = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+        self.error(c.post("/_pipecomet/publish/news", data=b"1"), 401, "missing_token")
+        self.error(c.post("/_pipecomet/publish/news", data=b"1",
+                          headers={"authorization": "Bearer wrong"}), 403, "bad_token")
+        self.error(c.post("/_pipecomet/publish/news", data=b"x" * 101, headers=auth), 413,
+                   "message_too_large")
+        self.error(c.post("/_pipecomet/publish/news", data=b"{no", headers=auth), 400,
+                   "invalid_json")
+        self.error(c.post("/_pipecomet/publish/news?event=gap", data=b"1", headers=auth), 400,
+                   "bad_event")
+        sub = c.get("/sub/news", headers={"accept": "application/x-ndjson"})
+        keyed = {**auth, "idempotency-key": "abc"}
+        first = c.post("/_pipecomet/publish/news", data=b'{"v":1}', headers=keyed)
+        again = c.post("/_pipecomet/publish/news", data=b'{"v":1}', headers=keyed)
+        self.assertEqual(first.json()["delivered"], 1)
+        self.assertEqual(again.json(), {**first.json(), "delivered": 0, "duplicate": True})
+        self.assertEqual([x["data"] for x in sub.lines() if "data" in x], [{"v": 1}])
+        self.assertEqual(hub.published, 1)
+        c.advance(301)  # the key is forgotten after idempotency_ttl
+        third = c.post("/_pipecomet/publish/news", data=b'{"v":1}', headers=keyed)
+        self.assertFalse(third.json()["duplicate"])
+
+    def test_publish_disabled_without_token(self) -> None:
+        app, c = make({"publish_token": ""})
+        self.error(c.post("/_pipecomet/publish/news", data=b"1",
+                          headers={"authorization": "Bearer x"}), 403, "publish_disabled")
+
+    def test_config_errors_name_the_key(self) -> None:
+        from pipecomet import ConfigError
+
+        with self.assertRaises(ConfigError) as e:
+            Config.from_dict({"comet": {"buffer_bytes": 0}})
+        self.assertIn("buffer_bytes", str(e.exception))
+        with self.assertRaises(ConfigError) as e:
+            Config.from_dict({"comet": {"topics": {"x": {"slow_policy": "maybe"}}}})
+        self.assertIn("slow_policy", str(e.exception))
+        self.assertRaises(ValueError, CometConfig, longpoll_timeout=10, longpoll_max_timeout=5)
+
+
+class CursorTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        pos = [("a", "ab12", 3), ("b", "cd34", 0)]
+        text = format_cursor(pos, False)
+        self.assertEqual(parse_cursor(text, ["a", "b"]), {"a": ("ab12", 3), "b": ("cd34", 0)})
+        self.assertEqual(parse_cursor("ab12:7", ["a"]), {"a": ("ab12", 7)})
+        self.assertEqual(parse_cursor("0", ["a"]), {"a": ("", 0)})
+        for bad in ("x", "ab12:-1", "ab12:7,", "AB:1", "a:b:c:d", "ab12:1e3"):
+            self.assertRaises(BadRequest, parse_cursor, bad, ["a"])
+
+
+# -- random interleavings of publish / disconnect / reconnect
+
+OPS = st.lists(st.one_of(st.tuples(st.just("publish"), st.integers(1, 4)),
+                         st.just(("disconnect",)), st.just(("reconnect",)),
+                         st.just(("flush",))), max_size=30)
+
+
+class ResumeProperties(SynchronousTestCase):
+    @settings(max_examples=40, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(ops=OPS, history=st.sampled_from([4, 1000]),
+           transport=st.sampled_from(["sse", "ndjson", "longpoll"]))
+    def test_exactly_once_or_explicit_gap(self, ops: list[Any], history: int,
+                                          transport: str) -> None:
+        """
+        Whatever the order of publishes, disconnects and reconnects, the
+        client receives every message at most once and in order, and every
+        message it did not receive is declared by a gap event.
+        """
+        app, c = make({"history_count": history})
+        hub = hub_of(app)
+        published: list[int] = []
+        received: list[int] = []
+        declared_missing = 0
+        state: dict[str, Any] = {"call": None, "cursor": None, "seen": 0}
+
+        def read() -> None:
+            nonlocal declared_missing
+            call = state["call"]
+            if call is None:
+                return
+            if transport == "sse":
+                evs = call.events()[state["seen"]:]
+                state["seen"] += len(evs)
+                for e in evs:
+                    if "id" in e:
+                        state["cursor"] = e["id"]
+                    if e.get("event") in ("gap", "reset"):
+                        declared_missing += json.loads(e["data"]).get("missed", 0)
+                    elif "data" in e:
+                        received.append(json.loads(e["data"]))
+            elif transport == "ndjson":
+                lines = call.lines()[state["seen"]:]
+                state["seen"] += len(lines)
+                for x in lines:
+                    if x.get("event") == "open":
+                        state["cursor"] = x["cursor"]
+                    elif x.get("event") in ("gap", "reset"):
+                        declared_missing += x.get("missed", 0)
+                    elif "id" in x:
+                        received.append(x["data"])
+                        state["cursor"] = x["id"]
+            elif call.done:
+                body = call.json()
+                for e in body["events"]:
+                    declared_missing += e.get("missed", 0)
+                received.extend(m["data"] for m in body["messages"])
+                state["cursor"] = body["cursor"]
+                state["call"] = None
+                connect()
+
+        def connect() -> None:
+            headers = {}
+            if state["cursor"] is not None:
+                headers["last-event-id"] = state["cursor"]
+            q = "?transport=longpoll" if transport == "longpoll" else ""
+            if transport == "ndjson":
+                headers["accept"] = "application/x-ndjson"
+            state["call"] = c.get("/sub/news" + q, headers=headers)
+            state["seen"] = 0
+            read()
+
+        # The first subscription starts before any publish: from then on
+        # nothing may be lost silently.
+        hub.publish("other", 0)
+        connect()
+        for op in ops:
+            if op[0] == "publish":
+                for _ in range(op[1]):
+                    n = len(published) + 1
+                    published.append(n)
+                    hub.publish("news", n)
+            elif op[0] == "disconnect" and state["call"] is not None:
+                read()
+                if state["call"] is not None and not state["call"].done:
+                    c.disconnect(state["call"])
+                state["call"] = None
+            elif op[0] == "reconnect" and state["call"] is None:
+                connect()
+            c.flush()
+            read()
+        if state["call"] is None:
+            connect()
+        c.flush()
+        read()
+        self.assertEqual(received, sorted(set(received)))
+        self.assertEqual(len(received) + declared_missing, len(published))
+        if history == 1000:
+            self.assertEqual(received, published)
+        app.service.stopService()
+        c.flush()
+        self.assertEqual(app.runtime.events.waiters(), 0)
+        self.assertEqual(app.runtime.events.timers, 0)
