@@ -54,6 +54,7 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "comet": ("pipecomet._comet:CometConfig", "pipecomet._comet:install"),
     "quota": ("pipecomet._quota:QuotaConfig", "pipecomet._quota:install"),
     "limits": ("pipecomet._lazy:LimitsConfig", "pipecomet._lazy:install"),
+    "workers": ("pipecomet._workers:WorkersConfig", "pipecomet._workers:install"),
 }
 
 
