@@ -53,6 +53,16 @@ from ._quota import (
     QuotaPool,
     SynchronousThreadPool,
 )
+from ._workers import (
+    WorkerCallError,
+    WorkerCrashed,
+    WorkerFunctionError,
+    WorkerPool,
+    WorkersConfig,
+    WorkersUnavailable,
+    WorkerTimeout,
+    worker_function,
+)
 
 __version__ = "0.1.0"
 
@@ -108,4 +118,12 @@ __all__ = [
     "load_config",
     "pipe",
     "process_pipe",
+    "WorkerCallError",
+    "WorkerCrashed",
+    "WorkerFunctionError",
+    "WorkerPool",
+    "WorkersConfig",
+    "WorkersUnavailable",
+    "WorkerTimeout",
+    "worker_function",
 ]

@@ -30,6 +30,7 @@ DEMO_ROUTE_MODULES = [
     "pipecomet.demo._comet",
     "pipecomet.demo._upload",
     "pipecomet.demo._slow",
+    "pipecomet.demo._workers",
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import threading
 import time
 from typing import Any
@@ -40,24 +41,35 @@ def cpu_burn(ms: Any) -> dict[str, Any]:
 
 
 @worker_function
-def image_resize(job: dict[str, Any]) -> bytes:
+def image_resize(job: dict[str, Any]) -> dict[str, Any]:
     """
     Resize the image in ``job["image"]`` (any format Pillow reads) to fit
     ``job["width"]`` × ``job["height"]``, keeping its aspect ratio, and
-    return it encoded as ``job["format"]`` (PNG by default).
-    """
-    from PIL import Image
+    encode it as ``job["format"]``.
 
-    data = job["image"]
-    with Image.open(io.BytesIO(data)) as im:
+    The image travels out of band both ways (``pickle.PickleBuffer``), so
+    its bytes are not copied into the pickle stream.  Input that is not an
+    image is an answer (``{"error": ...}``), not an exception.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(io.BytesIO(job["image"]))
         im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        return {"error": "not_an_image", "message": f"cannot read the image: {e}"}
+    with im:
+        source = im.size
         im.thumbnail((int(job["width"]), int(job["height"])), Image.Resampling.LANCZOS)
-        out = io.BytesIO()
         fmt = str(job.get("format", "PNG")).upper()
         if fmt == "JPEG" and im.mode not in ("RGB", "L"):
             im = im.convert("RGB")
+        out = io.BytesIO()
         im.save(out, format=fmt)
-    return out.getvalue()
+        size = im.size
+    return {"image": pickle.PickleBuffer(out.getvalue()), "format": fmt.lower(),
+            "width": size[0], "height": size[1], "source_width": source[0],
+            "source_height": source[1], "pid": os.getpid()}
 
 
 @worker_function
