@@ -12,8 +12,10 @@ from urllib.parse import parse_qsl, urlencode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from pipecomet import Answer, App, BadRequest, Pipe
@@ -399,7 +401,23 @@ class LazyBodyTests(SynchronousTestCase):
 class LazyRequestTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.log: list = []
-        self.server = Server(first_then_form(self.log))
+        self.waiting: list = []
+        self.cancelled = False
+        routes = first_then_form(self.log)
+
+        def more(app: App) -> None:
+            routes(app)
+
+            def wait(inp, ctx, res):
+                def cancel(d):
+                    self.cancelled = True
+                d = Deferred(cancel)
+                self.waiting.append(d)
+                return d
+
+            app.route("/wait", [Pipe(wait)], methods=("POST",))
+
+        self.server = Server(more)
         self.channel, self.transport = self.server.connect()
 
     def send(self, data: bytes) -> None:
@@ -495,6 +513,18 @@ class LazyRequestTests(SynchronousTestCase):
     def test_json(self):
         self.send(post(b"/json", b'{"a": "v", "n": 2}', ctype=b"application/json"))
         self.assertEqual(json.loads(response(self.transport.value())[2]), {"a": ["v"], "n": [2]})
+
+    def test_eof_while_handling_cancels_chain(self):
+        """
+        A client EOF after a complete request is a disconnect (as in
+        twisted.web): the pending pipe is cancelled.
+        """
+        self.send(post(b"/wait", b"a=1"))
+        self.assertEqual(len(self.waiting), 1)
+        self.channel.readConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(self.cancelled)
 
     def test_get_without_body_is_buffered(self):
         self.send(b"GET /_pipecomet/status HTTP/1.1\r\nHost: t\r\n\r\n")

@@ -208,8 +208,10 @@ class LazyChannel(http.HTTPChannel):
                 code="truncated_body"))
             return
         if self.phase is Phase.HANDLING and self.requests:
-            # Answer what was asked, then close.
-            self.persistent = False
+            # A full close looks the same as a half-close here; twisted.web
+            # takes EOF as "client gone" and so do we, so that the chain is
+            # cancelled (held comet requests above all).
+            self.transport.abortConnection()
             return
         self.loseConnection()
 
