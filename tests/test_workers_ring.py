@@ -228,10 +228,12 @@ class LifecycleTests(SynchronousTestCase):
 
 class SharedFileTests(SynchronousTestCase):
     def test_create_open_and_sweep(self) -> None:
-        directory = self.mktemp()
         import os
+        import shutil
+        import tempfile
 
-        os.makedirs(directory)
+        directory = tempfile.mkdtemp(prefix="pipecomet-ring-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, shm_name(os.getpid(), "abcd", 0, 1))
         f = SharedFile.create(path, 4096, epoch=1, slot=0, server_pid=os.getpid())
         g, epoch, slot, pid = SharedFile.open(path)
