@@ -277,8 +277,9 @@ def main() -> None:
         "Klein answers chunked (its default), the others with Content-Length.",
         f"per-round pipecomet/Klein req/s ratios: {', '.join(f'{x:.3f}' for x in paired)}; "
         f"p99 ratios: {', '.join(f'{x:.3f}' for x in paired_p99)}.",
-        f"load average before {load_before}, after {load_after}: the machine is shared (2 cores, "
-        "other engineers' tests), so single runs can be off by several percent.",
+        f"load average before {load_before}, after {load_after}. On a shared machine rounds "
+        "of one server can disagree by 20-40 % (see the spread columns); compare the per-round "
+        "ratios, which interleaving keeps fair, rather than single figures.",
         f"run took {elapsed:.0f} s.",
     ]
     write_result(
