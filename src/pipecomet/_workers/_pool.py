@@ -330,6 +330,9 @@ class WorkerProtocol(ProcessProtocol):
         elif self.state is WorkerState.BUSY:
             self.state = WorkerState.READY
         self.completed += 1
+        if pool.recycling and self.state is not WorkerState.DRAINING:
+            # Before the callbacks run: they may send the next call at once.
+            pool._maybe_recycle(self)
         d = call.deferred
         if kind == KIND_RESULT:
             slot.completed += 1
@@ -339,11 +342,8 @@ class WorkerProtocol(ProcessProtocol):
                 d.callback(value)
         else:
             pool._call_failed(self, call, kind, value)
-        if self.state is WorkerState.DRAINING:
-            if not self.calls:
-                self.stop("recycle" if pool.state is PoolState.RUNNING else "shutdown")
-        elif pool.recycling:
-            pool._maybe_recycle(self)
+        if self.state is WorkerState.DRAINING and not self.calls:
+            self.stop(self.stop_reason or "shutdown")
 
     # -- timeouts
 
@@ -432,10 +432,13 @@ class WorkerProtocol(ProcessProtocol):
         self.state = WorkerState.DEAD
         cause = self._cause(exit_code, sig)
         planned = self.stop_reason in ("recycle", "shutdown") and exit_code == 0
-        self.pool._worker_gone(self, running, cause, planned, exit_code, sig)
+        # The file goes before anyone hears of the death (a stop Deferred
+        # may fire inside _worker_gone).
+        self.view = None
+        self.requests = self.responses = None  # type: ignore[assignment]
         self.shm.close()
         self.shm.unlink()
-        self.view = None
+        self.pool._worker_gone(self, running, cause, planned, exit_code, sig)
 
     def _cause(self, exit_code: int | None, sig: int | None) -> str:
         who = f"worker {self.slot.index} (pid {self.pid})"
