@@ -384,6 +384,18 @@ def _split_query(uri: bytes, text: bool = False) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     if not qs:
         return out
+    if text and b"%" not in qs and b"+" not in qs:
+        # Nothing to unquote: decode once and split text.  "&" and "=" are
+        # ASCII, so this equals decoding every part on its own.
+        for item in qs.decode("utf-8", "replace").split("&"):
+            if item:
+                key, _, value = item.partition("=")
+                values = out.get(key)
+                if values is None:
+                    out[key] = [value]
+                else:
+                    values.append(value)
+        return out
     for item in qs.split(b"&"):
         if not item:
             continue
