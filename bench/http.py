@@ -21,6 +21,7 @@ arguments: ``BENCH_HTTP_ROUNDS`` (3), ``BENCH_HTTP_DURATION`` (10 s),
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ import time
 from typing import Any
 
 from ._common import free_port, tool_version, write_result
-from .http_servers import PATH, QUERY
+from .http_servers import IN_PROCESS_KINDS, PATH, QUERY
 
 KINDS = ("twisted", "klein", "pipecomet", "tornado")
 LABELS = {
@@ -172,6 +173,19 @@ def measure(kind: str, *, seconds: int, warmup: int, connections: int, pinned: b
     return out
 
 
+def in_process_breakdown(pinned: bool) -> dict[str, float]:
+    """
+    ``bench.http_servers --in-process`` in its own process on the server's
+    core: µs of CPU per request of each kind without sockets.
+    """
+    cmd = _pin(SERVER_CORE, [sys.executable, "-m", "bench.http_servers", "--in-process"], pinned)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    if p.returncode != 0:
+        raise RuntimeError(f"in-process breakdown failed: {p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def _loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -222,6 +236,7 @@ def main() -> None:
                   f"cpu {out['cpu_us_per_req']:6.1f} us/req  busy {out['server_busy_pct']:3.0f}%",
                   flush=True)
     load_after = _loadavg()
+    breakdown = in_process_breakdown(pinned)
 
     med: dict[str, dict[str, float]] = {}
     rows = []
@@ -280,6 +295,9 @@ def main() -> None:
         f"load average before {load_before}, after {load_after}. On a shared machine rounds "
         "of one server can disagree by 20-40 % (see the spread columns); compare the per-round "
         "ratios, which interleaving keeps fair, rather than single figures.",
+        "in-process table: raw requests fed to each kind's real Site and HTTPChannel over an "
+        "in-memory transport (parsing, headers, access log included; kernel socket work and "
+        "reactor polling not), minimum over 15 interleaved batches of 2,000 requests.",
         f"run took {elapsed:.0f} s.",
     ]
     write_result(
@@ -292,6 +310,11 @@ def main() -> None:
                         "req/s range", "req/s spread", "p99 spread", "CPU/req spread",
                         "min server busy"],
             "rows": rows,
+        }, {
+            "title": "Where the time goes: server CPU per request without sockets (in-process)",
+            "columns": ["server", "µs/req", "µs more than bare twisted.web"],
+            "rows": [[label, round(breakdown[k], 1), round(breakdown[k] - breakdown["twisted"], 1)]
+                     for k, label in IN_PROCESS_KINDS.items()],
         }],
         ratios=ratios,
         targets=targets,
@@ -300,7 +323,8 @@ def main() -> None:
         extra_versions=("tornado", "werkzeug"),
         raw={"wrk": tool_version(["wrk", "--version"]), "settings": {
             "rounds": rounds, "duration_s": seconds, "warmup_s": warmup,
-            "connections": connections, "pinned": pinned}, "runs": per_kind},
+            "connections": connections, "pinned": pinned}, "runs": per_kind,
+             "in_process_us_per_req": breakdown},
     )
 
 

@@ -138,6 +138,78 @@ def _pipecomet_site(reactor: Any) -> Any:
     return app.site()
 
 
+def _one_pipe_site(reactor: Any, value: Any) -> Any:
+    from pipecomet import App, Pipe
+
+    app = App(name="bench-floor")
+    app.runtime.reactor = reactor
+    app.route(PATH, [Pipe(lambda inp, ctx, res: value, name="one")])
+    return app.site()
+
+
+#: The kinds the in-process breakdown measures, in table order.
+IN_PROCESS_KINDS = {
+    "twisted": "bare twisted.web Resource",
+    "pipecomet-1-bytes": "pipecomet, 1 pipe returning the body bytes",
+    "pipecomet-1-json": "pipecomet, 1 pipe returning a dict (JSON-encoded)",
+    "pipecomet": "pipecomet, the 5-pipe chain",
+    "klein": "bare Klein",
+}
+
+
+def in_process_costs(rounds: int = 15, batch: int = 2000) -> dict[str, float]:
+    """
+    Server CPU per request without sockets: raw request bytes are fed to a
+    real ``HTTPChannel`` of each kind's real ``Site`` over an in-memory
+    transport, on one keep-alive connection.  Everything twisted.web does
+    (parsing, headers, access log) is in; the kernel's socket work and the
+    reactor's polling are not.  Kinds are interleaved; the minimum over
+    ``rounds`` batches is kept (the run least disturbed by other work).
+
+    :return: kind → µs of CPU time per request.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.testing import StringTransport
+
+    line = f"GET {PATH}?{QUERY} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    makers = {
+        "twisted": _twisted_site,
+        "klein": _klein_site,
+        "pipecomet": lambda: _pipecomet_site(reactor),
+        "pipecomet-1-bytes": lambda: _one_pipe_site(reactor, BODY),
+        "pipecomet-1-json": lambda: _one_pipe_site(reactor, {"msg": "hi!"}),
+    }
+    setups = {}
+    for kind in IN_PROCESS_KINDS:
+        site = makers[kind]()
+        site.startFactory()
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(line)
+        answer = transport.value()
+        if not answer.startswith(b"HTTP/1.1 200") or not answer.endswith(BODY if kind != "klein"
+                                                                          else b"0\r\n\r\n"):
+            raise RuntimeError(f"{kind}: unexpected answer {answer!r}")
+        transport.clear()
+        setups[kind] = (channel, transport)
+    best = {kind: float("inf") for kind in setups}
+    for _ in range(rounds):
+        for kind, (channel, transport) in setups.items():
+            feed = channel.dataReceived
+            start = time.process_time()
+            for _ in range(batch):
+                feed(line)
+            took = time.process_time() - start
+            if transport.value().count(b"HTTP/1.1 200") != batch:
+                raise RuntimeError(f"{kind}: not every request was answered")
+            transport.clear()
+            best[kind] = min(best[kind], 1e6 * took / batch)
+    for channel, transport in setups.values():
+        channel.connectionLost(None)
+    return best
+
+
 def _serve_twisted(kind: str, port: int) -> None:
     from twisted.internet import reactor
 
@@ -178,9 +250,18 @@ def _serve_tornado(port: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", required=True, choices=("twisted", "klein", "pipecomet", "tornado"))
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--kind", choices=("twisted", "klein", "pipecomet", "tornado"))
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--in-process", action="store_true",
+                        help="print the in-process CPU cost per request of each kind as JSON")
     args = parser.parse_args(argv)
+    if args.in_process:
+        import json
+
+        print(json.dumps(in_process_costs()))
+        return
+    if not args.kind or not args.port:
+        parser.error("--kind and --port are required")
     if args.kind == "tornado":
         _serve_tornado(args.port)
     else:
