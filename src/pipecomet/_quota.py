@@ -299,6 +299,10 @@ class JobState(enum.Enum):
     timeout) or has gone (cancelled) while its thread still runs.
     """
 
+    # Members are singletons compared by identity: hash them the C way
+    # (Enum's own __hash__ is a Python call, paid on every transition).
+    __hash__ = object.__hash__
+
     NEW = "new"
     WAITING = "waiting"
     RUNNING = "running"
@@ -319,6 +323,8 @@ class Outcome(enum.Enum):
     """
     What the caller of :meth:`QuotaPool.run` was told; each job gets one.
     """
+
+    __hash__ = object.__hash__
 
     DONE = "completed"
     FAILED = "failed"
