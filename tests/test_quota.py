@@ -318,6 +318,17 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(pool.category_status("B")["threads"], 3)
         self.assertEqual(pool.category_status("A")["threads"], 7)
         self.assertEqual(pool.category_status("A")["queued"], 1)
+        # One B job ends: B is back at its reserve, one thread is free, and
+        # B's last waiting job takes it; A's 9th still waits.
+        tp.finish(len(tp.running) - 3)  # running: 7 A jobs, then B1, B2, B3
+        s = pool.category_status("B")
+        self.assertEqual((s["threads"], s["queued"]), (3, 0))
+        self.assertEqual(pool.category_status("A")["queued"], 1)
+        # The next A job to end frees a thread nobody else wants: A's 9th runs.
+        tp.finish(0)
+        s = pool.category_status("A")
+        self.assertEqual((s["threads"], s["queued"]), (7, 0))
+        self.assertEqual(pool.free, 0)
 
     def test_statistics(self) -> None:
         pool, tp, clock = make_pool(1, a={})
