@@ -103,6 +103,19 @@ def decode(segments: Sequence[Any]) -> tuple[str, Any]:
     Every byte the value keeps is copied out, so the segments may be
     released as soon as this returns.
     """
+    if len(segments) == 1:
+        seg = segments[0]
+        enc, _, name_len, nparts = _PREFIX.unpack_from(seg, 0)
+        if nparts == 1:
+            n0 = _ONE.unpack_from(seg, 0)[4] & ~_WRITABLE
+            pos = _ONE.size + name_len
+            name = str(seg[_ONE.size:pos], "utf-8") if name_len else ""
+            part0 = seg[pos:pos + n0]
+            if enc == ENC_PICKLE:
+                return name, pickle.loads(part0)
+            if enc == ENC_BYTES:
+                return name, bytes(part0)
+            return name, bytearray(part0)
     prefix = _take(segments, 0, _PREFIX.size)
     enc, _, name_len, nparts = _PREFIX.unpack(prefix)
     pos = _PREFIX.size

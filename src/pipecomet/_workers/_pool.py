@@ -198,7 +198,13 @@ class WorkerProtocol(ProcessProtocol):
         done = requests.try_write(msg)
         fence()
         if requests.take_consumer_parked():
-            self.ring()
+            pool = self.pool
+            if pool._in_drain:
+                # Calls sent from result callbacks: one bell when the drain
+                # ends wakes the worker to a batch instead of to each call.
+                pool._bells.append(self)
+            else:
+                self.ring()
         if not done:
             self.backlog.append((msg, call))
             self._wait_for_room()
@@ -258,21 +264,30 @@ class WorkerProtocol(ProcessProtocol):
         if self.state is WorkerState.DEAD:
             return
         responses = self.responses
-        while True:
-            responses.set_consumer_parked(False)
-            self.drain()
-            if self.state is WorkerState.DEAD:
-                return
-            fence()
-            if responses.take_producer_waiting():
-                self.ring()
-            if self.backlog:
-                self._wait_for_room()
-            responses.set_consumer_parked(True)
-            fence()
-            if not responses.has_data():
-                break
-        self.pool._pump()
+        pool = self.pool
+        pool._in_drain += 1
+        try:
+            while True:
+                responses.set_consumer_parked(False)
+                self.drain()
+                if self.state is WorkerState.DEAD:
+                    return
+                fence()
+                if responses.take_producer_waiting():
+                    self.ring()
+                if self.backlog:
+                    self._wait_for_room()
+                responses.set_consumer_parked(True)
+                fence()
+                if not responses.has_data():
+                    break
+            pool._pump()
+        finally:
+            pool._in_drain -= 1
+            if not pool._in_drain and pool._bells:
+                bells, pool._bells = pool._bells, []
+                for worker in bells:
+                    worker.ring()
 
     def drain(self) -> None:
         """
@@ -523,6 +538,8 @@ class WorkerPool(Service):
         self.recycling = bool(config.recycle_calls or config.recycle_rss_mb)
         self._python = config.python or sys.executable
         self._files: set[str] = set()
+        self._in_drain = 0
+        self._bells: list[WorkerProtocol] = []
 
     @property
     def reactor(self) -> Any:

@@ -53,15 +53,11 @@ OFF_RSS = 56          # u64, worker RSS in bytes (updated now and then)
 OFF_BASELINE_RSS = 64  # u64, worker RSS after start-up
 OFF_CALLS_DONE = 72   # u64, calls the worker finished
 
-# The control words are read while the other process writes them: native
-# formats pack with one aligned 4- or 8-byte move (``memcpy`` of a fixed
-# size), which is atomic on x86-64 and aarch64, where native order is
-# little-endian.  The standard ``<Q`` format writes byte by byte and a
-# reader could see half of a new value.
+# Header fields the other side reads only when this side is gone or idle.
 if sys.byteorder != "little":
     raise ImportError("pipecomet worker rings need a little-endian host")
-U32 = struct.Struct("@I")
-U64 = struct.Struct("@Q")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
 
 # -- frame header: payload length, kind, flags, reserved, call id, epoch,
 # reserved, whole message length.
@@ -147,7 +143,14 @@ class Layout:
 
 
 class _RingSide:
-    __slots__ = ("buf", "cap", "base", "off_tail", "off_head", "off_parked", "off_waiting")
+    # The control words are read while the other process writes them, so
+    # each is accessed through a one-item memoryview cast to its native
+    # type: an item store or load is one aligned 8- (or 4-) byte move, which
+    # is atomic on x86-64 and aarch64.  ``struct.pack_into`` would not do:
+    # it zero-fills the field before writing it, and a reader in between
+    # sees 0.
+    __slots__ = ("buf", "cap", "base", "off_tail", "off_head", "off_parked", "off_waiting",
+                 "_tail", "_head", "_parked", "_waiting")
 
     def __init__(self, buf: Any, control: int, data: int, capacity: int) -> None:
         self.buf = buf
@@ -157,6 +160,10 @@ class _RingSide:
         self.off_head = control + 64
         self.off_parked = control + 128
         self.off_waiting = control + 192
+        self._tail = buf[control:control + 8].cast("Q")
+        self._head = buf[control + 64:control + 72].cast("Q")
+        self._parked = buf[control + 128:control + 132].cast("I")
+        self._waiting = buf[control + 192:control + 196].cast("I")
 
     # The two flags: the consumer says it sleeps (``consumer_parked``), the
     # producer says it waits for room (``producer_waiting``).  Whoever sees a
@@ -164,39 +171,44 @@ class _RingSide:
 
     @property
     def consumer_parked(self) -> bool:
-        return U32.unpack_from(self.buf, self.off_parked)[0] != 0
+        return self._parked[0] != 0
 
     def set_consumer_parked(self, value: bool) -> None:
-        U32.pack_into(self.buf, self.off_parked, 1 if value else 0)
+        self._parked[0] = 1 if value else 0
 
     @property
     def producer_waiting(self) -> bool:
-        return U32.unpack_from(self.buf, self.off_waiting)[0] != 0
+        return self._waiting[0] != 0
 
     def set_producer_waiting(self, value: bool) -> None:
-        U32.pack_into(self.buf, self.off_waiting, 1 if value else 0)
+        self._waiting[0] = 1 if value else 0
 
     def take_consumer_parked(self) -> bool:
         """
         After a fence: True (and clear the flag) when the consumer is
         parked and must be woken.
         """
-        if U32.unpack_from(self.buf, self.off_parked)[0]:
-            U32.pack_into(self.buf, self.off_parked, 0)
+        if self._parked[0]:
+            self._parked[0] = 0
             return True
         return False
 
     def take_producer_waiting(self) -> bool:
-        if U32.unpack_from(self.buf, self.off_waiting)[0]:
-            U32.pack_into(self.buf, self.off_waiting, 0)
+        if self._waiting[0]:
+            self._waiting[0] = 0
             return True
         return False
 
+    def close(self) -> None:
+        """
+        Let go of the control views (so the mapping can be closed).
+        """
+        for v in (self._tail, self._head, self._parked, self._waiting):
+            v.release()
+
     def reset(self) -> None:
-        for off in (self.off_tail, self.off_head):
-            U64.pack_into(self.buf, off, 0)
-        for off in (self.off_parked, self.off_waiting):
-            U32.pack_into(self.buf, off, 0)
+        self._tail[0] = self._head[0] = 0
+        self._parked[0] = self._waiting[0] = 0
 
 
 class OutgoingMessage:
@@ -234,10 +246,10 @@ class RingProducer(_RingSide):
 
     def __init__(self, buf: Any, control: int, data: int, capacity: int) -> None:
         super().__init__(buf, control, data, capacity)
-        self.tail = U64.unpack_from(buf, self.off_tail)[0]
+        self.tail = self._tail[0]
 
     def free(self) -> int:
-        return self.cap - (self.tail - U64.unpack_from(self.buf, self.off_head)[0])
+        return self.cap - (self.tail - self._head[0])
 
     def _put(self, pos: int, data: Any) -> None:
         n = len(data)
@@ -261,12 +273,33 @@ class RingProducer(_RingSide):
         """
         buf = self.buf
         cap = self.cap
+        if not msg.started:
+            # The common case: the whole message fits in one frame that does
+            # not wrap.
+            length = msg.length
+            pos = self.tail
+            off = pos % cap
+            record = (length + FRAME_HEADER_SIZE + 7) & ~7
+            if record <= cap - (pos - self._head[0]) and off + FRAME_HEADER_SIZE + length <= cap:
+                start = self.base + off
+                FRAME_HEADER.pack_into(buf, start, length, msg.kind, 0, 0, msg.call_id,
+                                       msg.epoch, 0, length)
+                start += FRAME_HEADER_SIZE
+                for chunk in msg.chunks:
+                    n = len(chunk)
+                    buf[start:start + n] = chunk
+                    start += n
+                msg.sent = length
+                msg.started = True
+                self.tail = pos + record
+                self._tail[0] = self.tail
+                return True
         least = min(MIN_PART, cap // 4)
         while True:
             remaining = msg.length - msg.sent
             if remaining == 0 and msg.started:
                 return True
-            free = cap - (self.tail - U64.unpack_from(buf, self.off_head)[0])
+            free = cap - (self.tail - self._head[0])
             room = free - FRAME_HEADER_SIZE
             if room < 0:
                 return False
@@ -308,7 +341,7 @@ class RingProducer(_RingSide):
             msg.started = True
             self.tail += FRAME_HEADER_SIZE + align8(part)
             # The frame's bytes are in place before the new tail is seen.
-            U64.pack_into(buf, self.off_tail, self.tail)
+            self._tail[0] = self.tail
 
 
 class RingConsumer(_RingSide):
@@ -323,17 +356,17 @@ class RingConsumer(_RingSide):
 
     def __init__(self, buf: Any, control: int, data: int, capacity: int) -> None:
         super().__init__(buf, control, data, capacity)
-        self.head = U64.unpack_from(buf, self.off_head)[0]
+        self.head = self._head[0]
         self._pending = 0          # record size to release
         self._partial: bytearray | None = None
         self._partial_fill = 0
         self._partial_key: tuple[int, int, int] = (0, 0, 0)
 
     def available(self) -> int:
-        return U64.unpack_from(self.buf, self.off_tail)[0] - self.head
+        return self._tail[0] - self.head
 
     def has_data(self) -> bool:
-        return U64.unpack_from(self.buf, self.off_tail)[0] != self.head
+        return self._tail[0] != self.head
 
     def _view(self, pos: int, n: int) -> list[Any]:
         cap = self.cap
@@ -353,7 +386,7 @@ class RingConsumer(_RingSide):
         if self._pending:
             self.head += self._pending
             self._pending = 0
-            U64.pack_into(self.buf, self.off_head, self.head)
+            self._head[0] = self.head
 
     def next_message(self) -> tuple[int, int, int, list[Any]] | None:
         """
@@ -366,7 +399,7 @@ class RingConsumer(_RingSide):
         buf = self.buf
         cap = self.cap
         while True:
-            tail = U64.unpack_from(buf, self.off_tail)[0]
+            tail = self._tail[0]
             if tail == self.head:
                 return None
             pos = self.head
@@ -395,7 +428,7 @@ class RingConsumer(_RingSide):
                 fill += n
             self._partial_fill = fill
             self.head += record
-            U64.pack_into(buf, self.off_head, self.head)
+            self._head[0] = self.head
             if not flags & FLAG_MORE:
                 if fill != total:
                     raise ValueError(f"ring corrupt: message of {total} bytes ended at {fill}")
