@@ -30,6 +30,18 @@ class RoutingTests(SynchronousTestCase):
         self.assertEqual(call.json(), {"item": 42, "q": {"a": "1", "b": "x"},
                                        "all": {"a": ["1", "2"], "b": ["x"]}})
 
+    def test_percent_encoded_utf8_query(self):
+        """
+        Encoded and raw UTF-8 and undecodable bytes in the query never give
+        a 500.
+        """
+        self.app.route("/q", [Pipe(lambda i, c, r: i.query_all, name="q")])
+        self.assertEqual(self.client.get("/q?q=%E4%B8%AD&p=a+b%20c").json(),
+                         {"q": ["中"], "p": ["a b c"]})
+        call = self.client.get("/q?bad=%FF%FE&ok=1")
+        self.assertEqual(call.status, 200)
+        self.assertEqual(call.json()["ok"], ["1"])
+
     def test_not_found_json(self):
         call = self.client.get("/nowhere")
         self.assertEqual(call.status, 404)
@@ -155,6 +167,24 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as e:
             load_config(self.write("[server\n"))
         self.assertIn("not valid TOML", str(e.exception))
+
+    def test_access_log(self):
+        """
+        ``server.access_log``: on by default, off, or a file of its own.
+        """
+        from pipecomet import App
+        from pipecomet._app import _no_access_log
+
+        off = App(reactor=make_clock()).configure(
+            load_config(self.write('[server]\naccess_log = "off"\n')))
+        self.assertIs(off.site().log, _no_access_log)
+        path = self.write("")
+        to_file = App(reactor=make_clock()).configure(
+            load_config(self.write(f'[server]\naccess_log = "{path}"\n')))
+        self.assertEqual(to_file.site().logPath, path)
+        default = App(reactor=make_clock()).configure(load_config(None))
+        self.assertIsNot(default.site().log, _no_access_log)
+        self.assertIsNone(default.site().logPath)
 
     def test_missing_file(self):
         with self.assertRaises(ConfigError):

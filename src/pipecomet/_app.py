@@ -32,6 +32,12 @@ __all__ = ["App", "Route", "PipecometResource"]
 log = Logger()
 
 
+def _no_access_log(request: Any) -> None:
+    """
+    ``Site.log`` when the access log is off.
+    """
+
+
 class Route:
     """
     A path and methods bound to a chain and the responders it offers.
@@ -245,6 +251,11 @@ class App:
         else:
             site = Site(self.resource(), reactor=self.reactor, **kwargs)
         site.displayTracebacks = False
+        access_log = getattr(self.config.server, "access_log", "on")
+        if access_log == "off":
+            site.log = _no_access_log
+        elif access_log != "on":
+            site.logPath = access_log
         return site
 
     def _match(self, request: Any) -> tuple[Route, dict[str, Any]] | None:

@@ -37,6 +37,9 @@ class ServerConfig:
     :ivar app: ``module:attr`` of the app (an ``App`` or a factory).
     :ivar idle_timeout: seconds a connection may stay silent (held comet
         requests are exempt).
+    :ivar access_log: ``"on"`` (one line per request in the server log, as
+        twisted.web does), ``"off"``, or the path of a file to write the
+        combined-format lines to.
     """
 
     port: str = attrs.field(default="tcp:8080", validator=attrs.validators.instance_of(str))
@@ -44,6 +47,8 @@ class ServerConfig:
                            validator=attrs.validators.instance_of(str))
     idle_timeout: float = attrs.field(default=60.0, converter=float,
                                       validator=attrs.validators.gt(0))
+    access_log: str = attrs.field(default="on", validator=[attrs.validators.instance_of(str),
+                                                          attrs.validators.min_len(1)])
 
 
 #: table name → (``module:Class`` of its config, ``module:function`` that
