@@ -22,6 +22,7 @@ from pipecomet import Answer, App, BadRequest, Pipe
 from pipecomet._config import Config
 from pipecomet._lazy import (
     FormParser,
+    JSONParser,
     LazyBody,
     LimitsConfig,
     MultipartParser,
@@ -377,21 +378,73 @@ class LazyBodyTests(SynchronousTestCase):
         self.assertEqual(b"".join(chunks), b"hello world")
         self.assertIsNone(up.file)
 
-    def test_json_at_end(self):
+    def test_json_members_as_they_complete(self):
         body = LazyBody(LimitsConfig(), b"application/json")
-        d = body.param("a")
-        body.feed(b'{"a": [1, 2], "b": "x"}')
-        self.assertNoResult(d)
+        a, b = body.param("a"), body.param("b")
+        body.feed(b'{"a": [1, {"x": "}"}], "b')
+        self.assertEqual(self.successResultOf(a), [1, {"x": "}"}])
+        self.assertNoResult(b)
+        body.feed(b'": "x\\"y"}')
+        self.assertEqual(self.successResultOf(b), 'x"y')
         body.finish()
-        self.assertEqual(self.successResultOf(d), [1, 2])
-        bad = LazyBody(LimitsConfig(), b"application/json")
-        bad.feed(b'{"a": ')
-        with self.assertRaises(BadRequest) as cm:
-            bad.finish()
-        self.assertEqual(cm.exception.code, "invalid_json")
+        self.assertEqual(self.successResultOf(body.json()), {"a": [1, {"x": "}"}], "b": 'x"y'})
+
+    def test_json_not_an_object_at_end(self):
+        body = LazyBody(LimitsConfig(), b"application/json")
+        body.feed(b"[1, 2")
+        body.feed(b"]")
+        body.finish()
+        self.assertEqual(self.successResultOf(body.json()), [1, 2])
+        self.assertEqual(self.successResultOf(body.form()), {})
+
+    def test_invalid_json(self):
+        for raw in (b'{"a": ', b'{"a": 1,}', b'{"a" 1}', b'{,}', b'{"a": 1} x', b"[1,", b"",
+                    b'{"a": [1}', b'{"a": 1]'):
+            body = LazyBody(LimitsConfig(), b"application/json")
+            with self.assertRaises(BadRequest) as cm:
+                body.feed(raw)
+                body.finish()
+            self.assertEqual(cm.exception.code, "invalid_json", raw)
         with self.assertRaises(BadRequest) as cm:
             LazyBody(LimitsConfig(), b"application/json; charset=latin-1")
         self.assertEqual(cm.exception.code, "unsupported_charset")
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                  max_size=4),
+    max_leaves=12)
+
+
+class JSONParserTests(SynchronousTestCase):
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(doc=st.dictionaries(st.text(max_size=10), _json_values, max_size=8),
+           indent=st.sampled_from([None, 0, 2]), ascii=st.booleans(),
+           cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=10))
+    def test_split_equals_whole(self, doc, indent, ascii, cuts):
+        """
+        A JSON object cut anywhere gives its members in order and the same
+        value as json.loads of the whole body.
+        """
+        raw = json.dumps(doc, indent=indent, ensure_ascii=ascii).encode("utf-8")
+        whole, split = Collect(), Collect()
+        pw, ps = JSONParser(whole), JSONParser(split)
+        feed_split(pw, raw, [])
+        feed_split(ps, raw, [c % (len(raw) + 1) for c in cuts])
+        self.assertEqual(split.events, whole.events)
+        self.assertEqual(whole.events, [("field", k, v) for k, v in doc.items()])
+        self.assertEqual(ps.value, json.loads(raw))
+
+    def test_member_limits(self):
+        p = JSONParser(Collect(), max_field_bytes=10)
+        with self.assertRaises(Exception) as cm:
+            p.feed(b'{"a": "' + b"x" * 20)
+        self.assertEqual(cm.exception.code, "field_too_large")
+        p = JSONParser(Collect(), max_fields=1)
+        with self.assertRaises(Exception) as cm:
+            p.feed(b'{"a": 1, "b": 2}')
+        self.assertEqual(cm.exception.code, "too_many_fields")
 
 
 # ---------------------------------------------------------------------------

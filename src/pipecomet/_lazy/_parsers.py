@@ -360,42 +360,153 @@ class MultipartParser:
 # application/json and everything else
 
 
+_JSON_WS = b" \t\r\n"
+_IN_STRING = re.compile(rb'["\\]')
+_OUTSIDE = re.compile(rb'["{}\[\],]')
+
+
+def _invalid_json(why: str) -> BadRequest:
+    return BadRequest(f"invalid JSON: {why}", code="invalid_json")
+
+
 class JSONParser:
     """
-    ``application/json``: collected whole and decoded at the end of the body
-    (JSON must be UTF-8); the members of a top-level object become fields
-    then.  The body-size limit bounds what is collected.
+    ``application/json`` (UTF-8 only).  A top-level object is parsed member
+    by member: each ``"name": value`` becomes a field as soon as the ``,``
+    or ``}`` after it arrives.  Any other top-level value is decoded at the
+    end of the body.  ``value`` is the whole decoded document at the end.
     """
 
-    __slots__ = ("sink", "_chunks", "_decode", "value")
+    __slots__ = ("sink", "max_fields", "max_field_bytes", "value", "_decode", "_mode", "_buf",
+                 "_pos", "_depth", "_in_string", "_count", "_members", "_chunks")
 
-    def __init__(self, sink: FieldSink, *, charset: str | None = None, **_: Any) -> None:
+    def __init__(self, sink: FieldSink, *, charset: str | None = None, max_fields: int = 1000,
+                 max_field_bytes: int = 2**20, **_: Any) -> None:
         if charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
             raise BadRequest(f"JSON must be UTF-8, not {charset!r}", code="unsupported_charset",
                              details={"charset": charset})
         self.sink = sink
-        self._chunks: list[bytes] = []
-        self._decode = text_decoder("utf-8")
+        self.max_fields = max_fields
+        self.max_field_bytes = max_field_bytes
         self.value: Any = None
+        self._decode = text_decoder("utf-8")
+        self._mode = "start"        # start | object | end | whole
+        self._buf = bytearray()     # object: the member being read
+        self._pos = 0               # how far _buf has been scanned
+        self._depth = 0
+        self._in_string = False
+        self._count = 0
+        self._members: dict[str, Any] = {}
+        self._chunks: list[bytes] = []
 
     def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
+        mode = self._mode
+        if mode == "start":
+            data = data.lstrip(_JSON_WS)
+            if not self._chunks and data[:3] == codecs.BOM_UTF8:
+                data = data[3:].lstrip(_JSON_WS)
+            if not data:
+                return
+            if data[:1] == b"{":
+                self._mode = "object"
+                data = data[1:]
+            else:
+                self._mode = "whole"
+            mode = self._mode
+        if mode == "whole":
+            self._chunks.append(data)
+            return
+        if mode == "end":
+            if data.strip(_JSON_WS):
+                raise _invalid_json("data after the top-level object")
+            return
+        self._buf += data
+        self._scan()
+
+    def _scan(self) -> None:
+        buf = self._buf
+        pos = self._pos
+        while True:
+            if self._in_string:
+                m = _IN_STRING.search(buf, pos)
+                if m is None:
+                    pos = len(buf)
+                    break
+                if m.group() == b"\\":
+                    if m.end() >= len(buf):
+                        pos = m.start()  # the escaped byte is not here yet
+                        break
+                    pos = m.end() + 1
+                    continue
+                self._in_string = False
+                pos = m.end()
+                continue
+            m = _OUTSIDE.search(buf, pos)
+            if m is None:
+                pos = len(buf)
+                break
+            c = m.group()
+            pos = m.end()
+            if c == b'"':
+                self._in_string = True
+            elif c in b"{[":
+                self._depth += 1
+            elif self._depth:
+                if c in b"}]":
+                    self._depth -= 1
+            elif c == b",":
+                self._member(bytes(buf[:pos - 1]), last=False)
+                del buf[:pos]
+                pos = 0
+            elif c == b"}":
+                self._member(bytes(buf[:pos - 1]), last=True)
+                rest = bytes(buf[pos:])
+                buf.clear()
+                self._pos = 0
+                self._mode = "end"
+                if rest.strip(_JSON_WS):
+                    raise _invalid_json("data after the top-level object")
+                return
+            else:
+                raise _invalid_json(f"unexpected {c.decode()!r} in the top-level object")
+        if len(buf) > self.max_field_bytes:
+            raise _field_too_large(self.max_field_bytes)
+        self._pos = pos
+
+    def _member(self, raw: bytes, last: bool) -> None:
+        if not raw.strip(_JSON_WS):
+            if last and self._count == 0:
+                return  # {}
+            raise _invalid_json("empty member in the top-level object")
+        if len(raw) > self.max_field_bytes:
+            raise _field_too_large(self.max_field_bytes)
+        self._count += 1
+        if self._count > self.max_fields:
+            raise _too_many_fields(self.max_fields)
+        try:
+            member = json.loads("{" + self._decode(raw) + "}")
+        except json.JSONDecodeError as e:
+            raise _invalid_json(f"{e.msg} in member {self._count}") from None
+        if len(member) != 1:
+            raise _invalid_json(f"member {self._count} is not one name: value pair")
+        (name, value), = member.items()
+        self._members[name] = value
+        self.sink.field(name, value)
 
     def close(self) -> None:
-        raw = b"".join(self._chunks)
-        self._chunks = []
-        if raw[:3] == codecs.BOM_UTF8:
-            raw = raw[3:]
-        text = self._decode(raw)
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                             code="invalid_json") from None
-        self.value = value
-        if isinstance(value, dict):
-            for k, v in value.items():
-                self.sink.field(k, v)
+        if self._mode == "whole":
+            raw = b"".join(self._chunks)
+            self._chunks = []
+            try:
+                self.value = json.loads(self._decode(raw))
+            except json.JSONDecodeError as e:
+                raise _invalid_json(f"{e.msg} at line {e.lineno} column {e.colno}") from None
+            return
+        if self._mode == "start":
+            raise _invalid_json("empty body")
+        if self._mode == "object":
+            raise _invalid_json("body ended inside the top-level object")
+        self.value = self._members
 
 
 class RawParser:
@@ -431,5 +542,5 @@ def make_parser(content_type: bytes | None, sink: FieldSink, *, max_fields: int,
         return "multipart", MultipartParser(sink, params.get("boundary", ""), charset=charset,
                                             max_header_bytes=max_part_header_bytes, **limits)
     if media == "application/json" or media.endswith("+json"):
-        return "json", JSONParser(sink, charset=charset)
+        return "json", JSONParser(sink, charset=charset, **limits)
     return "raw", RawParser(sink)
