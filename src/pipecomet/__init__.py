@@ -63,6 +63,7 @@ from ._workers import (
     WorkerTimeout,
     worker_function,
 )
+from ._lazy import LazyBody, LazyRequest, LazySite, LimitsConfig, UploadedFile
 
 __version__ = "0.1.0"
 
@@ -126,4 +127,9 @@ __all__ = [
     "WorkersUnavailable",
     "WorkerTimeout",
     "worker_function",
+    "LazyBody",
+    "LazyRequest",
+    "LazySite",
+    "LimitsConfig",
+    "UploadedFile",
 ]
