@@ -154,19 +154,23 @@ def rss_bytes(pid: int) -> int:
 
 
 FORM_BODY = b"a=first&b=2&c=" + b"x" * 2000 + b"&d=%E2%82%AC&e=last"
+JSON_BODY = json.dumps({"a": "first", "b": [2, {"n": "}"}], "c": "x" * 2000, "d": "€",
+                        "e": "last"}, ensure_ascii=False).encode("utf-8")
 
 
-def test_slow_body_first_pipe_runs_before_body_end(server):
+@pytest.mark.parametrize("ctype, body", [("application/x-www-form-urlencoded", FORM_BODY),
+                                         ("application/json", JSON_BODY)], ids=["form", "json"])
+def test_slow_body_first_pipe_runs_before_body_end(server, ctype, body):
     """
-    A form body sent in pieces over 2 s: the first pipe ran when only part
-    of the body was in, and the answer is the one the whole body gets.
+    A body sent in pieces over 2 s: the first pipe ran when only part of
+    the body was in, and the answer is the one the whole body gets.
     """
     port, _ = server
-    data = post("/it/order", FORM_BODY)
-    head = len(data) - len(FORM_BODY)
+    data = post("/it/order", body, ctype)
+    head = len(data) - len(body)
     with connect(port) as s:
         s.sendall(data[:head])
-        pieces = [FORM_BODY[i:i + 220] for i in range(0, len(FORM_BODY), 220)]
+        pieces = [body[i:i + 220] for i in range(0, len(body), 220)]
         for piece in pieces:
             s.sendall(piece)
             time.sleep(2.0 / len(pieces))
@@ -175,8 +179,8 @@ def test_slow_body_first_pipe_runs_before_body_end(server):
     assert slow[0] == whole[0] == 200
     slow_out, whole_out = json.loads(slow[2]), json.loads(whole[2])
     assert slow_out["first"]["complete_then"] is False
-    assert slow_out["first"]["body_bytes_then"] < len(FORM_BODY)
-    assert slow_out["body_bytes"] == len(FORM_BODY)
+    assert slow_out["first"]["body_bytes_then"] < len(body)
+    assert slow_out["body_bytes"] == len(body)
     assert slow_out["form"] == whole_out["form"]
     assert slow_out["first"]["a"] == whole_out["first"]["a"] == "first"
     assert slow_out["form"]["d"] == ["€"]
