@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -574,6 +574,10 @@ class Subscription(Stream, EventListener):
             self._answer_poll(self._poll_body(batch, control))
             return
         timeout = self.timeout if self.timeout is not None else self.hub.config.longpoll_timeout
+        channel = getattr(self.request, "channel", None)
+        if channel is not None:
+            channel.setTimeout(None)
+            _watch_half_close(channel)
         self.event = self.hub.keeper.listen([("comet", t) for t in self.topics], self, timeout,
                                             many=True)
 
@@ -618,6 +622,7 @@ class Subscription(Stream, EventListener):
             # A held response must not be cut by the idle timeout (Twisted
             # #9532, #12498): the heartbeats are its activity.
             channel.setTimeout(None)
+            _watch_half_close(channel)
             transport = getattr(channel, "transport", None)
             if transport is not None and hasattr(transport, "setTcpKeepAlive"):
                 transport.setTcpKeepAlive(True)
@@ -829,6 +834,9 @@ class Subscription(Stream, EventListener):
         if not self.open:
             return
         self.open = False
+        channel = getattr(self.request, "channel", None)
+        if channel is not None and "readConnectionLost" in vars(channel):
+            del channel.readConnectionLost
         if self.event is not None:
             self.event.cancel()
         self.hub._closed(self)
@@ -853,12 +861,32 @@ class Subscription(Stream, EventListener):
                 self.channel.write(final)
                 req.finish()
         self.queue = None
+        self.queued = 0
         self._done()
 
     def _done(self) -> None:
         d = self.done
         if d is not None and not d.called:
             d.callback(None)
+
+
+def _watch_half_close(channel: Any) -> None:
+    """
+    A channel that takes a client's FIN as a half-close (it provides
+    ``IHalfCloseableProtocol``) would keep a held comet request until its
+    next write; for a held request the FIN means the client has gone, so
+    close now and let the disconnect release the subscription at once.
+    """
+    if not IHalfCloseableProtocol.providedBy(channel) or "readConnectionLost" in vars(channel):
+        return
+
+    def read_lost() -> None:
+        del channel.readConnectionLost
+        transport = channel.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    channel.readConnectionLost = read_lost
 
 
 class _End(dict):
