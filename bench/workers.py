@@ -159,20 +159,30 @@ def _future_to_deferred(reactor: Any, fut: Any) -> defer.Deferred:
     return d
 
 
+# Forking a process that already runs threads can leave a child stuck on a
+# lock it inherited held; the peers start their children from a fork server.
+MP = multiprocessing.get_context("forkserver")
+
+
 async def bench_ppe(reactor: Any) -> dict[str, float]:
-    ex = concurrent.futures.ProcessPoolExecutor(WORKERS)
+    from bench import workers as named
+
+    ex = concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=MP)
     try:
-        return await measure(lambda p: _future_to_deferred(reactor, ex.submit(echo, p)), reactor)
+        return await measure(lambda p: _future_to_deferred(reactor, ex.submit(named.echo, p)),
+                             reactor)
     finally:
         ex.shutdown()
 
 
 async def bench_mp_pool(reactor: Any) -> dict[str, float]:
-    pool = multiprocessing.Pool(WORKERS)
+    from bench import workers as named
+
+    pool = MP.Pool(WORKERS)
 
     def call(p: bytes) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
-        pool.apply_async(echo, (p,), callback=lambda r: reactor.callFromThread(d.callback, r),
+        pool.apply_async(named.echo, (p,), callback=lambda r: reactor.callFromThread(d.callback, r),
                          error_callback=lambda e: reactor.callFromThread(d.errback, e))
         return d
 
@@ -186,11 +196,15 @@ async def bench_mp_pool(reactor: Any) -> dict[str, float]:
 async def bench_ampoule(reactor: Any) -> dict[str, float]:
     from ampoule import pool as apool
 
-    pp = apool.ProcessPool(BenchChild, min=WORKERS, max=WORKERS)
+    # The children import the child class by name: take it from the module
+    # under its importable name, not from __main__.
+    from bench import workers as named
+
+    pp = apool.ProcessPool(named.BenchChild, min=WORKERS, max=WORKERS)
     await pp.start()
 
     def call(p: bytes) -> defer.Deferred:
-        return pp.doWork(EchoBig, data=p).addCallback(lambda r: r["data"])
+        return pp.doWork(named.EchoBig, data=p).addCallback(lambda r: r["data"])
 
     try:
         return await measure(call, reactor)
@@ -289,7 +303,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     # The bare ring first, before any reactor or thread exists (it forks).
     results["bare mmap ring (eventfd)"] = bare_ring()
-    print("bare ring:", results["bare mmap ring (eventfd)"], flush=True)
+    print("bare mmap ring:", results["bare mmap ring (eventfd)"], flush=True)
 
     async def run(reactor: Any) -> None:
         for name, fn in PEERS:
@@ -298,6 +312,7 @@ def main() -> None:
             except Exception as e:  # a peer that cannot run is reported, not hidden
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
             print(name, results[name], flush=True)
+        report(results)
 
     task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
 
@@ -381,25 +396,4 @@ def report(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    multiprocessing.set_start_method("fork", force=True)
-    results_holder: dict[str, Any] = {}
-    _orig_react = task.react
-    main_results: dict[str, Any] = {}
-
-    def _main() -> None:
-        res: dict[str, Any] = {}
-        res["bare mmap ring (eventfd)"] = bare_ring()
-        print("bare ring:", res["bare mmap ring (eventfd)"], flush=True)
-
-        async def run(reactor: Any) -> None:
-            for name, fn in PEERS:
-                try:
-                    res[name] = await fn(reactor)
-                except Exception as e:
-                    res[name] = {"error": f"{type(e).__name__}: {e}"}
-                print(name, res[name], flush=True)
-            report(res)
-
-        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
-
-    _main()
+    main()
