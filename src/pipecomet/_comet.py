@@ -424,7 +424,7 @@ class Subscription(Stream, EventListener):
 
     __slots__ = ("hub", "request", "topics", "cursors", "last", "timeout", "kind", "fmt",
                  "event", "queue", "queued", "paused", "open", "pos", "objs", "done",
-                 "channel", "drop", "dropped", "started", "resume", "control")
+                 "channel", "drop", "dropped", "started", "resume")
 
     def __init__(self, hub: CometHub, request: Any, topics: list[str],
                  cursors: dict[str, tuple[str, int]] | None, last: bool,
@@ -450,7 +450,6 @@ class Subscription(Stream, EventListener):
         self.dropped: dict[str, list[int]] | None = None
         self.started = False
         self.resume = "live"
-        self.control: list[bytes] = []
 
     # -- Stream
 
@@ -639,7 +638,6 @@ class Subscription(Stream, EventListener):
         req.write(head)
         chunked = bool(getattr(req, "chunked", False))
         self.fmt = (SSE_CHUNKED if chunked else SSE) if sse else (ND_CHUNKED if chunked else ND)
-        req.registerProducer(self, True)
         for ev in control:
             self.send(self._control("reset" if ev["reason"] == "reset" else "gap", ev))
         single = len(self.objs) == 1
@@ -700,8 +698,11 @@ class Subscription(Stream, EventListener):
         if not self.open:
             return
         if not self.paused and not self.queue:
-            self.channel.write(data)
-            return
+            transport = self.channel.transport
+            if not getattr(transport, "producerPaused", False):
+                self.channel.write(data)
+                return
+            self._backpressure()
         q = self.queue
         if q is None:
             q = self.queue = deque()
@@ -726,6 +727,19 @@ class Subscription(Stream, EventListener):
                     self.dropped[m.topic] = [m.offset, m.offset]
                 else:
                     span[1] = m.offset
+
+    def _backpressure(self) -> None:
+        """
+        The socket's buffer is full (Twisted paused the channel): become the
+        channel's push producer now, so that Twisted resumes us when it
+        drains.  Registering only here keeps the producer attributes off the
+        thousands of channels whose clients keep up (each costs a dict
+        resize, about 1.5 KiB per connection).
+        """
+        self.paused = True
+        channel = self.channel
+        if getattr(channel, "_requestProducer", None) is None:
+            channel.registerProducer(self, True)
 
     def _slow(self) -> None:
         hub = self.hub
@@ -851,8 +865,9 @@ class Subscription(Stream, EventListener):
         self._release()
         req = self.request
         if self.kind != "longpoll" and self.started:
-            if getattr(req, "producer", None) is self and req.channel is not None:
-                req.unregisterProducer()
+            channel = getattr(req, "channel", None)
+            if channel is not None and getattr(channel, "_requestProducer", None) is self:
+                channel.unregisterProducer()
             if final is not None and not self._gone():
                 q, self.queue = self.queue, None
                 if q:
