@@ -54,8 +54,8 @@ def sweep_stale(directory: str) -> list[str]:
         try:
             os.unlink(os.path.join(directory, name))
             removed.append(name)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # gone already, or another user's: not ours to remove
     return removed
 
 
