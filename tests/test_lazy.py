@@ -585,6 +585,68 @@ class LazyRequestTests(SynchronousTestCase):
         self.assertEqual(self.server.stats.requests_buffered, 1)
 
 
+class HalfCloseTransport(StringTransport):
+    """
+    A memory transport that can shut its write side, like TCP.
+    """
+
+    write_closed = False
+    aborted = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+class MoreRequestTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.server = Server(first_then_form([]), linger=1.5)
+
+    def test_early_close_half_closes_then_drops_after_linger(self):
+        ch = self.server.site.buildProtocol(None)
+        t = HalfCloseTransport()
+        ch.makeConnection(t)
+        body = b"a=bad&" + b"x" * 5000
+        ch.dataReceived(post(b"/f", body)[:-4000])
+        self.assertEqual(response(t.value())[0], 400)
+        self.assertEqual((t.producerState, t.write_closed, t.aborted, t.disconnecting),
+                         ("paused", True, False, False))
+        self.server.clock.advance(1.4)
+        self.assertFalse(t.aborted)
+        self.server.clock.advance(0.2)
+        self.assertTrue(t.aborted)
+
+    def test_chunked_lazy_body(self):
+        ch, t = self.server.connect()
+        ch.dataReceived(b"POST /f HTTP/1.1\r\nHost: t\r\nContent-Type: " + FORM +
+                        b"\r\nTransfer-Encoding: chunked\r\n\r\n4\r\na=1&\r\n")
+        self.assertEqual(t.value(), b"")
+        ch.dataReceived(b"3\r\nb=2\r\n0\r\n\r\n")
+        status, _, out = response(t.value())
+        self.assertEqual((status, json.loads(out)), (200, {"a": ["1"], "b": ["2"]}))
+        self.assertFalse(t.disconnecting)
+
+    def test_expect_continue_at_once_for_non_chain_paths(self):
+        ch, t = self.server.connect()
+        ch.dataReceived(post(b"/nowhere", b"abc", extra=b"Expect: 100-continue\r\n")[:-3])
+        self.assertEqual(t.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def test_expect_continue_at_once_when_not_lazy(self):
+        server = Server(first_then_form([]), lazy=False)
+        ch, t = server.connect()
+        ch.dataReceived(post(b"/f", b"a=1", extra=b"Expect: 100-continue\r\n")[:-3])
+        self.assertEqual(t.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def test_413_on_headers_sends_no_continue(self):
+        ch, t = self.server.connect()
+        ch.dataReceived(post(b"/f", b"", extra=b"Expect: 100-continue\r\n").replace(
+            b"Content-Length: 0", b"Content-Length: 99999999"))
+        self.assertNotIn(b"100 Continue", t.value())
+        self.assertEqual(error_code(t.value()), "body_too_large")
+
+
 class MalformedBodyTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.server = Server(first_then_form([]))
