@@ -33,8 +33,9 @@ test: $(STAMP)
 test-pytest: $(STAMP)
 	$(VENV)/bin/pytest -q tests
 
+# The unit tests are trial TestCases too; trial finds the tests package on PYTHONPATH.
 test-trial: $(STAMP)
-	$(VENV)/bin/trial tests
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/trial tests
 
 bench: bench-http bench-quota bench-comet bench-workers bench-lazy
 
