@@ -187,6 +187,8 @@ class WorkerProtocol(ProcessProtocol):
         if not self.calls:
             self.head_since = self.pool.reactor.seconds()
             if self.state is WorkerState.READY:
+                # READY <-> BUSY is the one move made per call: a legal move
+                # in the table, set directly to keep the hot path short.
                 self.state = WorkerState.BUSY
         self.calls[call.id] = call
         call.worker = self
@@ -653,7 +655,7 @@ class WorkerPool(Service):
                 "--memory-limit", str(cfg.memory_limit_mb * MiB),
                 "--oom-score-adj", str(cfg.oom_score_adj)]
         try:
-            self.reactor.spawnProcess(proto, self._python, args, env=dict(os.environ),
+            self.reactor.spawnProcess(proto, self._python, args, env=self._environment(),
                                       childFDs={0: "w", 1: "r", 2: "r"})
         except Exception as e:
             shm.close()
@@ -664,6 +666,18 @@ class WorkerPool(Service):
             return
         slot.worker = proto
         proto.start_timer = self.reactor.callLater(cfg.start_timeout, proto._start_timed_out)
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self._python == sys.executable:
+            # The workers must import what the server can: give them its path
+            # (twistd may have added the working directory, or changed it).
+            paths = [p if p else os.getcwd() for p in sys.path]
+            paths = [p for p in paths if os.path.isdir(p)]
+            if env.get("PYTHONPATH"):
+                paths.append(env["PYTHONPATH"])
+            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
 
     def _worker_ready(self, worker: WorkerProtocol) -> None:
         functions = worker.info.get("functions", ())
