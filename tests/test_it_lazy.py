@@ -298,6 +298,18 @@ def test_upload_unknown_key_refused_before_body(server):
     assert headers["connection"] == "close"
 
 
+def test_upload_refuses_a_file_before_app_key(server):
+    port, _ = server
+    b = "bnd"
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+            .encode() + b"q" * 2_000_000 + f"\r\n--{b}--\r\n".encode())
+    with connect(port) as s:
+        s.sendall(post("/api/upload", body, f"multipart/form-data; boundary={b}")[:-1_900_000])
+        status, headers, out, _ = read_response(s)
+    assert (status, json.loads(out)["error"]["code"]) == (400, "app_key_not_first")
+    assert headers["connection"] == "close"
+
+
 def test_echo_parses_lazily(server):
     port, _ = server
     before = status_of(port)["requests_lazy"]

@@ -367,6 +367,18 @@ class LazyBodyTests(SynchronousTestCase):
         import hashlib
         self.assertEqual(up.sha256, hashlib.sha256(payload).hexdigest())
 
+    def test_first_field(self):
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")
+        d = body.first_field()
+        raw = multipart_body([("file", "f", "a", "text/plain", b"x" * 100), ("field", "k", "v")],
+                             "b")
+        body.feed(raw[:raw.index(b"xxx") + 1])
+        self.assertEqual(self.successResultOf(d), "f")
+        empty = LazyBody(LimitsConfig(), FORM)
+        d = empty.first_field()
+        empty.finish()
+        self.assertIsNone(self.successResultOf(d))
+
     def test_stream_file(self):
         raw = multipart_body([("file", "f", "a", "text/plain", b"hello world")], "b")
         body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")

@@ -104,6 +104,8 @@ class LazyBody:
         self._end_waiters: list[tuple[Deferred, Callable[[], Any]]] = []
         self._streams: dict[str, Callable[[bytes], Any]] = {}
         self._current: UploadedFile | None = None
+        self._first: str | None = None
+        self._first_waiters: list[Deferred] = []
         self._raw = tempfile.SpooledTemporaryFile(max_size=limits.file_memory_bytes)
         # Raises a 400 for a bad Content-Type: the caller refuses the
         # request before reading its body.
@@ -161,6 +163,7 @@ class LazyBody:
         for d, get in ends:
             if not d.called:
                 d.callback(get())
+        self._fire_first()
 
     def fail(self, error: PipecometError) -> None:
         """
@@ -180,6 +183,10 @@ class LazyBody:
         for d, _ in ends:
             if not d.called:
                 d.errback(error)
+        firsts, self._first_waiters = self._first_waiters, []
+        for d in firsts:
+            if not d.called:
+                d.errback(error)
 
     def close(self) -> None:
         """
@@ -197,7 +204,16 @@ class LazyBody:
 
     # -- FieldSink (called by the parser)
 
+    def _fire_first(self) -> None:
+        firsts, self._first_waiters = self._first_waiters, []
+        for d in firsts:
+            if not d.called:
+                d.callback(self._first)
+
     def field(self, name: str, value: Any) -> None:
+        if self._first is None:
+            self._first = name
+            self._fire_first()
         values = self.fields.get(name)
         if values is None:
             self.fields[name] = [value]
@@ -210,6 +226,9 @@ class LazyBody:
             values.append(value)
 
     def file_start(self, name: str, filename: str, content_type: str) -> None:
+        if self._first is None:
+            self._first = name
+            self._fire_first()
         up = UploadedFile(name, filename, content_type)
         writer = self._streams.pop(name, None)
         if writer is not None:
@@ -290,6 +309,25 @@ class LazyBody:
         if self.state is BodyState.FAILED:
             return fail(self.error)
         return self._wait(name, default)
+
+    def first_field(self) -> Deferred:
+        """
+        The name of the body's first field (text or file) as soon as it is
+        known (a text field: when complete; a file: when its part starts),
+        or None for a body without fields.
+        """
+        if self._first is not None or self.state is BodyState.COMPLETE:
+            return succeed(self._first)
+        if self.state is BodyState.FAILED:
+            return fail(self.error)
+
+        def forget(d: Deferred) -> None:
+            self._first_waiters[:] = [w for w in self._first_waiters if w is not d]
+
+        d: Deferred = Deferred(forget)
+        self._first_waiters.append(d)
+        self._demand()
+        return d
 
     def file(self, name: str) -> Deferred:
         """

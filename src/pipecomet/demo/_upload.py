@@ -4,7 +4,10 @@ key is checked as soon as its field is parsed, so a bad key is refused
 before the rest of the body is read; the upload is then received with file
 fields streamed through a hash into a spooled file.
 
-Clients send ``app_key`` as the first field (or in the query).
+Clients send ``app_key`` as the first field (or in the query); with the
+lazy parser a body whose first field is something else is refused as soon
+as that field is seen (400 ``app_key_not_first``), so an unauthenticated
+file is never spooled.
 """
 
 from __future__ import annotations
@@ -36,7 +39,18 @@ def upload_key(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
             raise Forbidden(f"unknown app_key {key!r}", code="invalid_app_key")
         return key
 
-    return inp.param("app_key").addCallback(check)
+    source = inp.body_source
+    if "app_key" in inp.query or not hasattr(source, "first_field"):
+        return inp.param("app_key").addCallback(check)
+
+    def first(name: str | None) -> Deferred:
+        # Refuse before anything else in the body is read, even a file.
+        if name is not None and name != "app_key":
+            raise BadRequest(f"app_key must be the first field, not {name!r}",
+                             code="app_key_not_first", details={"param": "app_key"})
+        return inp.param("app_key")
+
+    return source.first_field().addCallback(first).addCallback(check)
 
 
 def receive(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
