@@ -766,6 +766,15 @@ class LimitTests(SynchronousTestCase):
         self.server.clock.advance(0.2)
         self.assertEqual(self.answer(), (408, "body_timeout"))
 
+    def test_idle_timeout_mid_body_is_408(self):
+        server = Server(first_then_form([]), body_timeout=100)
+        server.site.timeOut = 3
+        ch, t = server.connect()
+        ch.dataReceived(post(b"/f", b"a=1&b=")[:-3])
+        server.clock.advance(3.1)
+        self.assertEqual(error_code(t.value()), "body_timeout")
+        self.assertTrue(t.disconnecting)
+
     def test_body_timeout_buffered_request(self):
         """
         A request for a plain (non-chain) path is buffered, and still held

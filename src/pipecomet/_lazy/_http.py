@@ -242,6 +242,19 @@ class LazyChannel(http.HTTPChannel):
                 f"request body not received within {self.site.limits.body_timeout}s",
                 code="body_timeout"))
 
+    def timeoutConnection(self) -> None:
+        # The idle timeout ([server] idle_timeout) caught a client that went
+        # silent mid-request: it gets the same 408 as a missed deadline.
+        if self.phase is Phase.HEAD:
+            self._refuse(RequestTimeout(f"no request data for {self.timeOut}s",
+                                        code="header_timeout"))
+            return
+        if self.phase is Phase.BODY and self.requests and not self.requests[-1].finished:
+            self.requests[-1].reject(RequestTimeout(f"no body data for {self.timeOut}s",
+                                                    code="body_timeout"))
+            return
+        super().timeoutConnection()
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         limits = self.site.limits
         error: PipecometError
