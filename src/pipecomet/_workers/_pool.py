@@ -192,12 +192,16 @@ class WorkerProtocol(ProcessProtocol):
                 self.state = WorkerState.BUSY
         self.calls[call.id] = call
         call.worker = self
-        msg = OutgoingMessage(KIND_CALL, call.id, self.epoch, call.chunks, call.length)
-        if self.backlog:
-            self.backlog.append((msg, call))
-            return
         requests = self.requests
-        done = requests.try_write(msg)
+        if self.backlog:
+            self.backlog.append((OutgoingMessage(KIND_CALL, call.id, self.epoch, call.chunks,
+                                                 call.length), call))
+            return
+        if requests.write_small(KIND_CALL, call.id, self.epoch, call.chunks, call.length):
+            done = True
+        else:
+            msg = OutgoingMessage(KIND_CALL, call.id, self.epoch, call.chunks, call.length)
+            done = requests.try_write(msg)
         fence()
         if requests.take_consumer_parked():
             pool = self.pool

@@ -266,6 +266,30 @@ class RingProducer(_RingSide):
             buf[start:start + first] = data[:first]
             buf[self.base:self.base + n - first] = data[first:]
 
+    def write_small(self, kind: int, call_id: int, epoch: int, chunks: Sequence[Any],
+                    length: int) -> bool:
+        """
+        Write a whole message as one frame if it fits without wrapping;
+        False (nothing written) otherwise.  The hot path: no message object.
+        """
+        cap = self.cap
+        pos = self.tail
+        off = pos % cap
+        record = (length + FRAME_HEADER_SIZE + 7) & ~7
+        if record > cap - (pos - self._head[0]) or off + FRAME_HEADER_SIZE + length > cap:
+            return False
+        buf = self.buf
+        start = self.base + off
+        FRAME_HEADER.pack_into(buf, start, length, kind, 0, 0, call_id, epoch, 0, length)
+        start += FRAME_HEADER_SIZE
+        for chunk in chunks:
+            n = len(chunk)
+            buf[start:start + n] = chunk
+            start += n
+        self.tail = pos + record
+        self._tail[0] = self.tail
+        return True
+
     def try_write(self, msg: OutgoingMessage) -> bool:
         """
         Write as much of ``msg`` as fits, publishing ``tail`` after each

@@ -90,6 +90,9 @@ class Worker:
         self.bell_out = bell_out
         self.functions = functions
         self.calls_done = 0
+        # Written on every call: one-item native views, cheaper than struct.
+        self._current = shm.view[OFF_CURRENT_CALL:OFF_CURRENT_CALL + 8].cast("Q")
+        self._done = shm.view[OFF_CALLS_DONE:OFF_CALLS_DONE + 8].cast("Q")
         self._rss_calls = 0
         self._rss_time = time.monotonic()
 
@@ -146,8 +149,13 @@ class Worker:
             requests.set_consumer_parked(False)
 
     def send(self, kind: int, call_id: int, chunks: list[Any], length: int) -> None:
-        msg = OutgoingMessage(kind, call_id, self.epoch, chunks, length)
         responses = self.responses
+        if responses.write_small(kind, call_id, self.epoch, chunks, length):
+            fence()
+            if responses.take_consumer_parked():
+                self._ring_server()
+            return
+        msg = OutgoingMessage(kind, call_id, self.epoch, chunks, length)
         while True:
             done = responses.try_write(msg)
             if msg.sent:
@@ -183,9 +191,10 @@ class Worker:
         self.send(KIND_HELLO, 0, chunks, n)
 
     def run(self) -> None:
-        view = self.view
         functions = self.functions
         requests = self.requests
+        current = self._current
+        monotonic = time.monotonic
         while True:
             kind, call_id, epoch, segments = self.next_request()
             if kind == KIND_STOP:
@@ -209,7 +218,7 @@ class Worker:
             if func is None:
                 self._fail(call_id, "unknown_function", f"no worker function named {name!r}")
                 continue
-            U64.pack_into(view, OFF_CURRENT_CALL, call_id)
+            current[0] = call_id
             try:
                 value = func(payload)
             except MemoryError:
@@ -231,16 +240,16 @@ class Worker:
                     value = None
                     self.send(KIND_RESULT, call_id, chunks, n)
             self.calls_done += 1
-            U64.pack_into(view, OFF_CALLS_DONE, self.calls_done)
-            U64.pack_into(view, OFF_CURRENT_CALL, 0)
-            self._maybe_measure()
+            self._done[0] = self.calls_done
+            current[0] = 0
+            self._rss_calls += 1
+            if self._rss_calls >= RSS_EVERY_CALLS or monotonic() - self._rss_time > RSS_EVERY_SECONDS:
+                self._measure()
 
-    def _maybe_measure(self) -> None:
-        self._rss_calls += 1
-        if self._rss_calls >= RSS_EVERY_CALLS or time.monotonic() - self._rss_time > RSS_EVERY_SECONDS:
-            self._rss_calls = 0
-            self._rss_time = time.monotonic()
-            U64.pack_into(self.view, OFF_RSS, rss_bytes())
+    def _measure(self) -> None:
+        self._rss_calls = 0
+        self._rss_time = time.monotonic()
+        U64.pack_into(self.view, OFF_RSS, rss_bytes())
 
     def _error(self, call_id: int, e: BaseException) -> None:
         info = {"type": f"{type(e).__module__}.{type(e).__qualname__}".removeprefix("builtins."),
