@@ -1,0 +1,259 @@
+"""
+Unit tests of the worker pool's bookkeeping on a fake clock: the pool's
+processes are fake transports, and the test plays the worker through the
+real shared-memory rings (a temporary directory, not /dev/shm).  The same
+behaviour is shown with real processes in ``test_it_workers.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from pipecomet._workers import (
+    WorkerCrashed, WorkerFunctionError, WorkerPool, WorkersConfig, WorkersUnavailable,
+    WorkerTimeout,
+)
+from pipecomet._workers._codec import decode, encode
+from pipecomet._workers._pool import WorkerState
+from pipecomet._workers._ring import (
+    KIND_CALL, KIND_ERROR, KIND_HELLO, KIND_RESULT, KIND_STOP, OFF_CURRENT_CALL, U64,
+    OutgoingMessage, RingConsumer, RingProducer,
+)
+from pipecomet._workers._shm import SharedFile
+
+
+class FakePipe:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class FakeProcess:
+    def __init__(self, pid: int, args: list[str], bell_fd: int) -> None:
+        self.pid = pid
+        self.args = args
+        self.pipes = {0: FakePipe(bell_fd)}
+        self.signals: list[str] = []
+
+    def signalProcess(self, sig: str) -> None:
+        self.signals.append(sig)
+
+
+class FakeReactor(Clock):
+    """
+    A clock that "spawns" processes by connecting fake transports.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, FakeProcess]] = []
+        self._pid = 1000
+        self.fds: list[int] = []
+
+    def spawnProcess(self, proto: Any, executable: str, args: list[str], env: Any = None,
+                     childFDs: Any = None, **kw: Any) -> FakeProcess:
+        self._pid += 1
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self.fds += [r, w]
+        transport = FakeProcess(self._pid, args, w)
+        proto.makeConnection(transport)
+        self.spawned.append((proto, transport))
+        return transport
+
+
+class PlayedWorker:
+    """
+    The test's side of one worker: its rings, opened from the file the pool
+    made.
+    """
+
+    def __init__(self, proto: Any, transport: FakeProcess) -> None:
+        self.proto = proto
+        self.transport = transport
+        path = transport.args[transport.args.index("--shm") + 1]
+        self.shm, self.epoch, _, _ = SharedFile.open(path)
+        self.requests = RingConsumer(*self.shm.layout.request_ring(self.shm.view))
+        self.responses = RingProducer(*self.shm.layout.response_ring(self.shm.view))
+
+    def send(self, kind: int, call_id: int, value: Any, epoch: int | None = None) -> None:
+        chunks, n = encode(value)
+        msg = OutgoingMessage(kind, call_id, self.epoch if epoch is None else epoch, chunks, n)
+        assert self.responses.try_write(msg)
+        self.proto.childDataReceived(1, b"\x01")
+
+    def hello(self, functions: tuple[str, ...] = ("echo", "slow")) -> None:
+        self.send(KIND_HELLO, 0, {"pid": self.transport.pid, "functions": list(functions),
+                                  "baseline_rss": 0})
+
+    def calls(self) -> list[tuple[int, str, Any]]:
+        out = []
+        while True:
+            msg = self.requests.next_message()
+            if msg is None:
+                return out
+            kind, call_id, _, segments = msg
+            if kind == KIND_STOP:
+                out.append((0, "STOP", None))
+            else:
+                name, value = decode(segments)
+                out.append((call_id, name, value))
+            self.requests.release()
+
+    def running(self, call_id: int) -> None:
+        U64.pack_into(self.shm.view, OFF_CURRENT_CALL, call_id)
+
+    def dies(self, reason: Exception) -> None:
+        self.requests.close()
+        self.responses.close()
+        self.proto.processExited(Failure(reason))
+
+
+class PoolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="pipecomet-pool-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.reactor = FakeReactor()
+        self.addCleanup(lambda: [os.close(fd) for fd in self.reactor.fds])
+
+    def pool(self, **kw: Any) -> WorkerPool:
+        cfg = {"module": "m", "size": 2, "shm_dir": self.dir, "restart_backoff": 0.5,
+               "queue_timeout": 5.0, "call_timeout": 10.0, **kw}
+        pool = WorkerPool(WorkersConfig(**cfg), reactor=self.reactor)
+        pool.startService()
+        return pool
+
+    def worker(self, i: int) -> PlayedWorker:
+        return PlayedWorker(*self.reactor.spawned[i])
+
+    def test_ready_after_hello_then_least_outstanding(self) -> None:
+        pool = self.pool(max_in_flight=2)
+        ready = pool.ready()
+        self.assertNoResult(ready)
+        a, b = self.worker(0), self.worker(1)
+        a.hello()
+        self.assertEqual(a.proto.state, WorkerState.READY)
+        self.assertNoResult(ready)
+        b.hello()
+        self.assertIs(self.successResultOf(ready), pool)
+        ds = [pool.call("echo", i) for i in range(5)]
+        got_a, got_b = a.calls(), b.calls()
+        self.assertEqual(([c[2] for c in got_a], [c[2] for c in got_b]), ([0, 2], [1, 3]))
+        self.assertEqual(pool.status()["queued"], 1)  # both at max_in_flight
+        a.send(KIND_RESULT, got_a[0][0], "zero")
+        self.assertEqual(self.successResultOf(ds[0]), "zero")
+        self.assertEqual([c[2] for c in a.calls()], [4])  # the queued call moved in
+
+    def test_queue_full_and_queue_timeout(self) -> None:
+        pool = self.pool(size=1, max_in_flight=1, queue=1)
+        self.worker(0).hello()
+        running = pool.call("slow", 1)
+        waiting = pool.call("slow", 2)
+        full = self.failureResultOf(pool.call("slow", 3), WorkersUnavailable)
+        self.assertEqual((full.value.code, full.value.status), ("queue_full", 503))
+        self.assertIn("Retry-After", full.value.headers)
+        self.reactor.advance(5.0)
+        self.assertEqual(self.failureResultOf(waiting).value.code, "queue_timeout")
+        self.assertNoResult(running)
+
+    def test_timeout_kills_the_worker_and_requeues_what_it_had_not_started(self) -> None:
+        pool = self.pool(size=1, max_in_flight=4)
+        w = self.worker(0)
+        w.hello()
+        stuck = pool.call("slow", "stuck", timeout=2.0)
+        behind = pool.call("echo", "behind")
+        calls = w.calls()
+        w.running(calls[0][0])
+        self.reactor.advance(1.9)
+        self.assertNoResult(stuck)
+        self.reactor.advance(0.2)
+        self.assertIsInstance(self.failureResultOf(stuck).value, WorkerTimeout)
+        self.assertEqual(w.transport.signals, ["KILL"])
+        w.dies(ProcessTerminated(signal=9))
+        self.assertFalse(os.path.exists(w.shm.path))
+        # Replaced at once (a kill of ours is no crash); the untouched call moves over.
+        self.assertEqual(len(self.reactor.spawned), 2)
+        fresh = self.worker(1)
+        fresh.hello()
+        [(call_id, name, value)] = fresh.calls()
+        self.assertEqual((name, value), ("echo", "behind"))
+        fresh.send(KIND_RESULT, call_id, "ok")
+        self.assertEqual(self.successResultOf(behind), "ok")
+
+    def test_crash_fails_only_the_running_call_and_restarts_with_backoff(self) -> None:
+        pool = self.pool(size=1, max_in_flight=4, crash_loop_crashes=3)
+        w = self.worker(0)
+        w.hello()
+        doomed, spared = pool.call("slow", 1), pool.call("echo", 2)
+        calls = w.calls()
+        w.running(calls[0][0])
+        w.dies(ProcessTerminated(signal=9))
+        err = self.failureResultOf(doomed).value
+        self.assertIsInstance(err, WorkerCrashed)
+        self.assertEqual(err.status, 502)
+        self.assertIn("SIGKILL", err.message)
+        self.assertNoResult(spared)
+        self.assertEqual(len(self.reactor.spawned), 1)  # backoff first
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        # A second crash in a row waits twice as long; the third opens the breaker.
+        self.worker(1).dies(ProcessTerminated(exitCode=1))
+        self.reactor.advance(0.9)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.worker(2).dies(ProcessTerminated(exitCode=1))
+        self.assertEqual(pool.status()["workers"][0]["state"], "broken")
+        self.assertEqual(self.failureResultOf(spared).value.code, "workers_down")
+
+    def test_stale_replies_and_cancelled_calls_are_dropped(self) -> None:
+        pool = self.pool(size=1)
+        w = self.worker(0)
+        w.hello()
+        d = pool.call("echo", 1)
+        [(call_id, _, _)] = w.calls()
+        w.send(KIND_RESULT, call_id, "from an old epoch", epoch=w.epoch + 1)
+        self.assertNoResult(d)
+        w.send(KIND_RESULT, call_id + 1000, "nobody asked")
+        self.assertNoResult(d)
+        w.send(KIND_RESULT, call_id, "right")
+        self.assertEqual(self.successResultOf(d), "right")
+        sent = pool.call("echo", 2)
+        sent.cancel()
+        self.failureResultOf(sent, CancelledError)
+        [(call_id, _, _)] = w.calls()
+        w.send(KIND_RESULT, call_id, "too late")  # no error: the result is dropped
+        self.assertEqual(pool.status()["failed"]["cancelled"], 1)
+
+    def test_function_error_and_graceful_stop(self) -> None:
+        pool = self.pool(size=1, shutdown_timeout=3.0)
+        w = self.worker(0)
+        w.hello()
+        d = pool.call("echo", 1)
+        [(call_id, _, _)] = w.calls()
+        w.send(KIND_ERROR, call_id, {"type": "ValueError", "message": "no", "traceback": "tb"})
+        err = self.failureResultOf(d).value
+        self.assertIsInstance(err, WorkerFunctionError)
+        self.assertEqual((err.status, err.exc_type, err.remote_traceback), (500, "ValueError", "tb"))
+        inflight = pool.call("echo", 2)
+        stopped = pool.stopService()
+        self.assertEqual(self.failureResultOf(pool.call("echo", 3)).value.code, "pool_closing")
+        [(call_id, _, _)] = w.calls()
+        self.assertNoResult(stopped)
+        w.send(KIND_RESULT, call_id, "drained")
+        self.assertEqual(self.successResultOf(inflight), "drained")
+        self.assertEqual(w.calls(), [(0, "STOP", None)])
+        w.dies(ProcessDone(0))
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(os.listdir(self.dir), [])
