@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import HTTPConnectionPool
 
 from pipecomet import App, Config, Pipe
-from tests.support import twistd_server
+from .support import twistd_server
 
 GATES: dict[str, threading.Event] = {}
 
