@@ -724,14 +724,7 @@ class ChainRun:
             self._main_done = True
             self._pending = out  # type: ignore[assignment]  # cancel() reaches it
             self.watch_disconnect(self.inp.request)
-
-            def ended(_: Any) -> None:
-                if self._pending is out:
-                    self._pending = None
-                self._closed = True
-                self._fire_done()
-
-            out.when_done().addBoth(ended)
+            out.when_done().addBoth(self._stream_ended, out)
             self.sink.stream(out)
             return True
         if isinstance(out, Answer):
@@ -745,6 +738,12 @@ class ChainRun:
         self.res.last = out.value
         self._main_finished(out.value)
         return True
+
+    def _stream_ended(self, _: Any, out: Stream) -> None:
+        if self._pending is out:
+            self._pending = None
+        self._closed = True
+        self._fire_done()
 
     def _wait(self, d: Deferred, name: str, timeout: float | None, i: int) -> None:
         if timeout is not None:

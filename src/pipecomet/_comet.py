@@ -426,7 +426,7 @@ class Subscription(Stream, EventListener):
                  "event", "queue", "queued", "paused", "open", "pos", "objs", "done",
                  "channel", "drop", "dropped", "started", "resume")
 
-    def __init__(self, hub: CometHub, request: Any, topics: list[str],
+    def __init__(self, hub: CometHub, request: Any, topics: Sequence[str],
                  cursors: dict[str, tuple[str, int]] | None, last: bool,
                  timeout: float | None) -> None:
         self.hub = hub
@@ -575,8 +575,9 @@ class Subscription(Stream, EventListener):
         timeout = self.timeout if self.timeout is not None else self.hub.config.longpoll_timeout
         channel = getattr(self.request, "channel", None)
         if channel is not None:
+            self.channel = channel
             channel.setTimeout(None)
-            _watch_half_close(channel)
+            _watch_half_close(channel, self._client_gone)
         self.event = self.hub.keeper.listen([("comet", t) for t in self.topics], self, timeout,
                                             many=True)
 
@@ -621,7 +622,7 @@ class Subscription(Stream, EventListener):
             # A held response must not be cut by the idle timeout (Twisted
             # #9532, #12498): the heartbeats are its activity.
             channel.setTimeout(None)
-            _watch_half_close(channel)
+            _watch_half_close(channel, self._client_gone)
             transport = getattr(channel, "transport", None)
             if transport is not None and hasattr(transport, "setTcpKeepAlive"):
                 transport.setTcpKeepAlive(True)
@@ -636,6 +637,10 @@ class Subscription(Stream, EventListener):
             head = dumps({"event": "open", "cursor": cursor, "resume": self.resume}) + b"\n"
         # The first write sends the headers and tells us the framing.
         req.write(head)
+        # The headers are on the wire: a held request need not keep them.
+        raw = getattr(req.responseHeaders, "_rawHeaders", None)
+        if raw is not None:
+            raw.clear()
         chunked = bool(getattr(req, "chunked", False))
         self.fmt = (SSE_CHUNKED if chunked else SSE) if sse else (ND_CHUNKED if chunked else ND)
         for ev in control:
@@ -840,6 +845,16 @@ class Subscription(Stream, EventListener):
         self._close(self._control("shutdown", {"reconnect_after": reconnect_after,
                                                "cursor": self.cursor()}, retry=reconnect_after))
 
+    def _client_gone(self) -> None:
+        """
+        The client shut its side of a held request: it has gone.
+        """
+        channel = self.channel
+        if channel is not None:
+            vars(channel).pop("readConnectionLost", None)
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+
     def _gone(self) -> bool:
         req = self.request
         return bool(req.finished or getattr(req, "_disconnected", False))
@@ -885,23 +900,16 @@ class Subscription(Stream, EventListener):
             d.callback(None)
 
 
-def _watch_half_close(channel: Any) -> None:
+def _watch_half_close(channel: Any, hook: Any) -> None:
     """
     A channel that takes a client's FIN as a half-close (it provides
     ``IHalfCloseableProtocol``) would keep a held comet request until its
     next write; for a held request the FIN means the client has gone, so
-    close now and let the disconnect release the subscription at once.
+    ``hook`` closes the connection and the disconnect releases the
+    subscription at once.
     """
-    if not IHalfCloseableProtocol.providedBy(channel) or "readConnectionLost" in vars(channel):
-        return
-
-    def read_lost() -> None:
-        del channel.readConnectionLost
-        transport = channel.transport
-        if transport is not None:
-            transport.abortConnection()
-
-    channel.readConnectionLost = read_lost
+    if IHalfCloseableProtocol.providedBy(channel) and "readConnectionLost" not in vars(channel):
+        channel.readConnectionLost = hook
 
 
 class _End(dict):
@@ -1133,7 +1141,7 @@ class CometHub:
         ``last_event_id=``, then ``since=``), ``last=1`` and ``timeout=``.
         """
         cfg = self.config
-        topics = list(dict.fromkeys(topics))
+        topics = tuple(dict.fromkeys(topics))
         if not topics:
             raise self._reject(BadRequest("no topic given", code="bad_topic"))
         if len(topics) > cfg.max_topics_per_connection:
