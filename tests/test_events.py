@@ -14,7 +14,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pipecomet import App, Chain, Config, Pipe
+from pipecomet import App, Config, Pipe
 from pipecomet._comet import CometConfig, format_cursor, parse_cursor
 from pipecomet._errors import BadRequest, GatewayTimeout
 from pipecomet._events import (
@@ -412,6 +412,50 @@ class CometTransportTests(SynchronousTestCase):
         late = c.get("/sub/news")
         self.assertEqual(late.status, 503)
         self.assertEqual(late.json()["error"]["code"], "shutting_down")
+
+
+class DemoCometTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from pipecomet.demo import make_app
+
+        self.clock = make_clock()
+        self.app = make_app(reactor=self.clock)
+        self.app.service.startService()
+        self.addCleanup(self.app.service.stopService)
+        self.client = MemoryClient(self.app, self.clock)
+
+    def test_once_mode_job(self) -> None:
+        call = self.client.get("/demo/job?seconds=2")
+        self.client.advance(1.9)
+        self.assertFalse(call.done)
+        self.client.advance(0.2)
+        self.assertEqual(call.json()["result"], "done")
+        self.assertEqual(self.client.get("/demo/job?seconds=99").status, 400)
+
+    def test_ticker_and_page(self) -> None:
+        call = self.client.get("/comet/ticker")
+        for _ in range(3):
+            self.client.advance(1.0)
+        ticks = [e for e in call.events() if e.get("event") == "ticker"]
+        self.assertEqual([json.loads(e["data"])["n"] for e in ticks], [1, 2, 3])
+        page = self.client.get("/demo/comet")
+        self.assertEqual(page.status, 200)
+        self.assertIn(b"new EventSource", page.body)
+
+    def test_subscribe_authorization_is_a_pipe(self) -> None:
+        self.assertEqual(self.client.get("/comet/private.x").status, 400)
+        self.assertEqual(self.client.get("/comet/private.x?app_key=nope").status, 403)
+        ok = self.client.get("/comet/private.x?app_key=demo-key")
+        self.assertEqual(ok.status, 200)
+
+    def test_publish_with_the_documented_token(self) -> None:
+        from pipecomet.demo import PUBLISH_TOKEN
+
+        sub = self.client.get("/comet/chat", headers={"accept": "application/x-ndjson"})
+        pub = self.client.post("/_pipecomet/publish/chat", json_body={"text": "hi"},
+                               headers={"authorization": f"Bearer {PUBLISH_TOKEN}"})
+        self.assertEqual(pub.json()["delivered"], 1)
+        self.assertEqual(sub.lines()[-1]["data"], {"text": "hi"})
 
 
 class CometLimitTests(SynchronousTestCase):
