@@ -177,3 +177,63 @@ def load_config(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return Config.from_dict(data)
+
+
+def _ivar_docs(cls: type) -> dict[str, str]:
+    """
+    ``:ivar name: text`` entries of a class docstring, folded to one line.
+    """
+    import inspect
+    import re
+
+    doc = inspect.getdoc(cls) or ""
+    out: dict[str, str] = {}
+    for m in re.finditer(r":ivar (\w+):(.*?)(?=\n\s*:\w|\Z)", doc, re.S):
+        out[m.group(1)] = " ".join(m.group(2).split())
+    return out
+
+
+def reference_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
+    """
+    ``(key, type, default, description)`` for every key of ``cls``, nested
+    tables included (``quota.categories.<name>.limit``).
+    """
+    hints = typing.get_type_hints(cls)
+    docs = _ivar_docs(cls)
+    rows: list[tuple[str, str, str, str]] = []
+    for f in attrs.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        tp = _unwrap_optional(hints.get(f.name, Any))
+        key = f"{prefix}.{f.name}"
+        if attrs.has(tp):
+            rows.extend(reference_rows(tp, key))
+            continue
+        if typing.get_origin(tp) is dict and attrs.has(_unwrap_optional(typing.get_args(tp)[1])):
+            rows.extend(reference_rows(_unwrap_optional(typing.get_args(tp)[1]), f"{key}.<name>"))
+            continue
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()  # type: ignore[union-attr]
+        type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        rows.append((key, type_name, repr(default), docs.get(f.name, "")))
+    return rows
+
+
+def reference_markdown() -> str:
+    """
+    The key reference of ``docs/configuration.md``, made from the classes.
+    """
+    parts = []
+    for name, (cls_spec, _) in SECTIONS.items():
+        cls = _resolve(cls_spec)
+        parts.append(f"### `[{name}]`\n\n")
+        summary = (cls.__doc__ or "").strip().split("\n\n")[0]
+        summary = " ".join(summary.split())
+        if summary:
+            parts.append(summary + "\n\n")
+        parts.append("| key | type | default | meaning |\n|---|---|---|---|\n")
+        for key, tp, default, text in reference_rows(cls, name):
+            parts.append(f"| `{key}` | {tp} | `{default}` | {text} |\n")
+        parts.append("\n")
+    return "".join(parts)

@@ -12,8 +12,10 @@ __all__ = ["DemoConfig", "AppKey"]
 @attrs.frozen
 class AppKey:
     """
-    One registered app: its rate limit (token bucket) in requests per second
-    and its burst.
+    One registered app and its rate limit (a token bucket).
+
+    :ivar rate: requests per second.
+    :ivar burst: requests that may come at once; ``rate`` when 0.
     """
 
     rate: float = attrs.field(default=100_000.0, converter=float, validator=attrs.validators.gt(0))
@@ -31,7 +33,9 @@ def _default_keys() -> dict[str, AppKey]:
 @attrs.frozen
 class DemoConfig:
     """
-    :ivar keys: app key → :class:`AppKey`.
+    ``[demo]``: the demo gateway's app keys, one table per key.
+
+    :ivar keys: app key → its rate.
     """
 
     keys: dict[str, AppKey] = attrs.field(factory=_default_keys)
