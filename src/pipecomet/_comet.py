@@ -278,12 +278,14 @@ class Topic:
     message's expiry (messages are in time order: nothing is scanned).
     """
 
-    __slots__ = ("hub", "name", "epoch", "last_offset", "history", "bytes", "subscribers",
-                 "timer", "idle", "limits", "evicted")
+    __slots__ = ("hub", "name", "key", "epoch", "last_offset", "history", "bytes",
+                 "subscribers", "timer", "idle", "limits", "evicted")
 
     def __init__(self, hub: CometHub, name: str, limits: _Limits) -> None:
         self.hub = hub
         self.name = name
+        # The topic's key in the EventKeeper, shared by all its waiters.
+        self.key = ("comet", name)
         self.epoch = os.urandom(4).hex()
         self.last_offset = 0
         self.history: deque[Message] = deque()
@@ -578,7 +580,7 @@ class Subscription(Stream, EventListener):
             self.channel = channel
             channel.setTimeout(None)
             _watch_half_close(channel, self._client_gone)
-        self.event = self.hub.keeper.listen([("comet", t) for t in self.topics], self, timeout,
+        self.event = self.hub.keeper.listen([t.key for t in self.objs], self, timeout,
                                             many=True)
 
     def _poll_body(self, batch: Iterable[Message], control: list[dict[str, Any]],
@@ -658,7 +660,7 @@ class Subscription(Stream, EventListener):
         if not self.open:  # cut off while replaying
             return
         timeout = self._lifetime()
-        self.event = hub.keeper.listen([("comet", t) for t in self.topics], self, timeout,
+        self.event = hub.keeper.listen([t.key for t in self.objs], self, timeout,
                                        many=True)
         hub._streams[self] = None
 
@@ -1119,7 +1121,7 @@ class CometHub:
             idem[(topic, key)] = (self.reactor.seconds() + self.config.idempotency_ttl, msg.id)
             while len(idem) > self.config.idempotency_keys:
                 idem.popitem(last=False)
-        reached = self.keeper.fire(("comet", topic), msg)
+        reached = self.keeper.fire(t.key, msg)
         self.delivered += reached
         self._last_publish = Published(topic, msg.id, reached)
         if t.subscribers == 0 and not t.history:
