@@ -361,6 +361,10 @@ class _Job:
         if to not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"quota job: no transition {self.state.name} -> {to.name}")
         self.state = to
+        if to is JobState.ENDED:
+            # The caller may keep the Deferred (and so this job) for long;
+            # the request's inputs need not live that long.
+            self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
 
     def stop_timer(self) -> None:
         if self.timer is not None:
