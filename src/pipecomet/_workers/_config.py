@@ -46,6 +46,8 @@ class WorkersConfig:
     :ivar crash_loop_crashes: this many crashes of one worker slot within
         ``crash_loop_window`` seconds open the breaker: the slot is left
         down for ``crash_loop_cooldown`` seconds.
+    :ivar spin_us: microseconds a worker keeps looking at its empty ring
+        after a call before it goes to sleep (0: sleep at once).
     :ivar python: interpreter for the workers (default: the server's).
     :ivar shm_dir: where the shared-memory files live.
     """
@@ -69,6 +71,7 @@ class WorkersConfig:
     crash_loop_crashes: int = attrs.field(default=5, validator=_positive_int("crash_loop_crashes"))
     crash_loop_window: float = attrs.field(default=10.0, converter=float, validator=v.gt(0))
     crash_loop_cooldown: float = attrs.field(default=30.0, converter=float, validator=v.gt(0))
+    spin_us: float = attrs.field(default=50.0, converter=float, validator=[v.ge(0), v.le(10_000)])
     python: str = attrs.field(default="", validator=v.instance_of(str))
     shm_dir: str = attrs.field(default="/dev/shm", validator=v.instance_of(str))
 

@@ -657,7 +657,7 @@ class WorkerPool(Service):
         args = [self._python, "-m", "pipecomet._workers.main", "--shm", path,
                 "--module", cfg.module, "--server-pid", str(pid),
                 "--memory-limit", str(cfg.memory_limit_mb * MiB),
-                "--oom-score-adj", str(cfg.oom_score_adj)]
+                "--oom-score-adj", str(cfg.oom_score_adj), "--spin-us", str(cfg.spin_us)]
         try:
             self.reactor.spawnProcess(proto, self._python, args, env=self._environment(),
                                       childFDs={0: "w", 1: "r", 2: "r"})
