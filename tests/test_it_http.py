@@ -70,11 +70,19 @@ class HangUp(protocol.Protocol):
         self.transport.write(b"GET /hold HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 
 
+def configured(app, lazy):
+    from pipecomet import Config
+
+    return app.configure(Config.from_dict({"limits": {"lazy": lazy}}))
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["buffered", "lazy"])
 @pytest_twisted.inlineCallbacks
-def test_client_disconnect_cancels_chain():
+def test_client_disconnect_cancels_chain(lazy):
     """
-    A real TCP client that closes while a pipe waits: the pipe's Deferred is
-    cancelled and no later pipe runs.
+    A real TCP client that closes (FIN) while a pipe waits: the pipe's
+    Deferred is cancelled and no later pipe runs — with the plain and the
+    lazy-parsing request alike.
     """
     entered = defer.Deferred()
     cancelled = defer.Deferred()
@@ -86,6 +94,7 @@ def test_client_disconnect_cancels_chain():
 
     app = App(reactor=reactor)
     app.route("/hold", [Pipe(hold), Pipe(lambda i, c, r: later_ran.append(1), name="later")])
+    configured(app, lazy)
     port, number = listen(app)
     try:
         client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number), HangUp())
