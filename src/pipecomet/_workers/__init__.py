@@ -12,8 +12,20 @@ from ._errors import (
     WorkersUnavailable,
     WorkerTimeout,
 )
-from ._pool import PoolState, WorkerPool, WorkerProtocol, WorkerState, install
 from ._registry import worker_function
+
+# The pool needs Twisted; a worker process imports this package without it
+# (see ``_pool.BOOT``), so the pool's names load on first use.
+_POOL_NAMES = ("PoolState", "WorkerPool", "WorkerProtocol", "WorkerState", "install")
+
+
+def __getattr__(name: str) -> object:
+    if name in _POOL_NAMES:
+        from . import _pool
+
+        return getattr(_pool, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "WorkersConfig",
