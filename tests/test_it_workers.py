@@ -476,3 +476,46 @@ def test_no_shm_file_outlives_a_killed_server_once_the_next_one_starts() -> None
         second.send_signal(signal.SIGTERM)
         second.wait(20)
     assert _files_of(second.pid) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_demo_gateway_serves_cpu_burn_and_image_resize_from_its_pool() -> Any:
+    import io
+
+    from PIL import Image
+
+    from pipecomet.demo import make_app
+
+    app = make_app(reactor=reactor)
+    app.service.startService()
+    port = reactor.listenTCP(0, app.site(), interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    http = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        yield app.runtime.workers.ready().addTimeout(30, reactor)
+        r = yield treq.post(base + "/api/cpu.burn?ms=5", pool=http)
+        assert r.code == 200
+        burned = (yield r.json())["burned"]
+        assert burned["ms"] == 5 and burned["cpu_ms"] >= 5 and burned["pid"] in ready_pids(app.runtime.workers)
+        r = yield treq.post(base + "/api/cpu.burn?ms=-1", pool=http)
+        assert r.code == 400
+        picture = io.BytesIO()
+        Image.new("RGB", (640, 480), (10, 200, 30)).save(picture, "PNG")
+        r = yield treq.post(base + "/api/image.resize?width=64&height=64&format=jpeg",
+                            data=picture.getvalue(), headers={"Content-Type": "image/png"},
+                            pool=http)
+        assert r.code == 200
+        assert r.headers.getRawHeaders("content-type") == ["image/jpeg"]
+        assert r.headers.getRawHeaders("x-image-size") == ["64x48"]
+        small = Image.open(io.BytesIO((yield r.content())))
+        assert (small.format, small.size) == ("JPEG", (64, 48))
+        r = yield treq.post(base + "/api/image.resize", data=b"not an image",
+                            headers={"Content-Type": "image/png"}, pool=http)
+        assert r.code == 400 and (yield error_of(r))["code"] == "not_an_image"
+        r = yield treq.get(base + "/_pipecomet/status", pool=http)
+        workers = (yield r.json())["workers"]
+        assert workers["size"] == 2 and workers["completed"] >= 3
+    finally:
+        yield port.stopListening()
+        yield app.service.stopService()
+        yield http.closeCachedConnections()

@@ -25,7 +25,8 @@ from pipecomet._workers import (
 from pipecomet._workers._codec import decode, encode
 from pipecomet._workers._pool import WorkerState
 from pipecomet._workers._ring import (
-    KIND_CALL, KIND_ERROR, KIND_HELLO, KIND_RESULT, KIND_STOP, OFF_CURRENT_CALL, U64,
+    KIND_CALL, KIND_ERROR, KIND_HELLO, KIND_RESULT, KIND_STOP, OFF_BASELINE_RSS,
+    OFF_CURRENT_CALL, OFF_RSS, U64,
     OutgoingMessage, RingConsumer, RingProducer,
 )
 from pipecomet._workers._shm import SharedFile
@@ -257,3 +258,31 @@ class PoolTests(SynchronousTestCase):
         w.dies(ProcessDone(0))
         self.assertIsNone(self.successResultOf(stopped))
         self.assertEqual(os.listdir(self.dir), [])
+
+    def test_recycle_above_the_rss_ceiling(self) -> None:
+        pool = self.pool(size=1, recycle_rss_mb=100)
+        w = self.worker(0)
+        w.hello()
+        U64.pack_into(w.shm.view, OFF_BASELINE_RSS, 50 << 20)
+        U64.pack_into(w.shm.view, OFF_RSS, 140 << 20)  # 90 MiB above: stays
+        d = pool.call("echo", 1)
+        [(call_id, _, _)] = w.calls()
+        w.send(KIND_RESULT, call_id, 1)
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertEqual(w.proto.state, WorkerState.READY)
+        U64.pack_into(w.shm.view, OFF_RSS, 151 << 20)  # 101 MiB above: recycled
+        d = pool.call("echo", 2)
+        [(call_id, _, _)] = w.calls()
+        w.send(KIND_RESULT, call_id, 2)
+        self.assertEqual(self.successResultOf(d), 2)
+        self.assertEqual(w.proto.state, WorkerState.STOPPING)
+        self.assertEqual(w.calls(), [(0, "STOP", None)])
+        queued = pool.call("echo", 3)  # waits for the replacement
+        w.dies(ProcessDone(0))
+        self.assertEqual(len(self.reactor.spawned), 2)  # at once, no backoff
+        fresh = self.worker(1)
+        fresh.hello()
+        [(call_id, _, value)] = fresh.calls()
+        fresh.send(KIND_RESULT, call_id, value)
+        self.assertEqual(self.successResultOf(queued), 3)
+        self.assertEqual(pool.status()["failed"], {})
