@@ -660,18 +660,24 @@ def report(out: dict[str, Any], held: int, publishes: int, fan_subs: int,
         targets.append({"what": "RSS per held SSE connection", "target": "<= 6 KiB",
                         "value": f"{pc_sse['kib_per_conn']} KiB",
                         "met": pc_sse["kib_per_conn"] <= 6.0})
+        targets.append({"what": f"last of {pc_sse['held']} SSE subscribers gets a publish, "
+                                "typical publish (p50)", "target": "<= 400 ms",
+                        "value": f"{pc_sse['p50_ms']} ms",
+                        "met": pc_sse["p50_ms"] is not None and pc_sse["p50_ms"] <= 400
+                        and pc_sse["held"] >= held})
         worst = pc_sse["max_ms"]
-        targets.append({"what": f"last of {pc_sse['held']} SSE subscribers gets a publish "
-                                "(max over publishes)", "target": "<= 400 ms",
+        targets.append({"what": f"last of {pc_sse['held']} SSE subscribers gets a publish, "
+                                "every publish (max)", "target": "<= 400 ms",
                         "value": f"{worst} ms",
                         "met": worst is not None and worst <= 400 and pc_sse["held"] >= held})
+        if tw_sse and tw_sse["p50_ms"] and pc_sse["p50_ms"]:
+            targets.append({"what": "pipecomet SSE fan-out p50 no slower than bare twisted.web "
+                                    "writing the same SSE frame", "target": "ratio <= 1.0",
+                            "value": round(pc_sse["p50_ms"] / tw_sse["p50_ms"], 3),
+                            "met": pc_sse["p50_ms"] <= tw_sse["p50_ms"]})
         if tw_lp and tw_lp["p50_ms"] and pc_sse["p50_ms"]:
             ratios["pipecomet SSE p50 / bare twisted long-poll p50"] = \
                 pc_sse["p50_ms"] / tw_lp["p50_ms"]
-            targets.append({"what": "pipecomet SSE fan-out no slower than the bare twisted.web "
-                                    "anchor (long-poll, as in the seed)", "target": "ratio <= 1.0",
-                            "value": round(pc_sse["p50_ms"] / tw_lp["p50_ms"], 3),
-                            "met": pc_sse["p50_ms"] <= tw_lp["p50_ms"]})
         if tw_sse and tw_sse["p50_ms"] and pc_sse["p50_ms"]:
             ratios["pipecomet SSE p50 / bare twisted SSE p50"] = \
                 pc_sse["p50_ms"] / tw_sse["p50_ms"]
@@ -715,6 +721,10 @@ def report(out: dict[str, Any], held: int, publishes: int, fan_subs: int,
             "Seed (before the project): bare twisted.web 4.9 KiB/conn, 415 ms; Tornado 13.5 "
             "KiB/conn, 743 ms (10,000 held long-polls, one publish).",
             "Figures are noisy when other work runs on the machine.",
+            "In this harness the bare twisted.web long-poll anchor answers the first publish in "
+            "about 0.5 s and later ones in about 6 s (each answer is a finished request with an "
+            "access-log line, pipecomet's too); the cause was not investigated, so compare SSE "
+            "with SSE.",
         ],
         extra_versions=("tornado",),
         raw=out,
@@ -725,7 +735,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--serve", choices=sorted(SERVERS))
     parser.add_argument("--port", type=int)
+    parser.add_argument("--rerender", action="store_true",
+                        help="rewrite bench/results/comet.json from its raw figures")
     args = parser.parse_args()
+    if args.rerender:
+        from ._common import RESULTS
+
+        doc = json.loads((RESULTS / "comet.json").read_text())
+        raw = doc["raw"]
+        held = max(r["held"] for r in raw["held"])
+        fan = raw["fanout"][0]
+        report(raw, held, len(raw["held"][0]["latency_ms"]), fan["subscribers"],
+               float(os.environ.get("BENCH_COMET_SECONDS", "5")))
+        return
     if args.serve:
         raise_fd_limit()
         if args.serve != "tornado":
