@@ -383,7 +383,9 @@ def report(results: dict[str, Any]) -> None:
             f"Each figure is a {ONE_SECONDS:g} s run after a warm-up; 100-byte payloads unless "
             "noted; MiB/s counts each 1 MiB payload once (it travels both ways).",
             "The bare ring runs without a reactor or codec, one process per core, ringing an "
-            "eventfd on every batch: the floor for one round trip between two processes.",
+            "eventfd on every batch: the floor for one round trip between two processes that "
+            "sleep between messages.  The pool's workers look at their ring for spin_us (50 µs) "
+            "before sleeping, so back-to-back calls skip the wake-up the bare ring pays.",
             "Before the project (same machine, from a Twisted reactor): ProcessPoolExecutor 4.3k/s "
             "(median 212 µs), 7.3k/s at 64 in flight, 350 MiB/s; multiprocessing.Pool 4.5k, 18k, "
             "385 MiB/s; ampoule 4.4k, 7.5k, 172 MiB/s; bare ring 12k/s (median 80 µs), 325k/s.",
