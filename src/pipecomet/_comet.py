@@ -444,8 +444,9 @@ class Subscription(Stream, EventListener):
         self.queued = 0
         self.paused = False
         self.open = False
-        self.pos: dict[str, int] = {}
-        self.objs: list[Topic] = []
+        # Offsets reached per topic, in the order of ``objs``.
+        self.pos: list[int] = []
+        self.objs: tuple[Topic, ...] = ()
         self.done: Deferred | None = None
         self.channel: Any = None
         self.drop = False
@@ -484,6 +485,7 @@ class Subscription(Stream, EventListener):
                 self._serve_longpoll(replay, control)
             else:
                 self._serve_stream(replay, control)
+            self.cursors = None  # resolved: the positions are in ``pos`` now
         except Exception as e:
             error = as_pipecomet_error(e, "comet subscription")
             self._close(None)
@@ -527,33 +529,43 @@ class Subscription(Stream, EventListener):
         first = t.first_offset
         if cur is None:
             if self.last and t.history and t.history[-1].offset == t.last_offset:
-                self.pos[t.name] = t.last_offset - 1
+                self._set_pos(t.name, t.last_offset - 1)
                 return "last", [t.history[-1]], None
-            self.pos[t.name] = t.last_offset
+            self._set_pos(t.name, t.last_offset)
             return "live", [], None
         epoch, offset = cur
         if epoch == "" and offset == 0:  # "from the start of the history"
-            self.pos[t.name] = first - 1
+            self._set_pos(t.name, first - 1)
             return "ok", t.after(first - 1), None
         if epoch != t.epoch or offset > t.last_offset:
-            self.pos[t.name] = first - 1
+            self._set_pos(t.name, first - 1)
             ev = {"topic": t.name, "reason": "reset", "from": f"{epoch}:{offset}",
                   "resumed_from": t.id_at(first - 1), "epoch": t.epoch}
             return "reset", t.after(first - 1), ev
         if offset + 1 < first:
-            self.pos[t.name] = first - 1
+            self._set_pos(t.name, first - 1)
             ev = {"topic": t.name, "reason": "expired", "from": t.id_at(offset),
                   "resumed_from": t.id_at(first - 1), "missed": first - 1 - offset}
             return "gap", t.after(first - 1), ev
-        self.pos[t.name] = offset
+        self._set_pos(t.name, offset)
         return "ok", t.after(offset), None
 
     def cursor(self) -> str:
         """
         Where this subscription is now, as a cursor to resume from.
         """
-        return format_cursor([(t.name, t.epoch, self.pos[t.name]) for t in self.objs],
+        return format_cursor([(t.name, t.epoch, o) for t, o in zip(self.objs, self.pos)],
                              len(self.objs) == 1)
+
+    def _set_pos(self, topic: str, offset: int) -> None:
+        objs = self.objs
+        if len(objs) == 1:
+            self.pos[0] = offset
+            return
+        for i, t in enumerate(objs):
+            if t.name == topic:
+                self.pos[i] = offset
+                return
 
     def _resume_headers(self, resumed_from: str) -> None:
         req = self.request
@@ -571,7 +583,7 @@ class Subscription(Stream, EventListener):
         if replay or control or self.cursors is None:
             batch = replay[: self.hub.config.longpoll_batch]
             for m in batch:
-                self.pos[m.topic] = m.offset
+                self._set_pos(m.topic, m.offset)
             self._answer_poll(self._poll_body(batch, control))
             return
         timeout = self.timeout if self.timeout is not None else self.hub.config.longpoll_timeout
@@ -653,10 +665,10 @@ class Subscription(Stream, EventListener):
             if single:
                 self.send(m.frame(fmt), m)
             else:
-                self.pos[m.topic] = m.offset
+                self._set_pos(m.topic, m.offset)
                 self.send(self._multi_frame(m), m)
         if single and replay:
-            self.pos[self.objs[0].name] = replay[-1].offset
+            self.pos[0] = replay[-1].offset
         if not self.open:  # cut off while replaying
             return
         timeout = self._lifetime()
@@ -801,12 +813,12 @@ class Subscription(Stream, EventListener):
         if len(self.objs) == 1:
             self.send(msg.frame(self.fmt), msg)
         else:
-            self.pos[msg.topic] = msg.offset
+            self._set_pos(msg.topic, msg.offset)
             self.send(self._multi_frame(msg), msg)
 
     def on_complete(self, event: Event, value: Any) -> None:
         if isinstance(value, Message):  # a long-poll answered by a publish
-            self.pos[value.topic] = value.offset
+            self._set_pos(value.topic, value.offset)
             if len(self.objs) == 1:
                 self._answer_poll(value.longpoll_body())
             else:
@@ -1201,12 +1213,14 @@ class CometHub:
             self._polls[sub] = None
             if sub.timeout is not None:
                 sub.timeout = min(sub.timeout, self.config.longpoll_max_timeout)
-        objs = sub.objs
+        objs = []
         for name in sub.topics:
             t = self._topic(name)
             t.busy()
             t.subscribers += 1
             objs.append(t)
+        sub.objs = tuple(objs)
+        sub.pos = [0] * len(objs)
 
     def _closed(self, sub: Subscription) -> None:
         self.connections -= 1
