@@ -623,7 +623,10 @@ class Subscription(Stream, EventListener):
     def _serve_stream(self, replay: list[Message], control: list[dict[str, Any]]) -> None:
         req = self.request
         hub = self.hub
-        channel = req.channel
+        channel = getattr(req, "channel", None)
+        if channel is None:  # the client left before we started
+            self._close(None)
+            return
         self.channel = channel
         self.drop = all(t.limits.drop for t in self.objs)
         sse = self.kind == "sse"
