@@ -448,6 +448,18 @@ class DemoCometTests(SynchronousTestCase):
         ok = self.client.get("/comet/private.x?app_key=demo-key")
         self.assertEqual(ok.status, 200)
 
+    def test_status_shows_comet_figures(self) -> None:
+        self.client.get("/comet/chat")
+        status = self.client.get("/_pipecomet/status").json()
+        comet = status["comet"]
+        self.assertEqual(comet["connections_by_transport"]["sse"], 1)
+        self.assertEqual(comet["waiters_by_topic"], {"chat": 1})
+        for key in ("published", "delivered", "dropped", "slow_disconnects", "resume_hits",
+                    "gaps"):
+            self.assertIn(key, comet)
+        self.assertEqual(status["events"]["waiters"], 1)
+        self.assertEqual(status["bus"]["kind"], "memory")
+
     def test_publish_with_the_documented_token(self) -> None:
         from pipecomet.demo import PUBLISH_TOKEN
 
@@ -456,6 +468,23 @@ class DemoCometTests(SynchronousTestCase):
                                headers={"authorization": f"Bearer {PUBLISH_TOKEN}"})
         self.assertEqual(pub.json()["delivered"], 1)
         self.assertEqual(sub.lines()[-1]["data"], {"text": "hi"})
+
+
+class BusDropTests(SynchronousTestCase):
+    def test_a_broker_drop_is_a_gap_for_every_subscriber(self) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        sse = c.get("/sub/news")
+        hello = c.get("/sub/news?transport=longpoll")
+        poll = c.get("/sub/news?transport=longpoll&since=" + hello.json()["cursor"])
+        hub.bus_down("broker connection lost")
+        self.assertFalse(hub.status()["bus_connected"])
+        hub.bus_up()
+        c.flush()
+        gap = [e for e in sse.events() if e.get("event") == "gap"]
+        self.assertEqual(json.loads(gap[0]["data"])["reason"], "bus")
+        self.assertEqual(poll.json()["events"][0]["reason"], "bus")
+        self.assertEqual(hub.status()["bus_drops"], 1)
 
 
 class CometLimitTests(SynchronousTestCase):

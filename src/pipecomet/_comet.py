@@ -971,6 +971,7 @@ class CometHub:
         self._last_publish: Published | None = None
         self.closing = False
         self.bus_ok = True
+        self.bus_drops = 0
         self.connections = 0
         self.opened = {"sse": 0, "ndjson": 0, "longpoll": 0}
         self.published = 0
@@ -1144,10 +1145,22 @@ class CometHub:
 
     def bus_down(self, reason: str) -> None:
         self.bus_ok = False
+        self.bus_drops += 1
         log.warn("comet bus down: {reason}", reason=reason)
 
     def bus_up(self) -> None:
+        if self.bus_ok:
+            return
         self.bus_ok = True
+        # Messages published elsewhere while the broker was away never
+        # reached this process: say so to every subscriber, never silently.
+        for sub in list(self._streams):
+            for t in sub.objs:
+                sub.send(sub._control("gap", {"topic": t.name, "reason": "bus",
+                                              "missed": None}))
+        for sub in list(self._polls):
+            sub._answer_poll(sub._poll_body([], [{"topic": t.name, "reason": "bus",
+                                                  "missed": None} for t in sub.objs]))
 
     # -- subscribing
 
@@ -1262,6 +1275,7 @@ class CometHub:
             "rejected": dict(self.rejected),
             "idempotency_keys": len(self._idem),
             "bus_connected": self.bus_ok,
+            "bus_drops": self.bus_drops,
             "closing": self.closing,
         }
 
