@@ -240,6 +240,8 @@ def test_drop_policy_keeps_the_client_with_a_gap_event():
         # The client reads again: it gets a gap event, then the newest messages.
         got = []
         stalled.dataReceived = lambda data: got.append(data)
+        # Read at full speed now (the tiny receive window made it slow).
+        stalled.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         stalled.transport.resumeProducing()
         yield wait_until(lambda: b"event: gap" in b"".join(got), what="gap event")
         stalled.transport.loseConnection()

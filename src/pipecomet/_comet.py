@@ -41,6 +41,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -722,7 +723,23 @@ class Subscription(Stream, EventListener):
         if not self.paused and not self.queue:
             transport = self.channel.transport
             if not getattr(transport, "producerPaused", False):
-                self.channel.write(data)
+                if type(transport) is _TCPServer and not transport._tempDataLen \
+                        and transport.offset == len(transport.dataBuffer) \
+                        and transport.connected and not transport.disconnecting \
+                        and not transport._writeDisconnected:
+                    # Nothing waits in Twisted's buffer: send now, one
+                    # syscall, instead of buffering and asking the reactor
+                    # for writability (two more syscalls per subscriber,
+                    # half the fan-out time).  What the socket does not
+                    # take goes to Twisted's buffer as usual.
+                    try:
+                        sent = transport.socket.send(data)
+                    except OSError:
+                        sent = 0  # Twisted's own write path reports errors
+                    if sent == len(data):
+                        return
+                    data = data[sent:]
+                transport.write(data)
                 return
             self._backpressure()
         q = self.queue
