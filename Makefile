@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # System packages the test suite needs (real services on 127.0.0.1, a real browser).
 TEST_APT := $(shell cat scripts/test-packages.txt 2>/dev/null)
 BENCH_APT := wrk util-linux
@@ -17,7 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,demo,bench]'
 	# An editable install does not put the plugin under site-packages/twisted/plugins.
-	ln -sf $(CURDIR)/twisted/plugins/pipecomet_plugin.py $(SITE)/twisted/plugins/pipecomet_plugin.py
+	# (site-packages is asked for when this line runs: make expands a recipe before the venv exists)
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  ln -sf $(CURDIR)/twisted/plugins/pipecomet_plugin.py $$site/twisted/plugins/pipecomet_plugin.py
 	$(PY) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))' || true
 	touch $(STAMP)
 
