@@ -145,3 +145,49 @@ def write_result(
 
 def python() -> str:
     return sys.executable
+
+
+def wait_ready(proc: subprocess.Popen, name: str, timeout: float = 30.0) -> None:
+    """
+    Wait until a server subprocess prints ``ready`` on its (piped) stdout.
+    """
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    end, buf = time.monotonic() + timeout, b""
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
+        chunk = proc.stdout.read()
+        if chunk:
+            buf += chunk
+            if b"ready" in buf:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{name} not ready after {timeout}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    User + system CPU time process ``pid`` has used so far.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """
+    SIGTERM a subprocess we started, SIGKILL it after ``grace`` seconds.
+    """
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()

@@ -25,14 +25,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any
 
-from ._common import free_port, tool_version, write_result
+from ._common import cpu_seconds, free_port, stop_process, tool_version, wait_ready, write_result
 from .http_servers import IN_PROCESS_KINDS, PATH, QUERY
 
 KINDS = ("twisted", "klein", "pipecomet", "tornado")
@@ -105,40 +104,13 @@ class Server:
                                      cwd=os.path.dirname(os.path.dirname(__file__)))
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        end = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        buf = b""
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} server exited with {self.proc.returncode}")
-            chunk = self.proc.stdout.read()
-            if chunk:
-                buf += chunk
-                if b"ready" in buf:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.kind} server not ready after {timeout}s")
+        wait_ready(self.proc, f"{self.kind} server", timeout)
 
     def cpu_seconds(self) -> float:
-        """
-        User + system CPU time the server process has used so far.
-        """
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        stop_process(self.proc)
 
 
 def run_wrk(port: int, seconds: int, connections: int, pinned: bool) -> dict[str, Any]:

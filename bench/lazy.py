@@ -26,17 +26,15 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-from ._common import ROOT, free_port, tool_version, write_result
+from ._common import ROOT, cpu_seconds, free_port, stop_process, tool_version, write_result
 
 MiB = 2**20
 BODY_SIZE = MiB
@@ -96,9 +94,7 @@ class Server:
             raise RuntimeError(f"bench server did not start: {line!r}")
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_pipecomet/status",
@@ -106,15 +102,7 @@ class Server:
             return json.loads(r.read())["lazy"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        stop_process(self.proc)
 
 
 # ---------------------------------------------------------------------------

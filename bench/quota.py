@@ -41,7 +41,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import ROOT, free_port, tool_version, write_result
+from ._common import ROOT, free_port, stop_process, tool_version, wait_ready, write_result
 from .http import _pin, parse_wrk
 
 SERVER_CORE = "0"
@@ -205,30 +205,10 @@ class Proc:
                                      start_new_session=True, cwd=ROOT)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        assert self.proc.stdout is not None
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        end, buf = time.monotonic() + timeout, b""
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-            chunk = self.proc.stdout.read()
-            if chunk:
-                buf += chunk
-                if b"ready" in buf:
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s")
+        wait_ready(self.proc, self.name, timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        stop_process(self.proc, grace=15)
 
 
 def wrk_cmd(url: str, seconds: int, connections: int, timeout: int, pinned: bool) -> list[str]:

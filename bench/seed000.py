@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 from ._common import free_port, tool_version, write_result

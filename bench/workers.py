@@ -18,7 +18,6 @@ import itertools
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 from io import BytesIO
 from typing import Any, Callable

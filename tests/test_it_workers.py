@@ -27,9 +27,9 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
-from pipecomet import App, Config, Parallel, Pipe, process_pipe
+from pipecomet import App, Config, Parallel, process_pipe
 from pipecomet._workers import (
-    WorkerCallError, WorkerCrashed, WorkerPool, WorkersConfig, WorkersUnavailable,
+    WorkerCallError, WorkerPool, WorkersConfig, WorkersUnavailable,
 )
 from pipecomet._workers._ring import OFF_CURRENT_CALL, U64
 from tests.support import ROOT

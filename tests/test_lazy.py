@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from pipecomet import Answer, App, BadRequest, Pipe
+from pipecomet import App, BadRequest, Pipe
 from pipecomet._config import Config
 from pipecomet._lazy import (
     FormParser,

@@ -25,7 +25,7 @@ from pipecomet._workers import (
 from pipecomet._workers._codec import decode, encode
 from pipecomet._workers._pool import WorkerState
 from pipecomet._workers._ring import (
-    KIND_CALL, KIND_ERROR, KIND_HELLO, KIND_RESULT, KIND_STOP, OFF_BASELINE_RSS,
+    KIND_ERROR, KIND_HELLO, KIND_RESULT, KIND_STOP, OFF_BASELINE_RSS,
     OFF_CURRENT_CALL, OFF_RSS, U64,
     OutgoingMessage, RingConsumer, RingProducer,
 )

@@ -17,8 +17,7 @@ import enum
 import os
 import signal
 import sys
-import time
-from typing import Any, Callable, Deque
+from typing import Any, Deque
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -35,7 +34,7 @@ from ._errors import (
 )
 from ._ring import (
     KIND_CALL, KIND_ERROR, KIND_FAILURE, KIND_HELLO, KIND_RESULT, KIND_STOP, OFF_BASELINE_RSS,
-    OFF_CALLS_DONE, OFF_CURRENT_CALL, OFF_RSS, U64, OutgoingMessage, RingConsumer, RingProducer,
+    OFF_CURRENT_CALL, OFF_RSS, U64, OutgoingMessage, RingConsumer, RingProducer,
     fence,
 )
 from ._shm import SharedFile, shm_name, sweep_stale
