@@ -637,6 +637,13 @@ class ChainRun:
         """
         if self._closed:
             return
+        pending = self._pending
+        if isinstance(pending, Stream) and self._done is None and pending.when_done().called:
+            # The stream ended before anyone asked when_done(), so nothing
+            # followed it (see _special): the run was over already.
+            self._pending = None
+            self._closed = True
+            return
         self.cancelled = True
         self._closed = True
         pending, self._pending = self._pending, None
@@ -656,6 +663,10 @@ class ChainRun:
             self._done = Deferred()
             if self._closed:
                 self._done.callback(None)
+            elif isinstance(self._pending, Stream):
+                # Streaming: follow the stream's end only now that someone
+                # asks (see _special).
+                self._pending.when_done().addBoth(self._stream_ended, self._pending)
         return self._done
 
     def watch_disconnect(self, request: Any) -> None:
@@ -666,11 +677,12 @@ class ChainRun:
         if self._watching:
             return
         self._watching = True
+        # A bound method, not a closure: a held stream keeps this callback
+        # for its whole life, and a closure and its cell cost ~150 bytes more.
+        request.notifyFinish().addErrback(self._client_gone)
 
-        def gone(reason: Failure) -> None:
-            self.cancel()
-
-        request.notifyFinish().addErrback(gone)
+    def _client_gone(self, reason: Failure) -> None:
+        self.cancel()
 
     # -- walking
 
@@ -724,7 +736,14 @@ class ChainRun:
             self._main_done = True
             self._pending = out  # type: ignore[assignment]  # cancel() reaches it
             self.watch_disconnect(self.inp.request)
-            out.when_done().addBoth(self._stream_ended, out)
+            if self._done is not None:
+                out.when_done().addBoth(self._stream_ended, out)
+            # A held stream may last hours: the run keeps only what cancel()
+            # and when_done() need.  The walk's input, context and results
+            # are done with, and nobody follows the stream's end until
+            # when_done() is asked (a Deferred and its callbacks per held
+            # connection otherwise).
+            self.inp = self.ctx = self.res = None  # type: ignore[assignment]
             self.sink.stream(out)
             return True
         if isinstance(out, Answer):
