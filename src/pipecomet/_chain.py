@@ -677,6 +677,12 @@ class ChainRun:
         if self._watching:
             return
         self._watching = True
+        hold = getattr(request, "hold_run", None)
+        if hold is not None and hold(self):
+            # The request cancels this run itself when its client goes (a
+            # LazyRequest): no notifyFinish() Deferred and callbacks kept per
+            # held connection.
+            return
         # A bound method, not a closure: a held stream keeps this callback
         # for its whole life, and a closure and its cell cost ~150 bytes more.
         request.notifyFinish().addErrback(self._client_gone)
@@ -863,6 +869,8 @@ class ChainRun:
         self._maybe_close()
 
     def _cancel_branches(self) -> None:
+        if not self._branches:
+            return  # no new empty dict kept by every held stream
         branches, self._branches = self._branches, {}
         for b in branches.values():
             b.cancel()
