@@ -133,8 +133,13 @@ def make_pipecomet_app() -> Any:
 
 
 def _pipecomet_site(reactor: Any) -> Any:
+    from pipecomet import Config
+
     app = make_pipecomet_app()
     app.runtime.reactor = reactor
+    # Configured as twistd configures it (default tables): the site is the
+    # one users get, with request limits and lazy body parsing.
+    app.configure(Config())
     return app.site()
 
 
