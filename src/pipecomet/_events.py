@@ -295,18 +295,7 @@ class EventKeeper:
         Invoke every waiter of ``key`` with ``value`` (a once-mode waiter
         completes).  Returns the number of waiters reached.
         """
-        waiters = self._by_key.get(key)
-        if not waiters:
-            return 0
-        reached = 0
-        for event in tuple(waiters):
-            if event.state in WAITING:
-                reached += 1
-                try:
-                    event.invoke(value)
-                except Exception:
-                    log.failure("listener of {key!r} failed on invoke", key=key)
-        return reached
+        return self._reach(key, "invoke", value)
 
     invoke = fire
 
@@ -315,6 +304,9 @@ class EventKeeper:
         Complete every waiter of ``key`` (the end event).  Returns the
         number of waiters reached.
         """
+        return self._reach(key, "complete", value)
+
+    def _reach(self, key: Hashable, transition: str, value: Any) -> int:
         waiters = self._by_key.get(key)
         if not waiters:
             return 0
@@ -323,9 +315,10 @@ class EventKeeper:
             if event.state in WAITING:
                 reached += 1
                 try:
-                    event.complete(value)
+                    getattr(event, transition)(value)
                 except Exception:
-                    log.failure("listener of {key!r} failed on complete", key=key)
+                    log.failure("listener of {key!r} failed on {transition}", key=key,
+                                transition=transition)
         return reached
 
     # -- books
