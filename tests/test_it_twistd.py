@@ -111,3 +111,31 @@ def test_plugin_found_after_normal_install(tmp_path):
     help_text = subprocess.run([str(venv / "bin" / "twistd"), "--help"], capture_output=True,
                                text=True, timeout=120, cwd=tmp_path)
     assert "pipecomet" in help_text.stdout
+
+
+def test_options_override_config(tmp_path, monkeypatch):
+    """
+    --workers-module overrides the config file; the app is built and checked
+    (not started) while the options are parsed.
+    """
+    from pipecomet._service import Options
+
+    (tmp_path / "cpuapp.py").write_text(textwrap.dedent("""
+        from pipecomet import App, process_pipe
+
+        def make_app(config=None):
+            app = App()
+            app.route("/burn", [process_pipe("cpu_burn", lambda i, c, r: 1.0)])
+            return app
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "c.toml"
+    config.write_text('[workers]\nmodule = "nowhere.at_all"\nsize = 1\n')
+    options = Options()
+    options.parseOptions(["--config", str(config), "--app", "cpuapp:make_app",
+                          "--workers-module", "pipecomet.demo.worker_functions"])
+    app = options["app_object"]
+    assert app.config.workers.module == "pipecomet.demo.worker_functions"
+    assert app.config.workers.size == 1
+    assert app.runtime.workers is not None
+    assert not app.service.running
