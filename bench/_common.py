@@ -191,3 +191,14 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait(10)
     if proc.stdout is not None:
         proc.stdout.close()
+
+
+def loadavg() -> str:
+    """
+    The 1, 5 and 15 minute load averages, to say how busy a run's machine was.
+    """
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"

@@ -404,6 +404,28 @@ def _held(reactor: Any, run: Run) -> Any:
     return go()
 
 
+def _connect_and_hold(reactor: Any, run: Run, factory: Any, n: int, tries: int) -> Any:
+    """
+    Open ``n`` raw connections in batches (so the accept queue never
+    overflows), then wait up to ``tries`` × 0.1 s until the server holds them.
+    """
+    from twisted.internet import defer
+
+    @defer.inlineCallbacks
+    def go() -> Any:
+        for i in range(n):
+            reactor.connectTCP("127.0.0.1", run.port, factory)
+            if i % 250 == 249:
+                yield _sleep(reactor, 0.02)
+        for _ in range(tries):
+            held = yield _held(reactor, run)
+            if held >= n:
+                break
+            yield _sleep(reactor, 0.1)
+
+    return go()
+
+
 def measure_held(reactor: Any, kind: str, mode: str, held: int, publishes: int) -> Any:
     """
     Hold ``held`` subscribers on ``kind``/``mode``; RSS per connection and
@@ -440,17 +462,8 @@ def measure_held(reactor: Any, kind: str, mode: str, held: int, publishes: int) 
             run.clients = []
             yield _sleep(reactor, 0.5)
             base_rss = rss_kib(run.proc.pid)
-            # Connect in batches so that the accept queue never overflows.
             t0 = time.monotonic()
-            for i in range(held):
-                reactor.connectTCP("127.0.0.1", run.port, factory)
-                if i % 250 == 249:
-                    yield _sleep(reactor, 0.02)
-            for _ in range(600):
-                n = yield _held(reactor, run)
-                if n >= held:
-                    break
-                yield _sleep(reactor, 0.1)
+            yield _connect_and_hold(reactor, run, factory, held, tries=600)
             connect_s = time.monotonic() - t0
             n_held = yield _held(reactor, run)
             yield _sleep(reactor, 1.0)
@@ -558,10 +571,7 @@ def measure_fanout(reactor: Any, kind: str, subs: int, seconds: float,
             else:
                 factory = _client_protocols(run)
                 run.expect = 10**12
-                for i in range(subs):
-                    reactor.connectTCP("127.0.0.1", run.port, factory)
-                    if i % 250 == 249:
-                        yield _sleep(reactor, 0.02)
+                yield _connect_and_hold(reactor, run, factory, subs, tries=0)
             for _ in range(300):
                 n = yield _held(reactor, run)
                 if n >= subs:

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import cpu_seconds, free_port, stop_process, tool_version, wait_ready, write_result
+from ._common import cpu_seconds, free_port, loadavg, stop_process, tool_version, wait_ready, write_result
 from .http_servers import IN_PROCESS_KINDS, PATH, QUERY
 
 KINDS = ("twisted", "klein", "pipecomet", "tornado")
@@ -158,14 +158,6 @@ def in_process_breakdown(pinned: bool) -> dict[str, float]:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def _spread(values: list[float]) -> float:
     """
     (max - min) / median, in percent: how much the rounds disagreed.
@@ -194,7 +186,7 @@ def main() -> None:
     if budget > HARD_LIMIT:
         raise SystemExit(f"settings would take up to {budget}s; the limit is {HARD_LIMIT}s")
 
-    load_before = _loadavg()
+    load_before = loadavg()
     per_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     for r in range(rounds):
         # Rotate the order each round so no kind always runs first or last.
@@ -207,7 +199,7 @@ def main() -> None:
                   f"p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms  "
                   f"cpu {out['cpu_us_per_req']:6.1f} us/req  busy {out['server_busy_pct']:3.0f}%",
                   flush=True)
-    load_after = _loadavg()
+    load_after = loadavg()
     breakdown = in_process_breakdown(pinned)
 
     med: dict[str, dict[str, float]] = {}

@@ -41,7 +41,7 @@ import sys
 import time
 from typing import Any
 
-from ._common import ROOT, free_port, stop_process, tool_version, wait_ready, write_result
+from ._common import ROOT, free_port, loadavg, stop_process, tool_version, wait_ready, write_result
 from .http import _pin, parse_wrk
 
 SERVER_CORE = "0"
@@ -440,14 +440,6 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v else default
 
 
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> None:
     started = time.monotonic()
     parts = [p for p in os.environ.get("BENCH_QUOTA_PARTS", "isolation,seed002,overhead").split(",") if p]
@@ -463,7 +455,7 @@ def main() -> None:
     budget = rounds * (2 * seconds + 20) + 2 * max(seconds, 15) + 60 + 6 * (seed_seconds + 15) + 120
     if budget > HARD_LIMIT:
         raise SystemExit(f"settings would take up to {budget}s; the limit is {HARD_LIMIT}s")
-    load_before = _loadavg()
+    load_before = loadavg()
 
     tables: list[dict[str, Any]] = []
     targets: list[dict[str, Any]] = []
@@ -613,7 +605,7 @@ def main() -> None:
     notes.append(("servers pinned to core 0, wrk and the backend to core 1 (taskset)" if pinned
                   else "NOT pinned: fewer than 2 cores or no taskset"))
     notes.append(f"load average before {load_before}, after "
-                 f"{_loadavg()}: the machine is shared (2 cores, other engineers' tests), figures "
+                 f"{loadavg()}: the machine is shared (2 cores, other engineers' tests), figures "
                  "are noisy.")
     notes.append(f"run took {time.monotonic() - started:.0f} s.")
     write_result(
