@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed
 TEST_APT := $(shell cat scripts/test-packages.txt 2>/dev/null)
 BENCH_APT := wrk util-linux
 PORT ?= tcp:8080
+# What test-lowest runs: everything but the packaging and browser tests, which
+# are about the install and the page, not the dependency versions.
+LOWEST_PYTEST_ARGS ?= tests
 
-.PHONY: run test test-pytest test-trial install bench bench-http bench-quota bench-comet \
+.PHONY: run test test-pytest test-trial test-lowest install bench bench-http bench-quota bench-comet \
         bench-workers bench-seed000 bench-lazy perf-doc clean
 
 $(STAMP): pyproject.toml
@@ -29,10 +32,25 @@ run: $(STAMP)
 
 test: $(STAMP)
 	scripts/apt-ensure $(TEST_APT)
-	$(MAKE) --no-print-directory test-pytest test-trial
+	$(MAKE) --no-print-directory test-pytest test-trial test-lowest
 
 test-pytest: $(STAMP)
 	$(VENV)/bin/pytest -q tests
+
+# The same suite on the lowest dependency versions pyproject.toml claims
+# (scripts/lowest-constraints.txt), in a venv of its own.
+LOWEST := .venv-lowest
+$(LOWEST)/.installed: pyproject.toml scripts/lowest-constraints.txt
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q --upgrade pip
+	$(LOWEST)/bin/python -m pip install -q -c scripts/lowest-constraints.txt -e '.[test,demo]'
+	site=$$($(LOWEST)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  ln -sf $(CURDIR)/twisted/plugins/pipecomet_plugin.py $$site/twisted/plugins/pipecomet_plugin.py
+	touch $@
+
+test-lowest: $(LOWEST)/.installed
+	$(LOWEST)/bin/python -c 'import twisted, klein, treq; print("lowest:", "twisted", twisted.__version__, "klein", klein.__version__, "treq", treq.__version__)'
+	$(LOWEST)/bin/pytest -q $(LOWEST_PYTEST_ARGS)
 
 # The unit tests are trial TestCases too; trial finds the tests package on PYTHONPATH.
 test-trial: $(STAMP)
@@ -51,4 +69,4 @@ perf-doc: $(STAMP)
 	$(PY) -m bench.report
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(LOWEST) build dist src/*.egg-info

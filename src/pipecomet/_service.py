@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Any
 
 import attrs
@@ -37,7 +38,10 @@ class Options(usage.Options):
         try:
             self["app_object"] = build_app(self)
         except ConfigError as e:
-            raise usage.UsageError(f"configuration error: {e}") from None
+            # Not a UsageError: older twistd (24.7 among them) printed those and exited 0,
+            # and a bad configuration must fail the start on every version.
+            sys.stderr.write(f"pipecomet: configuration error: {e}\n")
+            raise SystemExit(1) from None
 
     def opt_version(self) -> None:
         from . import __version__
