@@ -22,12 +22,13 @@ from typing import Any, Callable
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._zookeeper import (
     as_deferred,
+    describe,
     instance_json,
     instance_path,
     make_kazoo_client,
@@ -140,6 +141,7 @@ class ServiceRegistration(Service):
         self._registrations = 0
         self._losses = 0
         self._last_error: str | None = None
+        self._starting: Deferred = succeed(None)
 
     @property
     def session(self) -> tuple[int, bytes] | None:
@@ -163,7 +165,8 @@ class ServiceRegistration(Service):
                                    service_type="DYNAMIC")
         self._client = self._client_factory()
         self._client.add_listener(self._kazoo_state)
-        start_client(self._reactor, self._client).addErrback(self._failed, "start")
+        self._starting = start_client(self._reactor, self._client).addErrback(
+            self._failed, "start")
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -188,6 +191,7 @@ class ServiceRegistration(Service):
                 # Closing the session below removes an ephemeral node anyway.
                 log.failure("registration: could not delete {path}", path=self.path)
         self._connected = self._registered = False
+        yield self._starting  # a stop racing the start's thread could leave kazoo running
         yield stop_client(self._reactor, client)
 
     def status(self) -> dict:
@@ -278,9 +282,9 @@ class ServiceRegistration(Service):
         raise RuntimeError(f"{self.path} kept existing under another session")
 
     def _failed(self, failure: Failure, what: str) -> None:
-        self._last_error = f"{what}: {failure.getErrorMessage()}"
+        self._last_error = f"{what}: {describe(failure)}"
         log.warn("registration: {what} of {path} failed: {error}", what=what, path=self.path,
-                 error=failure.getErrorMessage())
+                 error=describe(failure))
         if self.running and self._connected and self._retry_call is None:
             self._retry_call = self._reactor.callLater(self._retry_delay, self._retry)
 

@@ -39,6 +39,7 @@ __all__ = [
     "instance_path",
     "make_kazoo_client",
     "as_deferred",
+    "describe",
     "SERVICE_TYPES",
 ]
 
@@ -176,6 +177,15 @@ def as_deferred(reactor: Any, result: Any) -> Deferred:
     return d
 
 
+def describe(failure: Failure) -> str:
+    """
+    A failure in one line for logs and status: type, and message if any.
+    """
+    message = failure.getErrorMessage()
+    name = failure.type.__name__ if failure.type is not None else "error"
+    return f"{name}: {message}" if message and message != name else name
+
+
 def _in_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> Deferred:
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
@@ -262,6 +272,7 @@ class ZooKeeperDiscovery:
         self._retry_call: Any = None
         self._start_call: Any = None
         self._started: Deferred | None = None
+        self._starting: Deferred = succeed(None)
         self._last_error: str | None = None
         self._changes = 0
         self._connects = 0
@@ -283,7 +294,7 @@ class ZooKeeperDiscovery:
         self._client = self._client_factory()
         self._client.add_listener(self._kazoo_state)
         self._start_call = self._reactor.callLater(self._start_timeout, self._start_timed_out)
-        start_client(self._reactor, self._client).addErrback(self._start_failed)
+        self._starting = start_client(self._reactor, self._client).addErrback(self._start_failed)
         return started
 
     @inlineCallbacks
@@ -299,6 +310,8 @@ class ZooKeeperDiscovery:
         self._fire_started()
         client, self._client = self._client, None
         client.remove_listener(self._kazoo_state)
+        # A stop racing the start's thread could leave kazoo's threads running.
+        yield self._starting
         yield stop_client(self._reactor, client)
 
     def current(self) -> tuple[Endpoint, ...]:
@@ -357,7 +370,7 @@ class ZooKeeperDiscovery:
                          count=len(self._endpoints))
 
     def _start_failed(self, failure: Failure) -> None:
-        self._last_error = failure.getErrorMessage()
+        self._last_error = describe(failure)
         log.failure("zookeeper discovery {path}: cannot start the client", failure,
                     path=self._path)
 
@@ -466,7 +479,7 @@ class ZooKeeperDiscovery:
                     continue
                 # Keep what we had for it and read it again.
                 failed.append(name)
-                error = f"{name}: {value.getErrorMessage()}"
+                error = f"{name}: {describe(value)}"
                 continue
             self._instances.pop(name, None)
             self._invalid.pop(name, None)
@@ -488,7 +501,7 @@ class ZooKeeperDiscovery:
     def _read_failed(self, failure: Failure, full: bool, dirty: set[str]) -> None:
         self._full = self._full or full
         self._dirty |= dirty
-        self._last_error = failure.getErrorMessage()
+        self._last_error = describe(failure)
         log.warn("zookeeper discovery {path}: read failed ({error}); keeping the last "
                  "{count} endpoint(s)", path=self._path, error=self._last_error,
                  count=len(self._endpoints))
