@@ -11,6 +11,7 @@ admin server off and the four-letter words it needs (``ruok``) allowed.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -58,6 +59,8 @@ class ZooKeeperServer:
             "maxClientCnxns=0\n"
         )
         self.process: subprocess.Popen | None = None
+        # A test run that dies before its fixture's teardown must not leave a JVM behind.
+        atexit.register(self.stop)
 
     # -- blocking (fixtures; never on the reactor thread while it serves)
 

@@ -189,6 +189,29 @@ def test_zookeeper_stopped_mid_run_keeps_last_endpoints(zk, writer, base):
 
 
 @pytest_twisted.inlineCallbacks
+def test_discovery_session_expiry_reads_afresh(zk, writer, base):
+    """
+    After its session expired, discovery reads the list again on the new
+    session and its watches work again.
+    """
+    yield blocking(writer.create, f"{base}/users/a", curator("users", "a", 8001),
+                   makepath=True)
+    disc = ZooKeeperDiscovery(zk.hosts, base, "users", reactor=reactor, session_timeout=4.0)
+    try:
+        yield disc.start()
+        first = disc.session
+        yield blocking(expire_session, zk.hosts, first)
+        yield wait_until(lambda: disc.status()["connects"] == 2 and not disc.status()["stale"],
+                         "a new session and a fresh read")
+        assert disc.session[0] != first[0]
+        assert ports(disc.current()) == [8001]
+        yield blocking(writer.create, f"{base}/users/b", curator("users", "b", 8002))
+        yield wait_until(lambda: ports(disc.current()) == [8001, 8002], "watch after expiry")
+    finally:
+        yield disc.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_start_without_zookeeper_fires_empty_and_stale():
     """
     Nothing listens at ``hosts``: start() still fires (after its timeout)

@@ -278,6 +278,14 @@ class ZooKeeperDiscovery:
         self._connects = 0
         self._losses = 0
 
+    @property
+    def session(self) -> tuple[int, bytes] | None:
+        """
+        kazoo's ``(session id, password)`` while connected, else None
+        (diagnostics; tests use it to expire the session on purpose).
+        """
+        return None if self._client is None else self._client.client_id
+
     # -- IDiscovery
 
     def start(self) -> Deferred:
