@@ -313,6 +313,24 @@ class ZooKeeperDiscoveryStateTests(SynchronousTestCase):
         self.zk.release()  # get_children answers; the get goes out and answers
         self.assertEqual(self.disc.status()["stale"], False)
 
+    def test_a_read_begun_before_a_suspension_does_not_make_the_list_current(self) -> None:
+        self.zk.put("/services/users/a", node(8001, "a"))
+        self.started()
+        self.zk.hold = True
+        self.zk.put("/services/users/b", node(8002, "b"))  # read 1 goes out
+        self.zk.state("SUSPENDED")
+        self.zk.state("CONNECTED")  # read 2 (everything) waits for read 1
+        self.assertEqual(self.disc.link.value, "reading")
+        self.zk.release()  # read 1's listing; its get of b goes out
+        self.zk.release()  # read 1 done
+        self.assertEqual(ports(self.disc.current()), [8001, 8002])
+        self.assertEqual(self.disc.status()["stale"], True)
+        self.zk.release()  # read 2's listing
+        self.zk.release()  # read 2's gets
+        self.assertEqual(self.zk.held, [])
+        self.assertEqual(self.disc.status()["stale"], False)
+        self.assertEqual(self.disc.status()["state"], "current")
+
     def test_no_answer_at_start_fires_empty_and_stale_after_start_timeout(self) -> None:
         d = self.disc.start()
         self.reactor.advance(9.9)
@@ -434,6 +452,21 @@ class ServiceRegistrationStateTests(SynchronousTestCase):
         self.assertEqual(self.zk.calls, ["create", "exists"])
         status = self.reg.status()
         self.assertEqual((status["registered"], status["registrations"]), (True, 1))
+
+    def test_an_answer_from_before_a_suspension_proves_nothing(self) -> None:
+        self.reg.startService()
+        self.zk.hold = True
+        self.zk.state("CONNECTED")  # the create goes out
+        self.zk.state("SUSPENDED")
+        self.zk.state("CONNECTED")  # a second check waits for the first
+        self.zk.release()  # the first create's answer
+        status = self.reg.status()
+        self.assertEqual((status["state"], status["registrations"]), ("registering", 1))
+        self.zk.release()  # the second create: exists...
+        self.zk.release()  # ...and is ours
+        self.assertEqual(self.zk.held, [])
+        status = self.reg.status()
+        self.assertEqual((status["state"], status["registrations"]), ("registered", 1))
 
     def test_lost_session_registers_again(self) -> None:
         self.reg.startService()

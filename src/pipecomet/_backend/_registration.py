@@ -16,6 +16,7 @@ brought to the reactor thread.
 
 from __future__ import annotations
 
+import enum
 import json
 import uuid
 from typing import Any, Callable
@@ -36,7 +37,7 @@ from ._zookeeper import (
     stop_client,
 )
 
-__all__ = ["ServiceRegistration", "RegistrationConfig", "install"]
+__all__ = ["ServiceRegistration", "RegistrationConfig", "RegistrationState", "install"]
 
 log = Logger()
 
@@ -96,6 +97,36 @@ class RegistrationConfig:
             raise ValueError("port: needed when enabled = true (1..65535)")
 
 
+class RegistrationState(enum.Enum):
+    """
+    Where a :class:`ServiceRegistration` stands.
+    """
+
+    STOPPED = "stopped"
+    #: started, never connected yet
+    CONNECTING = "connecting"
+    #: connected; making sure the node is there and ours
+    REGISTERING = "registering"
+    #: the node exists, owned by the current session
+    REGISTERED = "registered"
+    #: connection suspended; the node lives as long as the session does
+    SUSPENDED = "suspended"
+    #: the session expired and the node with it; written again on reconnection
+    EXPIRED = "expired"
+
+
+_S = RegistrationState
+_MOVES: dict[RegistrationState, frozenset[RegistrationState]] = {
+    _S.STOPPED: frozenset({_S.CONNECTING}),
+    _S.CONNECTING: frozenset({_S.REGISTERING, _S.SUSPENDED, _S.EXPIRED, _S.STOPPED}),
+    _S.REGISTERING: frozenset({_S.REGISTERING, _S.REGISTERED, _S.SUSPENDED, _S.EXPIRED,
+                               _S.STOPPED}),
+    _S.REGISTERED: frozenset({_S.REGISTERING, _S.SUSPENDED, _S.EXPIRED, _S.STOPPED}),
+    _S.SUSPENDED: frozenset({_S.REGISTERING, _S.SUSPENDED, _S.EXPIRED, _S.STOPPED}),
+    _S.EXPIRED: frozenset({_S.REGISTERING, _S.EXPIRED, _S.STOPPED}),
+}
+
+
 class ServiceRegistration(Service):
     """
     This server as an ephemeral Curator instance of ``service``.
@@ -133,8 +164,8 @@ class ServiceRegistration(Service):
             lambda: make_kazoo_client(hosts, session_timeout, reconnect_max_delay))
         self._client: Any = None
         self._data = b""
-        self._connected = False
-        self._registered = False
+        self._state = RegistrationState.STOPPED
+        self._epoch = 0  # connections so far; an attempt counts only for its own
         self._busy = False
         self._again = False
         self._retry_call: Any = None
@@ -151,6 +182,16 @@ class ServiceRegistration(Service):
         """
         return None if self._client is None else self._client.client_id
 
+    @property
+    def state(self) -> RegistrationState:
+        return self._state
+
+    def _move(self, to: RegistrationState) -> None:
+        if to not in _MOVES[self._state]:
+            raise RuntimeError(f"registration {self.path}: no move from {self._state.value} "
+                               f"to {to.value}")
+        self._state = to
+
     def instance_json(self) -> bytes:
         """
         The bytes written to the node.
@@ -159,6 +200,7 @@ class ServiceRegistration(Service):
 
     def startService(self) -> None:
         Service.startService(self)
+        self._move(RegistrationState.CONNECTING)
         registered_at = int(self._reactor.seconds() * 1000)
         self._data = instance_json(self._service, self.instance_id, self._address, self._port,
                                    payload=self._payload, registration_time_ms=registered_at,
@@ -171,6 +213,8 @@ class ServiceRegistration(Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         Service.stopService(self)
+        registered = self._state is RegistrationState.REGISTERED
+        self._move(RegistrationState.STOPPED)
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
@@ -178,7 +222,7 @@ class ServiceRegistration(Service):
         if client is None:
             return
         client.remove_listener(self._kazoo_state)
-        if self._connected and self._registered:
+        if registered:
             from kazoo.exceptions import NoNodeError
 
             try:
@@ -190,19 +234,21 @@ class ServiceRegistration(Service):
             except Exception:
                 # Closing the session below removes an ephemeral node anyway.
                 log.failure("registration: could not delete {path}", path=self.path)
-        self._connected = self._registered = False
         yield self._starting  # a stop racing the start's thread could leave kazoo running
         yield stop_client(self._reactor, client)
 
     def status(self) -> dict:
         """
-        ``path``, ``id``, ``address``, ``connected``, ``registered`` (the node
-        is known to exist for the current session), ``registrations`` (nodes
+        ``path``, ``id``, ``address``, ``state`` (a :class:`RegistrationState`
+        value), ``connected``, ``registered`` (the node is known to exist
+        for the current session), ``registrations`` (nodes
         created), ``session_losses`` and ``last_error``.
         """
         return {"path": self.path, "id": self.instance_id,
-                "address": f"{self._address}:{self._port}", "connected": self._connected,
-                "registered": self._registered, "registrations": self._registrations,
+                "address": f"{self._address}:{self._port}", "state": self._state.value,
+                "connected": self._state in (_S.REGISTERING, _S.REGISTERED),
+                "registered": self._state is _S.REGISTERED,
+                "registrations": self._registrations,
                 "session_losses": self._losses, "last_error": self._last_error}
 
     # -- connection state (kazoo thread → reactor thread)
@@ -211,44 +257,44 @@ class ServiceRegistration(Service):
         self._reactor.callFromThread(self._on_state, str(state))
 
     def _on_state(self, state: str) -> None:
-        if not self.running:
+        if self._state is _S.STOPPED:
             return
         if state == "CONNECTED":
-            self._connected = True
+            self._move(_S.REGISTERING)
+            self._epoch += 1
             self._ensure()
         elif state == "LOST":
             # The session is gone and the node with it; a new session
             # writes it again on CONNECTED.
-            if self._registered or self._connected:
+            if self._state in (_S.REGISTERING, _S.REGISTERED, _S.SUSPENDED):
                 self._losses += 1
                 log.warn("registration: ZooKeeper session lost; {path} will be registered "
                          "again on reconnection", path=self.path)
-            self._connected = False
-            self._registered = False
-        else:  # SUSPENDED: the node lives on as long as the session does
-            self._connected = False
+            self._move(_S.EXPIRED)
+        else:
+            self._move(_S.SUSPENDED)
 
     # -- registering
 
     def _ensure(self) -> None:
-        if not self.running or self._client is None:
+        if self._state is not _S.REGISTERING or self._client is None:
             return
         if self._busy:
             self._again = True
             return
         self._busy = True
         self._again = False
-        d = self._register_once(self._client)
+        d = self._register_once(self._client, self._epoch)
         d.addErrback(self._failed, "register")
         d.addBoth(self._done)
 
     def _done(self, _: Any) -> None:
         self._busy = False
-        if self.running and self._again:
+        if self._again:
             self._ensure()
 
     @inlineCallbacks
-    def _register_once(self, client: Any) -> Any:
+    def _register_once(self, client: Any, epoch: int) -> Any:
         from kazoo.exceptions import BadVersionError, NoNodeError, NodeExistsError
 
         for _ in range(_CREATE_ATTEMPTS):
@@ -261,7 +307,7 @@ class ServiceRegistration(Service):
                     continue
                 session = client.client_id
                 if session is not None and stat.ephemeralOwner == session[0]:
-                    self._registered = True  # ours, from this session
+                    self._registered_now(epoch, created=False)  # ours, from this session
                     return
                 # Left by an older session (or another process with our id):
                 # replace it, as Curator does, so watchers see the change.
@@ -271,21 +317,26 @@ class ServiceRegistration(Service):
                 except (NoNodeError, BadVersionError):
                     pass
                 continue
-            if client is not self._client:
-                return
-            self._registered = True
-            self._registrations += 1
-            self._last_error = None
-            log.info("registration: {path} registered as {address}:{port}", path=self.path,
-                     address=self._address, port=self._port)
+            self._registered_now(epoch, created=True)
             return
         raise RuntimeError(f"{self.path} kept existing under another session")
+
+    def _registered_now(self, epoch: int, created: bool) -> None:
+        if created:
+            self._registrations += 1
+            log.info("registration: {path} registered as {address}:{port}", path=self.path,
+                     address=self._address, port=self._port)
+        # An answer from before a suspension or a lost session proves
+        # nothing about the present one.
+        if self._state is _S.REGISTERING and epoch == self._epoch:
+            self._move(_S.REGISTERED)
+            self._last_error = None
 
     def _failed(self, failure: Failure, what: str) -> None:
         self._last_error = f"{what}: {describe(failure)}"
         log.warn("registration: {what} of {path} failed: {error}", what=what, path=self.path,
                  error=describe(failure))
-        if self.running and self._connected and self._retry_call is None:
+        if self._state is _S.REGISTERING and self._retry_call is None:
             self._retry_call = self._reactor.callLater(self._retry_delay, self._retry)
 
     def _retry(self) -> None:

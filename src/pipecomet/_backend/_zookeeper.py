@@ -21,6 +21,7 @@ pool.
 
 from __future__ import annotations
 
+import enum
 import json
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ __all__ = [
     "as_deferred",
     "describe",
     "SERVICE_TYPES",
+    "Link",
 ]
 
 log = Logger()
@@ -214,6 +216,31 @@ def _same(a: tuple[Endpoint, ...], b: tuple[Endpoint, ...]) -> bool:
     return a == b and [e.payload for e in a] == [e.payload for e in b]
 
 
+class Link(enum.Enum):
+    """
+    Where a :class:`ZooKeeperDiscovery` stands with ZooKeeper.
+    """
+
+    STOPPED = "stopped"
+    #: started, never connected yet
+    CONNECTING = "connecting"
+    #: connected; the list is being read afresh (still stale)
+    READING = "reading"
+    #: connected, and the list read since the connection came up
+    CURRENT = "current"
+    #: connection suspended or session lost; the last list is kept
+    DISCONNECTED = "disconnected"
+
+
+_LINK_MOVES: dict[Link, frozenset[Link]] = {
+    Link.STOPPED: frozenset({Link.CONNECTING}),
+    Link.CONNECTING: frozenset({Link.READING, Link.DISCONNECTED, Link.STOPPED}),
+    Link.READING: frozenset({Link.READING, Link.CURRENT, Link.DISCONNECTED, Link.STOPPED}),
+    Link.CURRENT: frozenset({Link.READING, Link.DISCONNECTED, Link.STOPPED}),
+    Link.DISCONNECTED: frozenset({Link.READING, Link.DISCONNECTED, Link.STOPPED}),
+}
+
+
 @implementer(IDiscovery)
 class ZooKeeperDiscovery:
     """
@@ -257,9 +284,8 @@ class ZooKeeperDiscovery:
         self._client_factory = client_factory or (
             lambda: make_kazoo_client(hosts, session_timeout, reconnect_max_delay))
         self._client: Any = None
-        self._running = False
-        self._connected = False
-        self._fresh = False
+        self._link = Link.STOPPED
+        self._epoch = 0  # connections so far; a read counts only for its own
         self._endpoints: tuple[Endpoint, ...] = ()
         self._instances: dict[str, Endpoint] = {}
         self._invalid: dict[str, str] = {}
@@ -294,9 +320,9 @@ class ZooKeeperDiscovery:
         with an empty, stale list when ZooKeeper cannot be reached (kazoo
         keeps trying; the list arrives through :meth:`watch` later).
         """
-        if self._running:
+        if self._link is not Link.STOPPED:
             return succeed(None)
-        self._running = True
+        self._move(Link.CONNECTING)
         self._started = Deferred()
         started = self._started
         self._client = self._client_factory()
@@ -307,10 +333,9 @@ class ZooKeeperDiscovery:
 
     @inlineCallbacks
     def stop(self) -> Any:
-        if not self._running:
+        if self._link is Link.STOPPED:
             return
-        self._running = False
-        self._connected = False
+        self._move(Link.STOPPED)
         for call in (self._retry_call, self._start_call):
             if call is not None and call.active():
                 call.cancel()
@@ -334,17 +359,36 @@ class ZooKeeperDiscovery:
 
         return unwatch
 
+    @property
+    def link(self) -> Link:
+        """
+        Where this discovery stands with ZooKeeper now.
+        """
+        return self._link
+
+    def _move(self, to: Link) -> None:
+        if to not in _LINK_MOVES[self._link]:
+            raise RuntimeError(f"zookeeper discovery {self._path}: no move from "
+                               f"{self._link.value} to {to.value}")
+        self._link = to
+
+    @property
+    def _running(self) -> bool:
+        return self._link is not Link.STOPPED
+
     def status(self) -> dict:
         """
-        ``kind``, ``path``, ``connected``, ``stale`` (the list may be out of
-        date: not connected, or not read since the connection came back),
-        ``endpoints``, ``node_exists`` (None before the first read),
+        ``kind``, ``path``, ``state`` (a :class:`Link` value), ``connected``,
+        ``stale`` (the list may be out of date: not connected, or not read
+        since the connection came back), ``endpoints``, ``node_exists`` (None before the first read),
         ``invalid`` (node → why it was left out), ``last_error``,
         ``changes`` (list changes seen), ``connects`` and ``losses``
         (suspensions and lost sessions).
         """
         return {"kind": "zookeeper", "hosts": self._hosts, "path": self._path,
-                "connected": self._connected, "stale": not (self._connected and self._fresh),
+                "state": self._link.value,
+                "connected": self._link in (Link.READING, Link.CURRENT),
+                "stale": self._link is not Link.CURRENT,
                 "endpoints": len(self._endpoints), "node_exists": self._node_exists,
                 "invalid": dict(self._invalid), "last_error": self._last_error,
                 "changes": self._changes, "connects": self._connects, "losses": self._losses}
@@ -358,19 +402,18 @@ class ZooKeeperDiscovery:
         if not self._running:
             return
         if state == "CONNECTED":
-            self._connected = True
+            self._move(Link.READING)
+            self._epoch += 1
             self._connects += 1
             log.info("zookeeper discovery {path}: connected to {hosts}",
                      path=self._path, hosts=self._hosts)
             # After a suspension the data may have moved on; after a lost
             # session the watches are gone.  Read everything again.
-            self._fresh = False
             self._full = True
             self._read()
         else:  # SUSPENDED or LOST
-            was = self._connected
-            self._connected = False
-            self._fresh = False
+            was = self._link in (Link.READING, Link.CURRENT)
+            self._move(Link.DISCONNECTED)
             if was:
                 self._losses += 1
                 log.warn("zookeeper discovery {path}: connection {state}; keeping the last "
@@ -433,12 +476,12 @@ class ZooKeeperDiscovery:
         self._again = False
         full, self._full = self._full, False
         dirty, self._dirty = self._dirty, set()
-        d = self._read_once(self._client, full, dirty)
+        d = self._read_once(self._client, full, dirty, self._epoch)
         d.addErrback(self._read_failed, full, dirty)
         d.addBoth(self._read_done)
 
     @inlineCallbacks
-    def _read_once(self, client: Any, full: bool, dirty: set[str]) -> Any:
+    def _read_once(self, client: Any, full: bool, dirty: set[str], epoch: int) -> Any:
         from kazoo.exceptions import NoNodeError
 
         try:
@@ -454,7 +497,7 @@ class ZooKeeperDiscovery:
             self._node_exists = False
             self._instances.clear()
             self._invalid.clear()
-            self._publish()
+            self._publish(complete=True, epoch=epoch)
             if stat is not None:
                 self._again = True
             return
@@ -501,7 +544,7 @@ class ZooKeeperDiscovery:
                 continue
             if endpoint is not None:
                 self._instances[name] = endpoint
-        self._publish(complete=not failed)
+        self._publish(complete=not failed, epoch=epoch)
         if failed:
             self._dirty.update(failed)
             raise RuntimeError(f"could not read {len(failed)} instance node(s), e.g. {error}")
@@ -513,7 +556,7 @@ class ZooKeeperDiscovery:
         log.warn("zookeeper discovery {path}: read failed ({error}); keeping the last "
                  "{count} endpoint(s)", path=self._path, error=self._last_error,
                  count=len(self._endpoints))
-        if self._running and self._connected and self._retry_call is None:
+        if self._link in (Link.READING, Link.CURRENT) and self._retry_call is None:
             self._retry_call = self._reactor.callLater(self._retry_delay, self._retry)
         return None
 
@@ -526,9 +569,12 @@ class ZooKeeperDiscovery:
         if self._running and self._again:
             self._read()
 
-    def _publish(self, complete: bool = True) -> None:
-        if self._connected and complete:
-            self._fresh = True
+    def _publish(self, complete: bool, epoch: int) -> None:
+        # Only a complete read begun on the present connection makes the
+        # list current; one begun before a suspension does not.
+        if complete and self._link is Link.READING and epoch == self._epoch:
+            self._move(Link.CURRENT)
+        if complete and self._link is Link.CURRENT:
             self._last_error = None
         endpoints = tuple(sorted(self._instances.values(), key=lambda e: e.id))
         if not _same(endpoints, self._endpoints):
