@@ -66,7 +66,8 @@ class RegistrationConfig:
     :ivar port: the port others should connect to.
     :ivar id: the instance id (node name); a random UUID per process when empty.
     :ivar payload: Curator's ``payload``: any JSON value, or None.
-    :ivar session_timeout: ZooKeeper session timeout in seconds; the node outlives a dead server by about this long.
+    :ivar session_timeout: ZooKeeper session timeout in seconds; the node
+        outlives a dead server by about this long.
     """
 
     enabled: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))

@@ -278,7 +278,6 @@ class ZooKeeperDiscovery:
         self._service = service
         self._path = service_path(base_path, service)
         self._reactor = reactor
-        self._session_timeout = session_timeout
         self._start_timeout = session_timeout if start_timeout is None else start_timeout
         self._retry_delay = retry_delay
         self._client_factory = client_factory or (
@@ -378,9 +377,10 @@ class ZooKeeperDiscovery:
 
     def status(self) -> dict:
         """
-        ``kind``, ``path``, ``state`` (a :class:`Link` value), ``connected``,
-        ``stale`` (the list may be out of date: not connected, or not read
-        since the connection came back), ``endpoints``, ``node_exists`` (None before the first read),
+        ``kind``, ``hosts``, ``path``, ``state`` (a :class:`Link` value),
+        ``connected``, ``stale`` (the list may be out of date: not
+        connected, or not read since the connection came back),
+        ``endpoints``, ``node_exists`` (None before the first read),
         ``invalid`` (node → why it was left out), ``last_error``,
         ``changes`` (list changes seen), ``connects`` and ``losses``
         (suspensions and lost sessions).
