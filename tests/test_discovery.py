@@ -254,7 +254,9 @@ class CuratorInstanceTests(SynchronousTestCase):
         e = parse_instance(json.dumps(CURATOR_NODE).encode(), CURATOR_NODE["id"])
         self.assertEqual((e.host, e.port, e.id),
                          ("10.20.30.40", 1234, "ca2fff8e-d756-480c-b59e-8297ff88624b"))
-        self.assertEqual(e.payload, CURATOR_NODE["payload"])
+        self.assertEqual(e.payload, {"zone": "a"}, "Jackson's @class hint dropped")
+        node = dict(CURATOR_NODE, payload="plain")
+        self.assertEqual(parse_instance(json.dumps(node).encode()).payload, "plain")
 
     def test_curator_5_enabled_flag_and_minimal_instances(self):
         node = dict(CURATOR_NODE, enabled=False)

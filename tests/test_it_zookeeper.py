@@ -9,6 +9,11 @@ keep the last list while ZooKeeper is down and read afresh when it is back;
 the self-registration node must come back after a session expiry and read
 as Curator's layout.  Each test works under its own base path.
 
+Interoperation is checked with Apache Curator itself (Debian's
+``libcurator-discovery-java``): ``tests/curator/CuratorProbe.java``, compiled
+once for the module, lists what Curator's ``ServiceDiscovery`` finds and
+registers an instance the Curator way.
+
 The tests run on the session's reactor (pytest-twisted); every blocking
 kazoo or process call of the test itself goes to a thread.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -48,6 +54,26 @@ def zk():
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+CURATOR_JAR = "/usr/share/java/curator-x-discovery.jar"  # its manifest names the rest
+
+
+@pytest.fixture(scope="module")
+def curator_probe():
+    """
+    ``tests/curator/CuratorProbe.java`` compiled against Debian's Curator;
+    yields the java command line that runs it.
+    """
+    source = Path(__file__).resolve().parent / "curator" / "CuratorProbe.java"
+    out = Path(tempfile.mkdtemp(prefix="pipecomet-curator-"))
+    try:
+        subprocess.run(["javac", "-d", str(out), "-cp", CURATOR_JAR, str(source)],
+                       check=True, capture_output=True, timeout=180)
+        yield ["java", "-Xmx128m", "-XX:TieredStopAtLevel=1", "-cp",
+               f"{out}:{CURATOR_JAR}", "CuratorProbe"]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.fixture
@@ -313,3 +339,94 @@ def test_registration_replaces_a_node_left_by_another_session(zk, writer, base):
     finally:
         yield reg.stopService()
     assert (yield blocking(writer.exists, path)) is None
+
+
+def curator_list(probe: list[str], hosts: str, base: str, service: str) -> list[dict]:
+    """
+    What Curator's ``ServiceDiscovery.queryForInstances`` returns, as dicts.
+    """
+    done = subprocess.run([*probe, hosts, base, service, "list"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "done", done.stdout
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest_twisted.inlineCallbacks
+def test_curator_finds_our_registration(zk, base, curator_probe):
+    """
+    Apache Curator's ServiceDiscovery reads the self-registration node as one
+    of its own DYNAMIC instances, payload included.
+    """
+    reg = ServiceRegistration(zk.hosts, base, "gateway", "127.0.0.1", 8080, {"zone": "a"},
+                              reactor=reactor, instance_id="gw-1", session_timeout=5.0)
+    reg.startService()
+    try:
+        yield wait_until(lambda: reg.status()["registered"], "registration")
+        (found,) = yield blocking(curator_list, curator_probe, zk.hosts, base, "gateway")
+        assert found["name"] == "gateway" and found["id"] == "gw-1"
+        assert (found["address"], found["port"], found["sslPort"]) == ("127.0.0.1", 8080, None)
+        assert found["payload"] == {"zone": "a"}
+        assert found["serviceType"] == "DYNAMIC" and found["enabled"] is True
+        assert found["registrationTimeUTC"] == json.loads(reg.instance_json())[
+            "registrationTimeUTC"]
+    finally:
+        yield reg.stopService()
+    assert (yield blocking(curator_list, curator_probe, zk.hosts, base, "gateway")) == []
+
+
+class CuratorRegistration:
+    """
+    An instance registered by Curator in a child JVM, until :meth:`stop`.
+    """
+
+    def __init__(self, probe: list[str], hosts: str, base: str, service: str, ident: str,
+                 port: int, zone: str) -> None:
+        self.process = subprocess.Popen(
+            [*probe, hosts, base, service, "register", ident, "127.0.0.1", str(port), zone],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_registered(self) -> None:
+        line = self.process.stdout.readline().strip()
+        if line != "registered":
+            self.process.kill()
+            raise AssertionError(f"Curator probe said {line!r}: {self.process.stderr.read()}")
+
+    def stop(self) -> str:
+        out, err = self.process.communicate("stop\n", timeout=120)
+        assert self.process.returncode == 0, err
+        return out.strip()
+
+
+@pytest_twisted.inlineCallbacks
+def test_we_find_curators_registration(zk, writer, base, curator_probe):
+    """
+    An instance registered with Curator's ServiceDiscovery.registerService
+    is one of our endpoints, payload included; unregistered, it is gone.
+    """
+    disc = ZooKeeperDiscovery(zk.hosts, base, "users", reactor=reactor, session_timeout=5.0)
+    seen: list[list[str]] = []
+    disc.watch(lambda eps: seen.append([e.id for e in eps]))
+    jvm = CuratorRegistration(curator_probe, zk.hosts, base, "users", "jvm-1", 9091, "b")
+    try:
+        yield disc.start()
+        yield blocking(jvm.wait_registered)
+        yield wait_until(lambda: [e.id for e in disc.current()] == ["jvm-1"],
+                         "Curator's instance")
+        (endpoint,) = disc.current()
+        assert (endpoint.host, endpoint.port) == ("127.0.0.1", 9091)
+        assert endpoint.payload == {"zone": "b"}  # Jackson's "@class" member dropped
+        # Curator writes exactly the fields (and order) pipecomet writes.
+        data, stat = yield blocking(writer.get, f"{base}/users/jvm-1")
+        written = json.loads(data)
+        assert list(written) == list(json.loads(curator("users", "jvm-1", 9091)))
+        assert written["serviceType"] == "DYNAMIC" and stat.ephemeralOwner != 0
+        assert (yield blocking(jvm.stop)) == "unregistered"
+        yield wait_until(lambda: disc.current() == (), "Curator's instance gone")
+        assert seen == [["jvm-1"], []]
+    finally:
+        if jvm.process.poll() is None:
+            jvm.process.kill()
+            jvm.process.wait()
+        yield disc.stop()

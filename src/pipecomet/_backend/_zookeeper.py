@@ -60,7 +60,8 @@ def parse_instance(data: bytes, node: str = "") -> Endpoint | None:
 
     ``address`` and ``port`` give where to connect; ``id`` (the node name
     when absent) is the endpoint's id; Curator's ``payload`` becomes the
-    endpoint's payload.  Returns None for an instance Curator would not hand
+    endpoint's payload, without the ``"@class"`` member Jackson adds to an
+    object payload (a Java class name, the same data either way).  Returns None for an instance Curator would not hand
     out either (``"enabled": false``, Curator 5's flag).  Raises ValueError
     saying what is wrong otherwise — including an instance with only an
     ``sslPort``, since the backend client speaks plain HTTP.
@@ -94,7 +95,10 @@ def parse_instance(data: bytes, node: str = "") -> Endpoint | None:
     if service_type not in SERVICE_TYPES:
         raise ValueError(f"{where}: serviceType: {service_type!r} is not one of "
                          f"{', '.join(SERVICE_TYPES)}")
-    return Endpoint(address, port, ident, doc.get("payload"))
+    payload = doc.get("payload")
+    if isinstance(payload, dict) and "@class" in payload:
+        payload = {k: v for k, v in payload.items() if k != "@class"}
+    return Endpoint(address, port, ident, payload)
 
 
 def instance_json(name: str, id: str, address: str, port: int, *, payload: Any = None,
