@@ -225,6 +225,28 @@ class FileDiscoveryTests(SynchronousTestCase):
         self.assertEqual(len(later), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_an_unexpected_error_does_not_end_polling(self):
+        import pipecomet._backend._file as module
+
+        self.write({"endpoints": ["h:1"]})
+        d = self.discovery()
+        d.start()
+
+        def broken(data, name):
+            raise KeyError("x")
+
+        self.patch(module, "parse_endpoints_file", broken)
+        self.write({"endpoints": ["h:2"]})
+        self.clock.advance(2.0)
+        self.assertIn("unexpected KeyError", d.status()["error"])
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertEqual([e.port for e in d.current()], [1])
+
+        self.patch(module, "parse_endpoints_file", parse_endpoints_file)
+        self.write({"endpoints": ["h:3"]})
+        self.clock.advance(2.0)
+        self.assertEqual([e.port for e in d.current()], [3])
+
     def test_make_discovery_builds_it(self):
         self.write({"endpoints": ["h:3"]})
         config = DiscoveryConfig(kind="file", path=str(self.path), poll_interval=0.5)

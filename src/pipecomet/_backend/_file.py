@@ -148,11 +148,9 @@ class FileDiscovery:
         poll it every ``poll_interval`` seconds.
         """
         if self._loop is None:
-            self._loop = LoopingCall(self.check)
+            self._loop = LoopingCall(self._poll)
             self._loop.clock = self._reactor
-            self._loop.start(self._poll_interval, now=True).addErrback(
-                lambda f: log.failure("file discovery poll of {path} failed", f,
-                                      path=self._path))
+            self._loop.start(self._poll_interval, now=True)
         return succeed(None)
 
     def stop(self) -> Deferred:
@@ -185,6 +183,15 @@ class FileDiscovery:
                 "error": self._error, "loads": self._loads, "checks": self._checks}
 
     # -- polling
+
+    def _poll(self) -> None:
+        # An unexpected error must not end the polling (LoopingCall stops
+        # on the first exception): log it, keep the list, poll again.
+        try:
+            self.check()
+        except Exception as e:
+            log.failure("file discovery: checking {path} failed", path=self._path)
+            self._error = f"{self._path}: unexpected {type(e).__name__}: {e}"
 
     def check(self) -> None:
         """
