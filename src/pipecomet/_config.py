@@ -60,6 +60,8 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "quota": ("pipecomet._quota:QuotaConfig", "pipecomet._quota:install"),
     "limits": ("pipecomet._lazy:LimitsConfig", "pipecomet._lazy:install"),
     "workers": ("pipecomet._workers:WorkersConfig", "pipecomet._workers:install"),
+    "registration": ("pipecomet._backend._registration:RegistrationConfig",
+                     "pipecomet._backend._registration:install"),
 }
 
 
