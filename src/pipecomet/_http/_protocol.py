@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
+from twisted.web import http, server
 from zope.interface import implementer
 
 from .._errors import (
@@ -52,6 +52,8 @@ log = Logger()
 #: transport stops being read, and most body bytes they may hold.
 MAX_QUEUED = 32
 MAX_QUEUED_BYTES = 256 * 1024
+
+_SERVER = server.version
 
 # Reasons the transport is not read (bits).
 _WRITE_BLOCKED, _QUEUE_FULL, _CLOSING = 1, 2, 4
@@ -451,7 +453,7 @@ class HTTP11Protocol(Protocol):
         headers = req.requestHeaders
         for name, value in m.headers:
             headers.addRawHeader(name, value)
-        req.prepare(m.method, target, m.version, self.site.date())
+        req.prepare(m.method, target, m.version)
         if m.error is not None:
             req.reject(m.error)
             return
@@ -517,12 +519,22 @@ class HTTP11Protocol(Protocol):
         m = self._active
         persistent = self._persistent and self.phase is not Phase.CLOSING
         close_value = None
+        server = date = True
         out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
         for name, values in headers.getAllRawHeaders():
-            if name.lower() == b"connection":
+            low = name.lower()
+            if low == b"connection":
                 close_value = values
+            elif low == b"server":
+                server = False
+            elif low == b"date":
+                date = False
             for v in values:
                 out += [name, b": ", v, b"\r\n"]
+        if server:
+            out += [b"Server: ", _SERVER, b"\r\n"]
+        if date:
+            out += [b"Date: ", self.site.date(), b"\r\n"]
         if close_value is not None and any(b"close" in v.lower() for v in close_value):
             persistent = False
         if persistent and m is not None and m.version == b"HTTP/1.0":

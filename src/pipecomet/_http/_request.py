@@ -32,7 +32,6 @@ __all__ = ["Request"]
 
 log = Logger()
 
-_SERVER = server.version
 
 
 class Request(server.Request):
@@ -47,7 +46,7 @@ class Request(server.Request):
     # Slots keep the attributes of held requests off the instance dict
     # (twisted.web's Request already fills most of its shared key table).
     __slots__ = ("gone", "pipecomet_body", "_proto", "_msg", "_lazy", "_received", "_run",
-                 "_continue_sent", "_route")
+                 "_continue_sent", "_route", "_args", "_postpath")
 
     def __init__(self, proto: Any, msg: Any) -> None:
         self.gone = False
@@ -59,25 +58,49 @@ class Request(server.Request):
         self._run: Any = None
         self._continue_sent = False
         self._route: Any = None
+        self._args: Any = None
+        self._postpath: Any = None
         super().__init__(proto, queued=False)
 
     # -- set up by the protocol
 
-    def prepare(self, method: bytes, uri: bytes, version: bytes, date: bytes) -> None:
+    def prepare(self, method: bytes, uri: bytes, version: bytes) -> None:
         """
-        What ``requestReceived`` and ``process`` would set, set when the
-        headers are in.
+        What ``requestReceived`` would set, set when the headers are in.
+        (``Server`` and ``Date`` are written by the protocol when the
+        response does not set them; ``process()`` sets the rest for the
+        requests it serves.)
         """
         self.method, self.uri, self.clientproto = method, uri, version
-        path, sep, argstring = uri.partition(b"?")
-        self.path = path
-        self.args = parse_qs(argstring, 1) if sep else {}
+        self.path = uri.partition(b"?")[0]
         self.site = self._proto.site
-        headers = self.responseHeaders
-        headers.setRawHeaders(b"server", [_SERVER])
-        headers.setRawHeaders(b"date", [date])
-        self.prepath = []
-        self.postpath = [unquote_to_bytes(p) for p in path[1:].split(b"/")]
+
+    # ``args`` is parsed when first read: a chain route reads its query
+    # through PipeInput, and twisted.web's requestReceived sets it anew.
+    @property  # type: ignore[override]
+    def args(self) -> dict[bytes, list[bytes]]:
+        args = self._args
+        if args is None:
+            _, sep, argstring = self.uri.partition(b"?")
+            args = self._args = parse_qs(argstring, 1) if sep else {}
+        return args
+
+    @args.setter
+    def args(self, value: dict[bytes, list[bytes]]) -> None:
+        self._args = value
+
+    @property  # type: ignore[override]
+    def postpath(self) -> list[bytes] | None:
+        postpath = self._postpath
+        if postpath is None:
+            postpath = self._postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
+            if self.prepath is None:
+                self.prepath = []
+        return postpath
+
+    @postpath.setter
+    def postpath(self, value: list[bytes] | None) -> None:
+        self._postpath = value
 
     def start(self, length: int | None, expect_continue: bool) -> None:
         """
