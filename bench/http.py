@@ -242,7 +242,8 @@ def main() -> None:
             targets.append({"what": f"{LABELS[kind]}: p99 vs aiohttp p99", "target": "≤ 1.2×",
                             "value": round(p, 3), "met": p <= 1.2})
         if "pipecomet-5-twisted" in med:
-            ratios["pipecomet-5-twisted/aiohttp req/s"] = med["pipecomet-5-twisted"]["rps"] / ai["rps"]
+            ratios["pipecomet-5-twisted/aiohttp req/s"] = (
+                med["pipecomet-5-twisted"]["rps"] / ai["rps"])
         if "pipecomet-5" in med and "pipecomet-5-twisted" in med:
             ratios["own protocol/twisted.web channel req/s (5 pipes)"] = (
                 med["pipecomet-5"]["rps"] / med["pipecomet-5-twisted"]["rps"])
@@ -293,7 +294,8 @@ def main() -> None:
     ]
     write_result(
         "http",
-        title="HTTP: pipecomet (own protocol and twisted.web's) vs aiohttp, twisted.web, Klein (wrk)",
+        title=("HTTP: pipecomet (own protocol and twisted.web's channel) vs aiohttp, "
+               "twisted.web, Klein (wrk)"),
         command="flock /tmp/pipecomet-bench.lock make bench-http",
         tables=[{
             "title": "GET /hello, 13-byte body, 50 connections",

@@ -200,3 +200,45 @@ class EarlyCloseTests(SynchronousTestCase):
         self.assertFalse(t.disconnecting)
         server.clock.advance(1.1)
         self.assertTrue(t.disconnecting)  # aborted after linger
+
+
+class OddRequestTests(SynchronousTestCase):
+    def answer(self, data: bytes):
+        server = Server()
+        proto, t = server.connect()
+        proto.dataReceived(data)
+        return responses(t.value()), t
+
+    def test_other_http_versions_get_505(self):
+        (status, headers, body), = self.answer(b"GET /n HTTP/2.0\r\nHost: t\r\n\r\n")[0]
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (505, "bad_version"))
+
+    def test_connect_is_refused_and_closes(self):
+        got, t = self.answer(b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n" + get(b"/n?n=1"))
+        self.assertEqual([(s, json.loads(b)["error"]["code"]) for s, _, b in got],
+                         [(405, "method_not_allowed")])
+        self.assertTrue(t.disconnecting)
+
+    def test_upgrade_is_served_as_a_plain_request(self):
+        got, t = self.answer(b"GET /n?n=1 HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\n\r\n" + get(b"/n?n=2"))
+        self.assertEqual([json.loads(b)["n"] for _, _, b in got], ["1", "2"])
+
+    def test_pull_producer_is_handed_to_the_transport(self):
+        server = Server()
+        proto, t = server.connect()
+        proto.dataReceived(get(b"/wait"))
+        request = proto._active.request
+
+        class Pull:
+            def resumeProducing(self):
+                pass
+
+            def stopProducing(self):
+                pass
+
+        pull = Pull()
+        request.registerProducer(pull, False)
+        self.assertEqual((t.producer, t.streaming), (pull, False))
+        request.unregisterProducer()
+        self.assertEqual((t.producer, t.streaming), (proto, True))

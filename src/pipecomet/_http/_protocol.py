@@ -170,6 +170,14 @@ class HTTP11Protocol(Protocol):
     :param site: the :class:`~._site.Site` (limits, figures, routes, log).
     """
 
+    # Slots: a held comet connection keeps this object for hours; its
+    # attributes in an instance dict past 30 names cost a dict of its own.
+    __slots__ = ("site", "limits", "reactor", "phase", "_parser", "_parsing", "_active", "_queue",
+                 "_queued_bytes", "_paused", "_feeding", "_advancing", "_persistent", "_held",
+                 "_eof", "_producer", "_streaming", "_head_timer", "_body_timer", "_idle_timer",
+                 "_linger_call", "_idle_timeout", "_last", "_begun", "_completed", "_feed_body",
+                 "_head_bytes", "_peer", "_host")
+
     def __init__(self, site: Any) -> None:
         self.site = self.factory = site
         self.limits = site.limits
