@@ -878,7 +878,7 @@ class Subscription(Stream, EventListener):
         self._release()
         req = self.request
         if self.kind != "longpoll" and self.started:
-            if req.producer is self:
+            if req.producer is self and getattr(req, "channel", None) is not None:
                 req.unregisterProducer()
             if final is not None and not self._gone():
                 q, self.queue = self.queue, None

@@ -461,6 +461,9 @@ class HTTP11Protocol(Protocol):
         headers = req.requestHeaders
         for name, value in m.headers:
             headers.addRawHeader(name, value)
+        # The request has them now; a held request keeps its message.
+        m.headers = ()  # type: ignore[assignment]
+        m.url = b""
         req.prepare(m.method, target, m.version)
         if m.error is not None:
             req.reject(m.error)
