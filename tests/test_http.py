@@ -242,3 +242,28 @@ class OddRequestTests(SynchronousTestCase):
         self.assertEqual((t.producer, t.streaming), (pull, False))
         request.unregisterProducer()
         self.assertEqual((t.producer, t.streaming), (proto, True))
+
+
+class CountingTransport(StringTransport):
+    writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+
+class WriteTests(SynchronousTestCase):
+    def test_head_and_body_leave_in_one_write(self):
+        server = Server()
+        proto, t = server.connect(CountingTransport())
+        proto.dataReceived(get(b"/n?n=1"))
+        self.assertEqual(t.writes, 1)
+        self.assertEqual(json.loads(responses(t.value())[0][2]), {"n": "1"})
+
+    def test_head_response_head_is_flushed_at_the_end(self):
+        server = Server()
+        proto, t = server.connect(CountingTransport())
+        proto.dataReceived(b"HEAD /n?n=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        self.assertEqual(t.writes, 1)
+        self.assertTrue(t.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertTrue(t.value().endswith(b"\r\n\r\n"))

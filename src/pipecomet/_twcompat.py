@@ -24,8 +24,9 @@ def send_now(transport: Any, data: bytes) -> int:
 
     Twisted's own ``write`` appends to its buffer and asks the reactor for
     writability: two more system calls and one more reactor turn per write.
-    For comet fan-out (one frame to thousands of connections) that doubles
-    the time to reach everyone.  The check needs the transport's buffer
+    pipecomet's HTTP protocol sends every response (and every comet frame)
+    this way; for comet fan-out (one frame to thousands of connections) it
+    halves the time to reach everyone.  The check needs the transport's buffer
     state, which ``twisted.internet.tcp.Connection`` keeps in private
     attributes (``dataBuffer``, ``offset``, ``_tempDataLen``,
     ``_writeDisconnected``).  Any other transport (TLS, UNIX, memory)
