@@ -267,3 +267,48 @@ class WriteTests(SynchronousTestCase):
         self.assertEqual(t.writes, 1)
         self.assertTrue(t.value().startswith(b"HTTP/1.1 200 OK\r\n"))
         self.assertTrue(t.value().endswith(b"\r\n\r\n"))
+
+
+class CometTests(SynchronousTestCase):
+    def serve(self):
+        from pipecomet._events import Condition
+
+        clock = Clock()
+        app = App(reactor=clock)
+        app.route("/comet/<topic>", [Condition(lambda i, c, r: [i.path_params["topic"]],
+                                               mode="many")],
+                  responders=("sse", "json", "ndjson", "longpoll"))
+        app.configure(Config.from_dict({"comet": {"publish_token": "t"}}))
+        app.service.startService()
+        self.addCleanup(app.service.stopService)
+        site = app.site()
+        proto = site.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.dataReceived(b"GET /comet/news HTTP/1.1\r\nHost: t\r\n"
+                           b"Accept: text/event-stream\r\n\r\n")
+        hub = app.runtime.events.comet
+        return proto, t, hub
+
+    def test_frames_queue_while_blocked_and_drain_on_resume(self):
+        proto, t, hub = self.serve()
+        self.assertIn(b"text/event-stream", t.value())
+        hub.publish("news", {"n": 1})
+        self.assertIn(b'{"n":1}', t.value())
+        proto.pauseProducing()  # the client stopped reading
+        hub.publish("news", {"n": 2})
+        self.assertNotIn(b'{"n":2}', t.value())
+        sub = next(iter(hub._streams))
+        self.assertEqual(proto._active.request.producer, sub)
+        proto.resumeProducing()
+        self.assertIn(b'{"n":2}', t.value())
+
+    def test_client_gone_while_blocked(self):
+        from twisted.internet.error import ConnectionLost
+        from twisted.python.failure import Failure
+
+        proto, t, hub = self.serve()
+        proto.pauseProducing()
+        hub.publish("news", {"n": 1})
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(hub.connections, 0)

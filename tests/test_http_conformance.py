@@ -73,11 +73,14 @@ linger = 1.0
 
 
 @contextmanager
-def _server(tmp: Path, protocol: str, tls: bool) -> Iterator[int]:
-    config = tmp / f"{protocol}-{int(tls)}.toml"
+def _server(tmp: Path, protocol: str, tls: bool | str) -> Iterator[Any]:
+    config = tmp / f"{protocol}-{tls}.toml"
     config.write_text(CONFIG.format(protocol=protocol))
     port = free_port()
-    if tls:
+    if tls == "unix":
+        path = tmp / f"{protocol}.sock"
+        endpoint = f"unix:{path}"
+    elif tls:
         key, cert = tmp / "key.pem", tmp / "cert.pem"
         if not key.exists():
             subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
@@ -93,8 +96,16 @@ def _server(tmp: Path, protocol: str, tls: bool) -> Iterator[int]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                             env=env, start_new_session=True)
     try:
-        wait_for_port(port, proc)
-        yield port
+        if tls == "unix":
+            deadline = time.monotonic() + 20
+            while not path.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the UNIX socket server did not start")
+                time.sleep(0.05)
+            yield str(path)
+        else:
+            wait_for_port(port, proc)
+            yield port
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -114,10 +125,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     stops with the module.
     """
     tmp = tmp_path_factory.mktemp("conformance")
-    running: dict[tuple[str, bool], int] = {}
+    running: dict[tuple[str, Any], Any] = {}
     stack: list[Any] = []
 
-    def get(protocol: str, tls: bool = False) -> int:
+    def get(protocol: str, tls: bool | str = False) -> Any:
         key = (protocol, tls)
         if key not in running:
             cm = _server(tmp, protocol, tls)
@@ -141,9 +152,14 @@ class Client:
     A blocking socket (TLS optional) and a reader of responses from it.
     """
 
-    def __init__(self, port: int, tls: bool = False) -> None:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        if tls:
+    def __init__(self, port: Any, tls: bool | str = False) -> None:
+        if tls == "unix":
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.settimeout(TIMEOUT)
+            raw.connect(port)
+        else:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        if tls is True:
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -244,7 +260,7 @@ class Client:
 def client(servers: Any) -> Iterator[Any]:
     made: list[Client] = []
 
-    def connect(protocol: str, tls: bool = False) -> Client:
+    def connect(protocol: str, tls: bool | str = False) -> Client:
         c = Client(servers(protocol, tls), tls)
         made.append(c)
         return c
@@ -557,3 +573,17 @@ def test_declared_body_over_the_limit(client: Any, protocol: str) -> None:
         # twisted.web has no body limit: it waits for the 70,000 bytes.
         c.send(b"z" * 70000)
         assert c.response()[2] == b"z" * 70000
+
+
+# ---------------------------------------------------------------------------
+# a UNIX socket is a stream transport like the others
+
+
+def test_unix_socket_pipelining_and_early_answer(client: Any) -> None:
+    c = client("pipecomet", "unix")
+    c.send(get("/n?n=1") + get("/n?n=2"))
+    assert [json.loads(c.response()[2])["n"] for _ in range(2)] == ["1", "2"]
+    early = client("pipecomet", "unix")
+    early.send(b"POST /check?ok=0 HTTP/1.1\r\nHost: x\r\nContent-Type: "
+               b"application/x-www-form-urlencoded\r\nContent-Length: 60000\r\n\r\na=1&")
+    refused(early, "pipecomet", 400, "invalid_parameter")
