@@ -18,7 +18,6 @@ from zope.interface import implementer
 from pipecomet import App, Pipe
 from pipecomet._config import Config
 from pipecomet._http import HTTP11Protocol, Phase, Site
-from pipecomet._http._protocol import MAX_QUEUED
 
 
 def responses(raw: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
@@ -81,13 +80,28 @@ class PipeliningTests(SynchronousTestCase):
         self.assertFalse(t.disconnecting)
 
     def test_queue_is_bounded(self):
-        server = Server()
+        server = Server(max_pipelined=4)
         proto, t = server.connect()
-        proto.dataReceived(get(b"/wait") + get(b"/n?n=x") * (MAX_QUEUED + 5))
+        proto.dataReceived(get(b"/wait") + get(b"/n?n=x") * 3)
+        self.assertEqual(t.producerState, "producing")
+        proto.dataReceived(get(b"/n?n=x") * 5)
         self.assertEqual(t.producerState, "paused")
         server.waiting[0].callback(1)
         self.assertEqual(t.producerState, "producing")
-        self.assertEqual(len(responses(t.value())), MAX_QUEUED + 6)
+        self.assertEqual(len(responses(t.value())), 9)
+
+    def test_queued_body_bytes_are_bounded(self):
+        server = Server(max_pipelined_bytes=100)
+        proto, t = server.connect()
+        body = b"x" * 60
+        post = (b"POST /n HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+                b"Content-Length: 60\r\n\r\n" + body)
+        proto.dataReceived(get(b"/wait") + post)
+        self.assertEqual(t.producerState, "producing")
+        proto.dataReceived(post)
+        self.assertEqual(t.producerState, "paused")
+        server.waiting[0].callback(1)
+        self.assertEqual(t.producerState, "producing")
 
     def test_stray_crlf_arms_no_timer(self):
         server = Server(header_timeout=2)

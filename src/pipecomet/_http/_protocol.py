@@ -48,11 +48,6 @@ __all__ = ["HTTP11Protocol", "Phase"]
 
 log = Logger()
 
-#: Most parsed requests waiting behind the one being answered before the
-#: transport stops being read, and most body bytes they may hold.
-MAX_QUEUED = 32
-MAX_QUEUED_BYTES = 256 * 1024
-
 _SERVER = server.version
 
 # Reasons the transport is not read (bits).
@@ -417,7 +412,7 @@ class HTTP11Protocol(Protocol):
             raise _Refusal(PayloadTooLarge(
                 f"body larger than the limit of {self.limits.max_body_bytes} bytes",
                 code="body_too_large", details={"limit": self.limits.max_body_bytes}))
-        if self._queued_bytes > MAX_QUEUED_BYTES:
+        if self._queued_bytes > self.limits.max_pipelined_bytes:
             self._pause(_QUEUE_FULL)
 
     def on_message_complete(self) -> None:
@@ -443,7 +438,7 @@ class HTTP11Protocol(Protocol):
 
     def _enqueue(self, m: Any) -> None:
         self._queue.append(m)
-        if len(self._queue) >= MAX_QUEUED:
+        if len(self._queue) >= self.limits.max_pipelined:
             self._pause(_QUEUE_FULL)
 
     def _dispatch(self, m: _Message) -> None:
@@ -503,8 +498,9 @@ class HTTP11Protocol(Protocol):
             self._advancing = False
         if self.phase is Phase.CLOSING:
             return
-        if self._paused & _QUEUE_FULL and len(self._queue) < MAX_QUEUED // 2 \
-                and self._queued_bytes <= MAX_QUEUED_BYTES // 2:
+        limits = self.limits
+        if self._paused & _QUEUE_FULL and len(self._queue) <= limits.max_pipelined // 2 \
+                and self._queued_bytes <= limits.max_pipelined_bytes // 2:
             self._resume(_QUEUE_FULL)
         if self._active is None and not self._queue:
             if self._eof:
