@@ -326,3 +326,34 @@ class CometTests(SynchronousTestCase):
         hub.publish("news", {"n": 1})
         proto.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(hub.connections, 0)
+
+
+class TwistedChannelTests(SynchronousTestCase):
+    """
+    ``[server] protocol = "twisted"``: a plain twisted.web Site, and comet
+    still streams through its channel.
+    """
+
+    def test_plain_site_and_comet_stream(self):
+        from twisted.web.server import Site as TwistedSite
+
+        from pipecomet._events import Condition
+        from pipecomet.testing import MemoryClient, make_clock
+
+        clock = make_clock()
+        app = App(reactor=clock)
+        app.route("/comet/<topic>", [Condition(lambda i, c, r: [i.path_params["topic"]],
+                                               mode="many")],
+                  responders=("sse", "json"))
+        app.configure(Config.from_dict({"server": {"protocol": "twisted"},
+                                        "comet": {"publish_token": "t"}}))
+        app.service.startService()
+        self.addCleanup(app.service.stopService)
+        site = app.site()
+        self.assertIs(type(site), TwistedSite)
+        client = MemoryClient(app, clock)
+        call = client.get("/comet/news", headers={"accept": "text/event-stream"})
+        app.runtime.events.comet.publish("news", {"n": 1})
+        client.flush()
+        self.assertEqual(call.status, 200)
+        self.assertEqual(json.loads(call.events()[-1]["data"]), {"n": 1})
