@@ -161,6 +161,20 @@ class FlowControlTests(SynchronousTestCase):
         server.clock.advance(60)
         self.assertFalse(t.disconnecting)
 
+    def test_after_a_held_response_the_connection_serves_and_times_out_again(self):
+        server = Server()
+        proto, t = server.connect()
+        proto.dataReceived(get(b"/wait"))
+        proto._active.request.hold()
+        server.clock.advance(60)
+        server.waiting[0].callback("held")
+        proto.dataReceived(get(b"/n?n=2"))
+        got = [json.loads(b) for _, _, b in responses(t.value())]
+        self.assertEqual(got, ["held", {"n": "2"}])
+        self.assertFalse(t.disconnecting)
+        server.clock.advance(5.1)  # idle again: the idle timeout is back
+        self.assertTrue(t.disconnecting)
+
     def test_idle_connection_closes_silently(self):
         server = Server()
         proto, t = server.connect()

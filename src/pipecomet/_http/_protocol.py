@@ -19,7 +19,6 @@ the bare connection with the JSON error body and the connection closed.
 from __future__ import annotations
 
 import enum
-from collections import deque
 from typing import Any
 
 import httptools
@@ -181,7 +180,9 @@ class HTTP11Protocol(Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._parsing: _Message | None = None  # the message the parser is in
         self._active: _Message | None = None   # the message being answered
-        self._queue: deque[Any] = deque()       # parsed messages (or an error) waiting
+        # Parsed messages (or an error) waiting; a list, not a deque: it is
+        # short, and an idle deque holds a 0.5 KiB block per connection.
+        self._queue: list[Any] = []
         self._queued_bytes = 0
         self._paused = 0
         self._feeding = False
@@ -252,8 +253,11 @@ class HTTP11Protocol(Protocol):
         self._feeding = True
         self._begun = self._completed = False
         self._feed_body = 0
+        parser = self._parser
+        if parser is None:  # dropped while a response was held
+            parser = self._parser = httptools.HttpRequestParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._upgrade(data, e.args[0] if e.args else len(data))
         except httptools.HttpParserCallbackError as e:
@@ -489,7 +493,7 @@ class HTTP11Protocol(Protocol):
         self._advancing = True
         try:
             while self._active is None and self._queue and self.phase is not Phase.CLOSING:
-                m = self._queue.popleft()
+                m = self._queue.pop(0)
                 if isinstance(m, PipecometError):
                     self._refuse(m)
                     return
@@ -515,7 +519,10 @@ class HTTP11Protocol(Protocol):
         req.release()
         if self._active is m:
             self._active = None
-        self._held = False
+        if self._held:
+            self._held = False
+            if self._idle_timer is None and self.phase is not Phase.CLOSING:
+                self._arm_idle()
         if not self._persistent:
             self._close_after_response()
             return
@@ -669,15 +676,23 @@ class HTTP11Protocol(Protocol):
     def hold(self) -> None:
         """
         The response being answered is held open (comet): no idle timeout.
+        What only reading needs is let go until the client sends again
+        (the parser, between messages, is made anew then): a held
+        connection may live for hours, and there are many.
         """
         self._held = True
+        timer, self._idle_timer = self._idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._parsing is None and not self._queue:
+            self._parser = None
 
     def setTimeout(self, seconds: float | None) -> None:
         """
         ``[server] idle_timeout`` for this connection (None: none).
         """
         if seconds is None:
-            self._held = True
+            self.hold()
             return
         self._idle_timeout = seconds
         self._arm_idle()
