@@ -1,22 +1,26 @@
 """
-``make bench-http``: what a five-pipe inline chain costs per request.
+``make bench-http``: what a request costs on pipecomet's own HTTP/1.1
+protocol, on twisted.web's channel, and on aiohttp.
 
 In one run, on 127.0.0.1, with wrk: a bare twisted.web Resource, a bare
-Klein app, pipecomet serving a five-pipe inline chain and (as an outside
-anchor) Tornado, all answering ``GET /hello`` with the same 13-byte JSON body
-(see :mod:`bench.http_servers`).  Each server runs alone, pinned to core 0;
+Klein app, pipecomet serving a five-pipe inline chain (default settings),
+pipecomet's 1-pipe and 5-pipe chains on its own protocol with the access log
+off, the 5-pipe chain on twisted.web's channel, Tornado and aiohttp (plain
+asyncio loop, access log off), all answering ``GET /hello`` with the same
+13-byte JSON body (see :mod:`bench.http_servers`).  Each server runs alone, pinned to core 0;
 wrk is pinned to core 1.  Per server and round: start it, a warm-up run, a
 measured run, stop it by its PID.  Rounds are interleaved (every kind once
 per round) so drift from other load on the machine hits all kinds alike; the
 table shows the median over rounds and the spread.
 
 Targets (issue 2): pipecomet ≥ 1.0× bare Klein req/s, pipecomet p99 ≤ 1.2×
-bare Klein p99.
+bare Klein p99.  Issue 10: the 1-pipe chain (own protocol, no access log)
+≥ 1.0× aiohttp req/s, the 5-pipe chain ≥ 0.9×, p99 ≤ 1.2× aiohttp's.
 
 Settings come from the environment so the Makefile target needs no
 arguments: ``BENCH_HTTP_ROUNDS`` (3), ``BENCH_HTTP_DURATION`` (10 s),
 ``BENCH_HTTP_WARMUP`` (3 s), ``BENCH_HTTP_CONNECTIONS`` (50),
-``BENCH_HTTP_KINDS`` (``twisted,klein,pipecomet,tornado``).
+``BENCH_HTTP_KINDS`` (all of :data:`~bench.http_servers.KINDS`).
 """
 
 from __future__ import annotations
@@ -32,14 +36,17 @@ import time
 from typing import Any
 
 from ._common import cpu_seconds, free_port, loadavg, stop_process, tool_version, wait_ready, write_result
-from .http_servers import IN_PROCESS_KINDS, PATH, QUERY
+from .http_servers import IN_PROCESS_KINDS, KINDS, PATH, QUERY
 
-KINDS = ("twisted", "klein", "pipecomet", "tornado")
 LABELS = {
     "twisted": "bare twisted.web Resource",
     "klein": "bare Klein",
-    "pipecomet": "pipecomet, 5-pipe inline chain",
+    "pipecomet": "pipecomet, 5-pipe inline chain (defaults: access log on)",
+    "pipecomet-1": "pipecomet, 1 pipe, own protocol, access log off",
+    "pipecomet-5": "pipecomet, 5-pipe chain, own protocol, access log off",
+    "pipecomet-5-twisted": "pipecomet, 5-pipe chain, twisted.web channel, access log off",
     "tornado": "bare Tornado (anchor)",
+    "aiohttp": "bare aiohttp (asyncio loop, access log off)",
 }
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
@@ -219,11 +226,32 @@ def main() -> None:
                      f"{_spread(p99):.1f}%", f"{_spread(cpu):.1f}%", f"{min(busy):.0f}%"])
 
     pc, kl = med["pipecomet"], med["klein"]
-    ratios = {
+    ratios = {}
+    targets = []
+    if "aiohttp" in med:
+        ai = med["aiohttp"]
+        for kind, want in (("pipecomet-1", 1.0), ("pipecomet-5", 0.9)):
+            if kind not in med:
+                continue
+            r = med[kind]["rps"] / ai["rps"]
+            p = med[kind]["p99"] / ai["p99"]
+            ratios[f"{kind}/aiohttp req/s"] = r
+            ratios[f"{kind}/aiohttp p99"] = p
+            targets.append({"what": f"{LABELS[kind]}: req/s vs aiohttp", "target": f"≥ {want}×",
+                            "value": round(r, 3), "met": r >= want})
+            targets.append({"what": f"{LABELS[kind]}: p99 vs aiohttp p99", "target": "≤ 1.2×",
+                            "value": round(p, 3), "met": p <= 1.2})
+        if "pipecomet-5-twisted" in med:
+            ratios["pipecomet-5-twisted/aiohttp req/s"] = (
+                med["pipecomet-5-twisted"]["rps"] / ai["rps"])
+        if "pipecomet-5" in med and "pipecomet-5-twisted" in med:
+            ratios["own protocol/twisted.web channel req/s (5 pipes)"] = (
+                med["pipecomet-5"]["rps"] / med["pipecomet-5-twisted"]["rps"])
+    ratios.update({
         "pipecomet/klein req/s": pc["rps"] / kl["rps"],
         "pipecomet/klein p99": pc["p99"] / kl["p99"],
         "pipecomet/klein server CPU per request": pc["cpu"] / kl["cpu"],
-    }
+    })
     if "twisted" in med:
         ratios["pipecomet/twisted.web req/s"] = pc["rps"] / med["twisted"]["rps"]
         ratios["pipecomet/twisted.web p99"] = pc["p99"] / med["twisted"]["p99"]
@@ -232,7 +260,7 @@ def main() -> None:
     paired = [p["rps"] / k["rps"] for p, k in zip(per_kind["pipecomet"], per_kind["klein"])]
     paired_p99 = [p["p99_ms"] / k["p99_ms"] for p, k in zip(per_kind["pipecomet"], per_kind["klein"])]
 
-    targets = [
+    targets += [
         {"what": "pipecomet req/s vs bare Klein", "target": "≥ 1.0×",
          "value": round(ratios["pipecomet/klein req/s"], 3),
          "met": ratios["pipecomet/klein req/s"] >= 1.0},
@@ -266,7 +294,8 @@ def main() -> None:
     ]
     write_result(
         "http",
-        title="HTTP: pipecomet 5-pipe chain vs bare twisted.web and Klein (wrk)",
+        title=("HTTP: pipecomet (own protocol and twisted.web's channel) vs aiohttp, "
+               "twisted.web, Klein (wrk)"),
         command="flock /tmp/pipecomet-bench.lock make bench-http",
         tables=[{
             "title": "GET /hello, 13-byte body, 50 connections",
@@ -284,7 +313,7 @@ def main() -> None:
         targets=targets,
         peers=[LABELS[k] for k in kinds if k != "pipecomet"],
         notes=notes,
-        extra_versions=("tornado", "werkzeug"),
+        extra_versions=("tornado", "werkzeug", "aiohttp", "httptools"),
         raw={"wrk": tool_version(["wrk", "--version"]), "settings": {
             "rounds": rounds, "duration_s": seconds, "warmup_s": warmup,
             "connections": connections, "pinned": pinned}, "runs": per_kind,

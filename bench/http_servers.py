@@ -1,7 +1,7 @@
 """
 The servers `bench.http` measures, one per process:
 
-``python -m bench.http_servers --kind twisted|klein|pipecomet|tornado --port N``
+``python -m bench.http_servers --kind KIND --port N`` (kinds: :data:`KINDS`)
 
 Every kind answers ``GET /hello`` with the same 13-byte body ``{"msg":"hi!"}``
 as ``application/json`` with a ``Content-Length`` (so HTTP/1.1 keep-alive
@@ -13,10 +13,19 @@ holds for all of them) and listens on 127.0.0.1 only.
   inline pipes doing real, small gateway work per request — app-key check,
   token-bucket rate check, parameter validation, routing to a handler, and
   formatting; the JSON responder encodes the handler's dict each time;
-- ``tornado``: a bare Tornado ``RequestHandler``, an outside anchor.
+- ``pipecomet-1``: one inline pipe returning the handler's dict, served by
+  pipecomet's own HTTP/1.1 protocol with the access log off;
+- ``pipecomet-5``: the five-pipe chain, own protocol, access log off;
+- ``pipecomet-5-twisted``: the five-pipe chain on twisted.web's channel
+  (``[server] protocol = "twisted"``), access log off;
+- ``tornado``: a bare Tornado ``RequestHandler``, an outside anchor;
+- ``aiohttp``: a bare aiohttp ``web.Application`` on the plain asyncio loop
+  with its access log off, the peer the issue 10 targets compare with.
 
-All Twisted kinds use a default ``twisted.web.server.Site`` (pipecomet uses
-``App.site()``), so the access-log line each request costs is paid by all.
+The bare Twisted kinds and ``pipecomet`` use a default
+``twisted.web.server.Site`` / ``App.site()``, so the access-log line each
+request costs is paid by all of them; the ``pipecomet-*`` kinds turn it off
+as aiohttp does.
 The process prints ``ready`` once it listens and stops on SIGTERM/SIGINT.
 """
 
@@ -132,15 +141,37 @@ def make_pipecomet_app() -> Any:
     return app
 
 
-def _pipecomet_site(reactor: Any) -> Any:
+def make_one_pipe_app() -> Any:
+    """
+    One inline pipe returning the handler's dict (JSON-encoded per request).
+    """
+    from pipecomet import App, Pipe
+
+    app = App(name="bench-1")
+    app.route(PATH, [Pipe(lambda inp, ctx, res: {"msg": "hi!"}, name="hello")])
+    return app
+
+
+def _pipecomet_site(reactor: Any, *, pipes: int = 5, protocol: str = "pipecomet",
+                    access_log: str = "on") -> Any:
     from pipecomet import Config
 
-    app = make_pipecomet_app()
+    app = make_pipecomet_app() if pipes == 5 else make_one_pipe_app()
     app.runtime.reactor = reactor
     # Configured as twistd configures it (default tables): the site is the
     # one users get, with request limits and lazy body parsing.
-    app.configure(Config())
+    app.configure(Config.from_dict({"server": {"protocol": protocol, "access_log": access_log}}))
     return app.site()
+
+
+#: kind → keyword arguments of :func:`_pipecomet_site`.
+PIPECOMET_KINDS = {
+    "pipecomet": {},
+    "pipecomet-1": {"pipes": 1, "access_log": "off"},
+    "pipecomet-5": {"access_log": "off"},
+    "pipecomet-5-twisted": {"protocol": "twisted", "access_log": "off"},
+}
+KINDS = ("twisted", "klein", *PIPECOMET_KINDS, "tornado", "aiohttp")
 
 
 def _one_pipe_site(reactor: Any, value: Any) -> Any:
@@ -158,6 +189,9 @@ IN_PROCESS_KINDS = {
     "pipecomet-1-bytes": "pipecomet, 1 pipe returning the body bytes",
     "pipecomet-1-json": "pipecomet, 1 pipe returning a dict (JSON-encoded)",
     "pipecomet": "pipecomet, the 5-pipe chain",
+    "pipecomet-1": "pipecomet, 1 pipe (dict), own protocol, no access log",
+    "pipecomet-5": "pipecomet, 5-pipe chain, own protocol, no access log",
+    "pipecomet-5-twisted": "pipecomet, 5-pipe chain, twisted.web channel, no access log",
     "klein": "bare Klein",
 }
 
@@ -181,6 +215,10 @@ def in_process_costs(rounds: int = 15, batch: int = 2000) -> dict[str, float]:
         "twisted": _twisted_site,
         "klein": _klein_site,
         "pipecomet": lambda: _pipecomet_site(reactor),
+        "pipecomet-1": lambda: _pipecomet_site(reactor, **PIPECOMET_KINDS["pipecomet-1"]),
+        "pipecomet-5": lambda: _pipecomet_site(reactor, **PIPECOMET_KINDS["pipecomet-5"]),
+        "pipecomet-5-twisted": lambda: _pipecomet_site(
+            reactor, **PIPECOMET_KINDS["pipecomet-5-twisted"]),
         "pipecomet-1-bytes": lambda: _one_pipe_site(reactor, BODY),
         "pipecomet-1-json": lambda: _one_pipe_site(reactor, {"msg": "hi!"}),
     }
@@ -223,7 +261,7 @@ def _serve_twisted(kind: str, port: int) -> None:
     elif kind == "klein":
         site = _klein_site()
     else:
-        site = _pipecomet_site(reactor)
+        site = _pipecomet_site(reactor, **PIPECOMET_KINDS[kind])
     reactor.listenTCP(port, site, backlog=1024, interface="127.0.0.1")
     reactor.callWhenRunning(lambda: print("ready", flush=True))
     reactor.run()
@@ -253,9 +291,36 @@ def _serve_tornado(port: int) -> None:
     asyncio.run(main())
 
 
+def _serve_aiohttp(port: int) -> None:
+    import asyncio
+    import signal
+
+    from aiohttp import web
+
+    async def hello(request: Any) -> Any:
+        return web.Response(body=BODY, content_type=CONTENT_TYPE.decode())
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get(PATH, hello)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", choices=("twisted", "klein", "pipecomet", "tornado"))
+    parser.add_argument("--kind", choices=KINDS)
     parser.add_argument("--port", type=int)
     parser.add_argument("--in-process", action="store_true",
                         help="print the in-process CPU cost per request of each kind as JSON")
@@ -269,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--kind and --port are required")
     if args.kind == "tornado":
         _serve_tornado(args.port)
+    elif args.kind == "aiohttp":
+        _serve_aiohttp(args.port)
     else:
         _serve_twisted(args.kind, args.port)
 

@@ -242,16 +242,27 @@ class App:
 
     def site(self, **kwargs: Any) -> Site:
         """
-        A ``twisted.web`` Site serving this app.
+        The ``twisted.web`` Site serving this app: pipecomet's own HTTP/1.1
+        protocol (:mod:`pipecomet._http`) with the ``[limits]`` table, or
+        twisted.web's plain channel when ``[server] protocol = "twisted"``.
         """
-        kwargs.setdefault("timeout", getattr(self.config.server, "idle_timeout", 60.0))
-        lazy = self.runtime.lazy  # set by the [limits] installer (pipecomet._lazy)
-        if lazy is not None:
-            site = lazy.make_site(self.resource(), reactor=self.reactor, **kwargs)
-        else:
+        server = self.config.server
+        kwargs.setdefault("timeout", getattr(server, "idle_timeout", 60.0))
+        site: Site
+        if getattr(server, "protocol", "pipecomet") == "twisted":
             site = Site(self.resource(), reactor=self.reactor, **kwargs)
+        else:
+            from ._http import Site as HTTPSite
+            from ._lazy import LimitsConfig
+
+            lazy = self.runtime.lazy  # set by the [limits] installer (pipecomet._lazy)
+            if lazy is not None:
+                site = lazy.make_site(self.resource(), reactor=self.reactor, **kwargs)
+            else:
+                site = HTTPSite(self.resource(), limits=LimitsConfig(), reactor=self.reactor,
+                                **kwargs)
         site.displayTracebacks = False
-        access_log = getattr(self.config.server, "access_log", "on")
+        access_log = getattr(server, "access_log", "on")
         if access_log == "off":
             site.log = _no_access_log
         elif access_log != "on":

@@ -40,8 +40,7 @@ from typing import Any, Iterable, Sequence
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.tcp import Server as _TCPServer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -58,6 +57,7 @@ from ._errors import (
 from ._events import Event, EventKeeper, EventListener
 from ._interfaces import IBusReceiver
 from ._responders import dumps, send_error
+from ._twcompat import request_gone, transport_pending
 
 __all__ = [
     "CometConfig",
@@ -588,11 +588,8 @@ class Subscription(Stream, EventListener):
             self._answer_poll(self._poll_body(batch, control))
             return
         timeout = self.timeout if self.timeout is not None else self.hub.config.longpoll_timeout
-        channel = getattr(self.request, "channel", None)
-        if channel is not None:
-            self.channel = channel
-            channel.setTimeout(None)
-            _watch_half_close(channel, self._client_gone)
+        if getattr(self.request, "channel", None) is not None:
+            _hold(self.request)
         self.event = self.hub.keeper.listen([t.key for t in self.objs], self, timeout,
                                             many=True)
 
@@ -624,11 +621,10 @@ class Subscription(Stream, EventListener):
     def _serve_stream(self, replay: list[Message], control: list[dict[str, Any]]) -> None:
         req = self.request
         hub = self.hub
-        channel = getattr(req, "channel", None)
-        if channel is None:  # the client left before we started
+        if getattr(req, "channel", None) is None:  # the client left before we started
             self._close(None)
             return
-        self.channel = channel
+        self.channel = _frame_writer(req)
         self.drop = all(t.limits.drop for t in self.objs)
         sse = self.kind == "sse"
         req.setResponseCode(200)
@@ -636,14 +632,12 @@ class Subscription(Stream, EventListener):
         req.setHeader(b"cache-control", b"no-cache")
         req.setHeader(b"x-accel-buffering", b"no")
         self._resume_headers(self.cursor())
-        if channel is not None:
-            # A held response must not be cut by the idle timeout (Twisted
-            # #9532, #12498): the heartbeats are its activity.
-            channel.setTimeout(None)
-            _watch_half_close(channel, self._client_gone)
-            transport = getattr(channel, "transport", None)
-            if transport is not None and hasattr(transport, "setTcpKeepAlive"):
-                transport.setTcpKeepAlive(True)
+        # A held response must not be cut by the idle timeout (Twisted
+        # #9532, #12498): the heartbeats are its activity.
+        _hold(req)
+        transport = req.transport
+        if transport is not None and hasattr(transport, "setTcpKeepAlive"):
+            transport.setTcpKeepAlive(True)
         # The head carries the cursor the stream starts from, so a client
         # that gets no message before it drops still resumes without loss.
         cursor = self.cursor()
@@ -656,9 +650,9 @@ class Subscription(Stream, EventListener):
         # The first write sends the headers and tells us the framing.
         req.write(head)
         # The headers are on the wire: a held request need not keep them.
-        raw = getattr(req.responseHeaders, "_rawHeaders", None)
-        if raw is not None:
-            raw.clear()
+        headers = req.responseHeaders
+        for name, _ in list(headers.getAllRawHeaders()):
+            headers.removeHeader(name)
         chunked = bool(getattr(req, "chunked", False))
         self.fmt = (SSE_CHUNKED if chunked else SSE) if sse else (ND_CHUNKED if chunked else ND)
         for ev in control:
@@ -721,25 +715,9 @@ class Subscription(Stream, EventListener):
         if not self.open:
             return
         if not self.paused and not self.queue:
-            transport = self.channel.transport
-            if not getattr(transport, "producerPaused", False):
-                if type(transport) is _TCPServer and not transport._tempDataLen \
-                        and transport.offset == len(transport.dataBuffer) \
-                        and transport.connected and not transport.disconnecting \
-                        and not transport._writeDisconnected:
-                    # Nothing waits in Twisted's buffer: send now, one
-                    # syscall, instead of buffering and asking the reactor
-                    # for writability (two more syscalls per subscriber,
-                    # half the fan-out time).  What the socket does not
-                    # take goes to Twisted's buffer as usual.
-                    try:
-                        sent = transport.socket.send(data)
-                    except OSError:
-                        sent = 0  # Twisted's own write path reports errors
-                    if sent == len(data):
-                        return
-                    data = data[sent:]
-                transport.write(data)
+            # pipecomet's protocol sends it to the socket at once when
+            # nothing waits before it (one syscall); False: not reading.
+            if self.channel(data):
                 return
             self._backpressure()
         q = self.queue
@@ -776,16 +754,16 @@ class Subscription(Stream, EventListener):
         resize, about 1.5 KiB per connection).
         """
         self.paused = True
-        channel = self.channel
-        if getattr(channel, "_requestProducer", None) is None:
-            channel.registerProducer(self, True)
+        req = self.request
+        if req.producer is None:
+            req.registerProducer(self, True)
 
     def _slow(self) -> None:
         hub = self.hub
         hub.slow_disconnects += 1
         log.info("comet client too slow ({queued} bytes queued): disconnected",
                  queued=self.queued)
-        transport = getattr(self.channel, "transport", None)
+        transport = self.request.transport
         self._close(None)
         if transport is not None:
             transport.abortConnection()
@@ -794,11 +772,11 @@ class Subscription(Stream, EventListener):
         """
         Bytes waiting for this client: our queue plus the socket's buffer.
         """
-        n = self.queued
-        transport = getattr(self.channel, "transport", None)
-        if transport is not None and hasattr(transport, "dataBuffer"):
-            n += len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-        return n
+        req = self.request
+        pending = getattr(req, "pending_bytes", None)
+        if pending is not None:
+            return self.queued + pending()
+        return self.queued + transport_pending(req.transport)
 
     # -- IPushProducer
 
@@ -812,14 +790,14 @@ class Subscription(Stream, EventListener):
             for topic, (a, b) in dropped.items():
                 t = self.hub.topics.get(topic)
                 if t is not None:
-                    self.channel.write(self._control("gap", {
+                    self.request.channel.write(self._control("gap", {
                         "topic": topic, "reason": "slow", "from": t.id_at(a - 1),
                         "to": t.id_at(b), "missed": b - a + 1}))
         q = self.queue
         while q and not self.paused and self.open:
             data, _ = q.popleft()
             self.queued -= len(data)
-            self.channel.write(data)
+            self.request.channel.write(data)
 
     def stopProducing(self) -> None:
         self.paused = True
@@ -879,27 +857,13 @@ class Subscription(Stream, EventListener):
         self._close(self._control("shutdown", {"reconnect_after": reconnect_after,
                                                "cursor": self.cursor()}, retry=reconnect_after))
 
-    def _client_gone(self) -> None:
-        """
-        The client shut its side of a held request: it has gone.
-        """
-        channel = self.channel
-        if channel is not None:
-            vars(channel).pop("readConnectionLost", None)
-            if channel.transport is not None:
-                channel.transport.abortConnection()
-
     def _gone(self) -> bool:
-        req = self.request
-        return bool(req.finished or getattr(req, "_disconnected", False))
+        return request_gone(self.request)
 
     def _release(self) -> None:
         if not self.open:
             return
         self.open = False
-        channel = getattr(self.request, "channel", None)
-        if channel is not None and "readConnectionLost" in vars(channel):
-            del channel.readConnectionLost
         if self.event is not None:
             self.event.cancel()
         self.hub._closed(self)
@@ -914,15 +878,14 @@ class Subscription(Stream, EventListener):
         self._release()
         req = self.request
         if self.kind != "longpoll" and self.started:
-            channel = getattr(req, "channel", None)
-            if channel is not None and getattr(channel, "_requestProducer", None) is self:
-                channel.unregisterProducer()
+            if req.producer is self and getattr(req, "channel", None) is not None:
+                req.unregisterProducer()
             if final is not None and not self._gone():
                 q, self.queue = self.queue, None
                 if q:
-                    self.channel.writeSequence([d for d, _ in q])
+                    req.channel.writeSequence([d for d, _ in q])
                 self.queued = 0
-                self.channel.write(final)
+                req.channel.write(final)
                 req.finish()
         self.queue = None
         self.queued = 0
@@ -934,16 +897,47 @@ class Subscription(Stream, EventListener):
             d.callback(None)
 
 
-def _watch_half_close(channel: Any, hook: Any) -> None:
+def _hold(request: Any) -> None:
     """
-    A channel that takes a client's FIN as a half-close (it provides
-    ``IHalfCloseableProtocol``) would keep a held comet request until its
-    next write; for a held request the FIN means the client has gone, so
-    ``hook`` closes the connection and the disconnect releases the
-    subscription at once.
+    Exempt a held request from the idle timeout: pipecomet's protocol
+    through ``request.hold()`` (a client EOF then means the client has
+    gone), twisted.web's channel through its ``setTimeout(None)``.
     """
-    if IHalfCloseableProtocol.providedBy(channel) and "readConnectionLost" not in vars(channel):
-        channel.readConnectionLost = hook
+    hold = getattr(request, "hold", None)
+    if hold is not None:
+        hold()
+    else:
+        request.channel.setTimeout(None)
+
+
+class _ChannelFrames:
+    """
+    Frame writer for a request on twisted.web's own channel: its write,
+    refused while the transport has paused it.
+    """
+
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    def __call__(self, data: bytes) -> bool:
+        channel = self.channel
+        if getattr(channel.transport, "producerPaused", False):
+            return False
+        channel.write(data)
+        return True
+
+
+def _frame_writer(request: Any) -> Any:
+    """
+    ``writer(frame) -> bool`` for a stream on ``request`` (True: written;
+    False: the client is not reading, nothing was written).
+    """
+    write_frame = getattr(request, "write_frame", None)
+    if write_frame is not None:
+        return write_frame
+    return _ChannelFrames(request.channel)
 
 
 class _End(dict):

@@ -40,6 +40,10 @@ class ServerConfig:
     :ivar access_log: ``"on"`` (one line per request in the server log, as
         twisted.web does), ``"off"``, or the path of a file to write the
         combined-format lines to.
+    :ivar protocol: ``"pipecomet"`` (pipecomet's own HTTP/1.1 protocol,
+        ``docs/http.md``) or ``"twisted"`` (twisted.web's ``HTTPChannel``
+        and a plain ``Site``, for comparison: no lazy bodies, twisted.web's
+        own limits and errors).
     """
 
     port: str = attrs.field(default="tcp:8080", validator=attrs.validators.instance_of(str))
@@ -49,6 +53,8 @@ class ServerConfig:
                                       validator=attrs.validators.gt(0))
     access_log: str = attrs.field(default="on", validator=[attrs.validators.instance_of(str),
                                                           attrs.validators.min_len(1)])
+    protocol: str = attrs.field(default="pipecomet",
+                                validator=attrs.validators.in_(("pipecomet", "twisted")))
 
 
 #: table name → (``module:Class`` of its config, ``module:function`` that

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from ._chain import Answer, ChainSink
 from ._errors import PipecometError, error_body
+from ._twcompat import request_gone as _gone
 
 __all__ = [
     "Responder",
@@ -37,10 +38,6 @@ def dumps(value: Any) -> bytes:
     Compact JSON as UTF-8 bytes; objects JSON does not know become strings.
     """
     return _encoder.encode(value).encode("utf-8")
-
-
-def _gone(request: Any) -> bool:
-    return bool(request.finished or getattr(request, "_disconnected", False))
 
 
 def send_error(request: Any, error: PipecometError) -> None:

@@ -45,6 +45,11 @@ class LimitsConfig:
     :ivar linger: seconds a connection answered before its body ended stays
         half-closed (response sent, nothing read) before it is dropped, so
         the client gets the answer instead of a reset.
+    :ivar max_pipelined: most requests parsed ahead of the one being
+        answered (pipelining); past it the connection is not read until
+        they drain (flow control, not a refusal).
+    :ivar max_pipelined_bytes: most body bytes those requests may hold
+        before the connection stops being read.
     """
 
     lazy: bool = attrs.field(default=True, validator=_v.instance_of(bool))
@@ -58,3 +63,5 @@ class LimitsConfig:
     body_timeout: float = _positive_float(60.0)
     file_memory_bytes: int = _positive_int(256 * 2**10)
     linger: float = _positive_float(2.0)
+    max_pipelined: int = _positive_int(32)
+    max_pipelined_bytes: int = _positive_int(256 * 2**10)

@@ -1,0 +1,81 @@
+"""
+The factory of pipecomet's HTTP/1.1 protocol.
+
+:class:`Site` is a ``twisted.web.server.Site`` (resource traversal for
+plain resources, sessions, the access log, ``timeOut``) whose
+connections are :class:`~._protocol.HTTP11Protocol` instead of
+twisted.web's ``HTTPChannel``.  It carries the ``[limits]``, the live
+figures, and the chain-route lookup the protocol uses once a request's
+headers are in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web import http, server
+
+from .._errors import PipecometError
+from .._lazy._config import LimitsConfig
+from ._protocol import HTTP11Protocol
+from ._request import Request
+from ._stats import HTTPStats
+
+__all__ = ["Site"]
+
+
+class Site(server.Site):
+    """
+    A site served by :class:`~._protocol.HTTP11Protocol`.
+
+    :param resource: the root resource (a ``PipecometResource`` to have
+        chain routes found and run without resource traversal).
+    :param limits: the ``[limits]`` table (defaults when None).
+    :param stats: where the figures go.
+    """
+
+    requestFactory = Request
+
+    def __init__(self, resource: Any, *, limits: LimitsConfig | None = None,
+                 stats: HTTPStats | None = None, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.limits = limits if limits is not None else LimitsConfig()
+        self.stats = stats if stats is not None else HTTPStats()
+        self.app = getattr(resource, "app", None)
+        self._date_second = -1
+        self._date = b""
+
+    def buildProtocol(self, addr: Any) -> HTTP11Protocol:
+        return HTTP11Protocol(self)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        # HTTP/1.1 only, whatever twisted.web could offer over ALPN.
+        return [b"http/1.1"]
+
+    def date(self) -> bytes:
+        """
+        The ``Date`` header value, formatted once a second.
+        """
+        now = int(self.reactor.seconds())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = http.datetimeToString(now)
+        return self._date
+
+    def find_route(self, request: Any) -> tuple[Any, Any] | None:
+        """
+        The chain route and path parameters for ``request``, or None when
+        it is not a chain route of this site's app.
+        """
+        app = self.app
+        if app is None:
+            return None
+        by_method = app._exact.get(request.path)
+        if by_method is not None:
+            route = by_method.get(request.method)
+            if route is not None:
+                return route, None
+        return app._match(request)
+
+    def stats_refused(self, error: PipecometError) -> None:
+        self.stats.refused(error.status)
