@@ -46,7 +46,8 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, deadline: flo
 
 @contextmanager
 def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
-                  port: int | None = None) -> Iterator[tuple[int, subprocess.Popen]]:
+                  port: int | None = None,
+                  cwd: Path | str | None = None) -> Iterator[tuple[int, subprocess.Popen]]:
     """
     ``twistd -n pipecomet --port tcp:PORT:interface=127.0.0.1 ARGS`` in a
     subprocess, stopped (SIGTERM, then SIGKILL) on exit.
@@ -56,7 +57,7 @@ def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
            "--port", f"tcp:{port}:interface=127.0.0.1", *args]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            cwd=ROOT, env=full_env, start_new_session=True)
+                            cwd=cwd or ROOT, env=full_env, start_new_session=True)
     try:
         wait_for_port(port, proc)
         yield port, proc
@@ -70,3 +71,49 @@ def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
                 proc.wait(5)
         if proc.stdout:
             proc.stdout.close()
+
+
+#: What a process started with ``clean_env`` keeps of this one's
+#: environment: no PYTHONPATH, no virtualenv, nothing of the test runner.
+CLEAN_ENV_KEYS = ("HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER")
+
+
+def clean_env(path_first: Sequence[str] = ()) -> dict[str, str]:
+    """
+    A minimal environment: ``PATH`` (with ``path_first`` before the system
+    directories) and the locale; nothing that changes what Python imports.
+    """
+    env = {k: os.environ[k] for k in CLEAN_ENV_KEYS if k in os.environ}
+    env["PATH"] = os.pathsep.join([*path_first, "/usr/local/bin", "/usr/bin", "/bin"])
+    return env
+
+
+@contextmanager
+def serve_process(cmd: Sequence[str], port: int, cwd: Path | str,
+                  clean_env: bool = False) -> Iterator[subprocess.Popen]:
+    """
+    A server command run in ``cwd`` until 127.0.0.1:port answers; stopped
+    (SIGTERM, then SIGKILL) on exit.  ``clean_env``: run it with
+    :func:`clean_env` instead of this process's environment.
+    """
+    env = globals()["clean_env"]() if clean_env else None
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=cwd, env=env, start_new_session=True)
+    try:
+        wait_for_port(port, proc, deadline=60.0)
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    if proc.stdout:
+        proc.stdout.close()
+
