@@ -6,11 +6,13 @@ and is stopped by the test that started it.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +46,25 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, deadline: flo
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {deadline}s")
 
 
+def drain_output(proc: subprocess.Popen) -> None:
+    """
+    Read a server's output in a thread (its last 2,000 lines are kept in
+    ``proc.output_tail``): a pipe nobody reads fills up after 64 KiB of log
+    and then blocks the server in its next write.
+    """
+    tail: collections.deque[bytes] = collections.deque(maxlen=2000)
+    proc.output_tail = tail  # type: ignore[attr-defined]
+
+    def read() -> None:
+        try:
+            for line in proc.stdout:
+                tail.append(line)
+        except (OSError, ValueError):
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+
+
 @contextmanager
 def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
                   port: int | None = None,
@@ -60,6 +81,7 @@ def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
                             cwd=cwd or ROOT, env=full_env, start_new_session=True)
     try:
         wait_for_port(port, proc)
+        drain_output(proc)
         yield port, proc
     finally:
         if proc.poll() is None:
@@ -101,6 +123,7 @@ def serve_process(cmd: Sequence[str], port: int, cwd: Path | str,
                             cwd=cwd, env=env, start_new_session=True)
     try:
         wait_for_port(port, proc, deadline=60.0)
+        drain_output(proc)
         yield proc
     finally:
         stop_process(proc)

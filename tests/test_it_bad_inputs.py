@@ -142,6 +142,11 @@ def test_a_result_that_cannot_be_serialised_is_500_at_once(demo):
     err = error(body)
     assert (status, err["code"]) == (500, "internal_error")
     assert b"ud800" not in body
+    # Logged, with the id the client got.
+    deadline = time.monotonic() + 30
+    while not any(err["id"].encode() in line for line in list(proc.output_tail)):
+        assert time.monotonic() < deadline, "the error id is not in the server's log"
+        time.sleep(0.05)
     # The server goes on serving.
     status, _, _ = exchange(port, request("GET", "/api/time.get?app_key=demo-key"))
     assert status == 200

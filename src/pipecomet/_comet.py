@@ -649,13 +649,17 @@ class Subscription(Stream, EventListener):
                 transport.setTcpKeepAlive(True)
         # The head carries the cursor the stream starts from, so a client
         # that gets no message before it drops still resumes without loss.
+        # In SSE it is an event with data: clients (the npm eventsource
+        # among them) record an id only from an event they dispatch, and
+        # one without data is never dispatched.
         cursor = self.cursor()
+        opening = dumps({"event": "open", "cursor": cursor, "resume": self.resume})
         if sse:
-            head = b"retry: %d\nid: %s\n: %s\n\n" % (int(hub.config.retry * 1000),
-                                                    cursor.encode("ascii"),
-                                                    self.resume.encode("ascii"))
+            head = (b"retry: %d\nid: %s\nevent: open\ndata: " % (int(hub.config.retry * 1000),
+                                                                cursor.encode("ascii"))
+                    + opening + b"\n\n")
         else:
-            head = dumps({"event": "open", "cursor": cursor, "resume": self.resume}) + b"\n"
+            head = opening + b"\n"
         # The first write sends the headers and tells us the framing.
         req.write(head)
         # The headers are on the wire: a held request need not keep them.
