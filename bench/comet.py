@@ -336,8 +336,9 @@ def _client_protocols(run: Run) -> Any:
                     self.headers_seen = True
                     self.buf = b""
                     run.connected += 1
-                # One "data: " line per message (heartbeats are comments).
-                for _ in range(data.count(b"data: ")):
+                # One "data: " line per message (heartbeats are comments;
+                # pipecomet's stream head is an `open` event with data).
+                for _ in range(data.count(b"data: ") - data.count(b"event: open\ndata: ")):
                     run.got(now)
                 return
             self.buf += data

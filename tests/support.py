@@ -6,11 +6,13 @@ and is stopped by the test that started it.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,9 +46,29 @@ def wait_for_port(port: int, proc: subprocess.Popen | None = None, deadline: flo
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {deadline}s")
 
 
+def drain_output(proc: subprocess.Popen) -> None:
+    """
+    Read a server's output in a thread (its last 2,000 lines are kept in
+    ``proc.output_tail``): a pipe nobody reads fills up after 64 KiB of log
+    and then blocks the server in its next write.
+    """
+    tail: collections.deque[bytes] = collections.deque(maxlen=2000)
+    proc.output_tail = tail  # type: ignore[attr-defined]
+
+    def read() -> None:
+        try:
+            for line in proc.stdout:
+                tail.append(line)
+        except (OSError, ValueError):
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+
+
 @contextmanager
 def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
-                  port: int | None = None) -> Iterator[tuple[int, subprocess.Popen]]:
+                  port: int | None = None,
+                  cwd: Path | str | None = None) -> Iterator[tuple[int, subprocess.Popen]]:
     """
     ``twistd -n pipecomet --port tcp:PORT:interface=127.0.0.1 ARGS`` in a
     subprocess, stopped (SIGTERM, then SIGKILL) on exit.
@@ -56,9 +78,10 @@ def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
            "--port", f"tcp:{port}:interface=127.0.0.1", *args]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            cwd=ROOT, env=full_env, start_new_session=True)
+                            cwd=cwd or ROOT, env=full_env, start_new_session=True)
     try:
         wait_for_port(port, proc)
+        drain_output(proc)
         yield port, proc
     finally:
         if proc.poll() is None:
@@ -70,3 +93,50 @@ def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
                 proc.wait(5)
         if proc.stdout:
             proc.stdout.close()
+
+
+#: What a process started with ``clean_env`` keeps of this one's
+#: environment: no PYTHONPATH, no virtualenv, nothing of the test runner.
+CLEAN_ENV_KEYS = ("HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER")
+
+
+def clean_env(path_first: Sequence[str] = ()) -> dict[str, str]:
+    """
+    A minimal environment: ``PATH`` (with ``path_first`` before the system
+    directories) and the locale; nothing that changes what Python imports.
+    """
+    env = {k: os.environ[k] for k in CLEAN_ENV_KEYS if k in os.environ}
+    env["PATH"] = os.pathsep.join([*path_first, "/usr/local/bin", "/usr/bin", "/bin"])
+    return env
+
+
+@contextmanager
+def serve_process(cmd: Sequence[str], port: int, cwd: Path | str,
+                  clean_env: bool = False) -> Iterator[subprocess.Popen]:
+    """
+    A server command run in ``cwd`` until 127.0.0.1:port answers; stopped
+    (SIGTERM, then SIGKILL) on exit.  ``clean_env``: run it with
+    :func:`clean_env` instead of this process's environment.
+    """
+    env = globals()["clean_env"]() if clean_env else None
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=cwd, env=env, start_new_session=True)
+    try:
+        wait_for_port(port, proc, deadline=60.0)
+        drain_output(proc)
+        yield proc
+    finally:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    if proc.stdout:
+        proc.stdout.close()
+

@@ -175,7 +175,9 @@ class CometTransportTests(SynchronousTestCase):
         self.assertEqual(p1.delivered, 1)
         c.flush()
         evs = call.events()
-        self.assertEqual(evs[0], {"retry": "2000", "id": f"{hub.topics['news'].epoch}:0"})
+        cursor = f"{hub.topics['news'].epoch}:0"
+        self.assertEqual(evs[0], {"retry": "2000", "id": cursor, "event": "open",
+                                  "data": f'{{"event":"open","cursor":"{cursor}","resume":"live"}}'})
         self.assertEqual(evs[1], {"id": p1.id, "data": '{"n":1}'})
         self.assertEqual(evs[2], {"id": p2.id, "event": "update", "data": '{"n":2}'})
         epoch, off = p2.id.split(":")
@@ -611,6 +613,8 @@ class ResumeProperties(SynchronousTestCase):
                         state["cursor"] = e["id"]
                     if e.get("event") in ("gap", "reset"):
                         declared_missing += json.loads(e["data"]).get("missed", 0)
+                    elif e.get("event") == "open":
+                        continue
                     elif "data" in e:
                         received.append(json.loads(e["data"]))
             elif transport == "ndjson":

@@ -243,10 +243,10 @@ def test_demo_flood_of_slow_calls_gets_503_while_fast_answers() -> Any:
     with twistd_server() as (port, proc):
         base = f"http://127.0.0.1:{port}"
         try:
-            slow = [treq.get(f"{base}/api/slow.get?ms=1000", pool=pool) for _ in range(120)]
+            slow = [treq.get(f"{base}/api/slow.get?app_key=demo-key&ms=1000", pool=pool) for _ in range(120)]
             fast = []
             for _ in range(5):
-                fast.append((yield treq.get(f"{base}/api/fast.get", pool=pool)))
+                fast.append((yield treq.get(f"{base}/api/fast.get?app_key=demo-key", pool=pool)))
             responses = yield defer.gatherResults(slow)
             codes = [r.code for r in responses]
             bodies = yield defer.gatherResults([r.json() for r in responses])

@@ -1,7 +1,10 @@
 """
-The twistd plugin in real subprocesses: the demo served on a real port,
-a user's app with --app, bad configuration refused at start, and the
-plugin found after a normal (non-editable) install.
+The twistd plugin and the ``pipecomet`` command in real subprocesses: the
+demo served on a real port, a user's app with --app from the working
+directory, a partial config laid over the demo's defaults, bad
+configuration refused at start, ``pipecomet check``, the landing page,
+and a SIGTERM that answers the calls in flight.  (Wheels and editable
+installs: tests/test_it_packaging.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .support import ROOT, TWISTD, free_port, twistd_server
+from .support import ROOT, TWISTD, free_port, serve_process, twistd_server
+
+PIPECOMET = str(Path(sys.executable).with_name("pipecomet"))
+TWISTD_SCRIPT = str(Path(sys.executable).with_name("twistd"))
 
 
 def get(port, path, headers=None):
@@ -57,10 +63,16 @@ def test_user_app(tmp_path):
         app = App()
         app.route("/hello", [hello])
     """))
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    with twistd_server(["--app", "myapp:app"], env=env) as (port, proc):
-        status, _, body = get(port, "/hello?name=ann")
-        assert (status, json.loads(body)) == (200, {"hello": "ann"})
+    # The twistd and pipecomet scripts (whose sys.path[0] is their bin
+    # folder, not the working directory), no PYTHONPATH: each imports the
+    # app from the folder it runs in.
+    for command in ([TWISTD_SCRIPT, "-n", "--pidfile=", "pipecomet"], [PIPECOMET, "serve"]):
+        port = free_port()
+        with serve_process([*command, "--app", "myapp:app",
+                            "--port", f"tcp:{port}:interface=127.0.0.1"], port, cwd=tmp_path,
+                           clean_env=True):
+            status, _, body = get(port, "/hello?name=ann")
+            assert (status, json.loads(body)) == (200, {"hello": "ann"})
 
 
 def run_twistd(*args, timeout=60):
@@ -86,31 +98,6 @@ def test_bad_app_refused():
     result = run_twistd("--app", "no_such_module_anywhere:app")
     assert result.returncode != 0
     assert "no_such_module_anywhere" in result.stdout + result.stderr
-
-
-def test_plugin_found_after_normal_install(tmp_path):
-    """
-    A non-editable install into a fresh virtualenv puts the plugin in
-    site-packages/twisted/plugins (no __init__.py) and twistd lists it.
-    """
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    install = subprocess.run([str(py), "-m", "pip", "install", "-q", str(ROOT)],
-                             capture_output=True, text=True, timeout=600)
-    assert install.returncode == 0, install.stderr
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    assert (site / "twisted" / "plugins" / "pipecomet_plugin.py").is_file()
-    # Twisted's own package is intact (our namespace portion did not shadow it).
-    check = subprocess.run([str(py), "-c", "import twisted, twisted.plugins.pipecomet_plugin as p; "
-                            "print(twisted.__version__, p.pipecomet.tapname)"],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert check.returncode == 0, check.stderr
-    assert check.stdout.split()[-1] == "pipecomet"
-    help_text = subprocess.run([str(venv / "bin" / "twistd"), "--help"], capture_output=True,
-                               text=True, timeout=120, cwd=tmp_path)
-    assert "pipecomet" in help_text.stdout
 
 
 def test_options_override_config(tmp_path, monkeypatch):
@@ -139,3 +126,75 @@ def test_options_override_config(tmp_path, monkeypatch):
     assert app.config.workers.size == 1
     assert app.runtime.workers is not None
     assert not app.service.running
+
+
+def test_partial_config_overlays_the_demo_defaults(tmp_path):
+    """
+    A file naming only the publish token serves the demo with that token
+    and everything else (quota categories, workers, keys) as the demo's
+    defaults.
+    """
+    config = tmp_path / "mine.toml"
+    config.write_text('[comet]\npublish_token = "my-own-token"\n')
+    with twistd_server(["--config", str(config)]) as (port, proc):
+        assert get(port, "/api/fast.get?app_key=demo-key")[0] == 200
+        assert get(port, "/api/time.get?app_key=demo-limited")[0] == 200
+
+        def publish(token):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/_pipecomet/publish/news", data=b'{"a":1}',
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert publish("my-own-token") == 200
+        assert publish("demo-publish-token") == 403
+        status, _, body = get(port, "/_pipecomet/status")
+        figures = json.loads(body)
+        assert set(figures["quota"]["categories"]) >= {"slow", "fast"}
+        assert figures["workers"]["size"] == 2
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([PIPECOMET, *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd or ROOT)
+
+
+def test_pipecomet_check_version_and_processes(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('[comet]\npublish_token = "t"\n[quota.categories.slow]\nlimit = 2\n')
+    result = run_cli("check", "--config", str(good), cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[comet]\npublish_tokn = "t"\n')
+    result = run_cli("check", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode != 0 and "ok" not in result.stdout
+    assert "comet.publish_tokn" in result.stderr
+    # A config the app cannot run with: the route's category is missing.
+    bad.write_text('[quota.categories.slow]\nlimit = 0\n')
+    result = run_cli("check", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode != 0 and "quota.categories.slow" in result.stderr
+    from pipecomet import __version__
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"pipecomet {__version__}")
+    result = run_cli("serve", "--processes", "2", "--port", f"tcp:{free_port()}")
+    assert result.returncode != 0
+    assert "--processes 2" in result.stderr and "not available yet" in result.stderr
+
+
+def test_landing_page():
+    with twistd_server() as (port, proc):
+        status, headers, body = get(port, "/", {"accept": "text/html,application/xhtml+xml"})
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+        page = body.decode()
+        for href in ("/api/time.get?app_key=demo-key", "/demo/comet", "/_pipecomet/status"):
+            assert f'href="{href.replace("&", "&amp;")}"' in page
+        status, headers, body = get(port, "/", {"accept": "application/json"})
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        listed = {e["path"] for e in json.loads(body)["endpoints"]}
+        assert {"/api/<api>", "/api/echo", "/api/upload", "/api/cpu.burn", "/comet/<topic>",
+                "/_pipecomet/publish/<topic>", "/demo/job"} <= listed
+

@@ -493,15 +493,15 @@ def test_demo_gateway_serves_cpu_burn_and_image_resize_from_its_pool() -> Any:
     http = HTTPConnectionPool(reactor, persistent=False)
     try:
         yield app.runtime.workers.ready().addTimeout(30, reactor)
-        r = yield treq.post(base + "/api/cpu.burn?ms=5", pool=http)
+        r = yield treq.post(base + "/api/cpu.burn?app_key=demo-key&ms=5", pool=http)
         assert r.code == 200
         burned = (yield r.json())["burned"]
         assert burned["ms"] == 5 and burned["cpu_ms"] >= 5 and burned["pid"] in ready_pids(app.runtime.workers)
-        r = yield treq.post(base + "/api/cpu.burn?ms=-1", pool=http)
+        r = yield treq.post(base + "/api/cpu.burn?app_key=demo-key&ms=-1", pool=http)
         assert r.code == 400
         picture = io.BytesIO()
         Image.new("RGB", (640, 480), (10, 200, 30)).save(picture, "PNG")
-        r = yield treq.post(base + "/api/image.resize?width=64&height=64&format=jpeg",
+        r = yield treq.post(base + "/api/image.resize?app_key=demo-key&width=64&height=64&format=jpeg",
                             data=picture.getvalue(), headers={"Content-Type": "image/png"},
                             pool=http)
         assert r.code == 200
@@ -509,7 +509,7 @@ def test_demo_gateway_serves_cpu_burn_and_image_resize_from_its_pool() -> Any:
         assert r.headers.getRawHeaders("x-image-size") == ["64x48"]
         small = Image.open(io.BytesIO((yield r.content())))
         assert (small.format, small.size) == ("JPEG", (64, 48))
-        r = yield treq.post(base + "/api/image.resize", data=b"not an image",
+        r = yield treq.post(base + "/api/image.resize?app_key=demo-key", data=b"not an image",
                             headers={"Content-Type": "image/png"}, pool=http)
         assert r.code == 400 and (yield error_of(r))["code"] == "not_an_image"
         r = yield treq.get(base + "/_pipecomet/status", pool=http)

@@ -481,8 +481,18 @@ class PipeInput:
         return self._query
 
     def header(self, name: str, default: str | None = None) -> str | None:
-        raw = self.request.requestHeaders.getRawHeaders(name)
-        return raw[0] if raw else default
+        """
+        The first value of header ``name`` as text; a value that is not
+        UTF-8 is the client's error (400 ``bad_header``), not ours.
+        """
+        raw = self.request.requestHeaders.getRawHeaders(name.encode("ascii"))
+        if not raw:
+            return default
+        try:
+            return raw[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"header {name} is not UTF-8 text", code="bad_header",
+                             details={"header": name}) from None
 
     @property
     def headers(self) -> Any:

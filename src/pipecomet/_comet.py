@@ -56,6 +56,7 @@ from ._errors import (
 )
 from ._events import Event, EventKeeper, EventListener
 from ._interfaces import IBusReceiver
+from ._lazy._parsers import decode_json
 from ._responders import dumps, send_error
 from ._twcompat import request_gone, transport_pending
 
@@ -400,7 +401,9 @@ def parse_cursor(text: str, topics: Sequence[str]) -> dict[str, tuple[str, int]]
             topic, epoch, offset = parts
         else:
             raise BadRequest(f"malformed cursor {text[:80]!r}", code="bad_cursor")
-        if not _EPOCH_RE.match(epoch) or not offset.isdigit() or len(offset) > 18:
+        # isdigit() alone takes any Unicode digit ("٣" is 3): ASCII only.
+        if (not _EPOCH_RE.match(epoch) or not offset.isascii() or not offset.isdigit()
+                or len(offset) > 18):
             raise BadRequest(f"malformed cursor {text[:80]!r}", code="bad_cursor")
         if topic in topics:
             out[topic] = (epoch, int(offset))
@@ -640,13 +643,17 @@ class Subscription(Stream, EventListener):
             transport.setTcpKeepAlive(True)
         # The head carries the cursor the stream starts from, so a client
         # that gets no message before it drops still resumes without loss.
+        # In SSE it is an event with data: clients (the npm eventsource
+        # among them) record an id only from an event they dispatch, and
+        # one without data is never dispatched.
         cursor = self.cursor()
+        opening = dumps({"event": "open", "cursor": cursor, "resume": self.resume})
         if sse:
-            head = b"retry: %d\nid: %s\n: %s\n\n" % (int(hub.config.retry * 1000),
-                                                    cursor.encode("ascii"),
-                                                    self.resume.encode("ascii"))
+            head = (b"retry: %d\nid: %s\nevent: open\ndata: " % (int(hub.config.retry * 1000),
+                                                                cursor.encode("ascii"))
+                    + opening + b"\n\n")
         else:
-            head = dumps({"event": "open", "cursor": cursor, "resume": self.resume}) + b"\n"
+            head = opening + b"\n"
         # The first write sends the headers and tells us the framing.
         req.write(head)
         # The headers are on the wire: a held request need not keep them.
@@ -1366,9 +1373,12 @@ def _publish_send(inp: Any, ctx: Any, res: Any) -> Any:
     ctype = (inp.header("content-type") or "").split(";")[0].strip().lower()
     if ctype == "application/json" or ctype.endswith("+json"):
         try:
-            data = dumps(json.loads(body))
-        except ValueError:
-            raise hub._reject(BadRequest("the body is not valid JSON", code="invalid_json")) from None
+            # NaN and Infinity are not JSON: subscribers' parsers would
+            # choke on them.  Too deep or too long numbers are 400s too.
+            data = dumps(decode_json(body))
+        except BadRequest as e:
+            raise hub._reject(BadRequest(f"the body is not valid JSON ({e.message})",
+                                         code="invalid_json")) from None
     else:
         try:
             data = dumps(body.decode("utf-8"))

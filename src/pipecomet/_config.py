@@ -6,6 +6,10 @@ Each part of pipecomet owns a table (``[server]``, ``[quota]``, ``[workers]``,
 installer in :data:`SECTIONS`.  Loading rejects unknown tables and keys and
 bad values with a :class:`ConfigError` that names the key, e.g.
 ``quota.categories.slow.reserve: must be >= 0``.
+
+An app declares its defaults as tables (the demo's are ``demo.toml``);
+:meth:`Config.with_defaults` lays a file over them key by key, so a file
+names only what it changes (:func:`merge_tables`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any, Mapping
 
 import attrs
 
-__all__ = ["ConfigError", "Config", "ServerConfig", "SECTIONS", "load_config", "build_section"]
+__all__ = ["ConfigError", "Config", "ServerConfig", "SECTIONS", "load_config", "read_tables",
+           "merge_tables", "build_section"]
 
 
 class ConfigError(ValueError):
@@ -44,6 +49,9 @@ class ServerConfig:
         ``docs/http.md``) or ``"twisted"`` (twisted.web's ``HTTPChannel``
         and a plain ``Site``, for comparison: no lazy bodies, twisted.web's
         own limits and errors).
+    :ivar drain_timeout: seconds a stopping server waits, after its parts
+        have stopped, for the responses already written to leave before
+        it drops the connections.
     """
 
     port: str = attrs.field(default="tcp:8080", validator=attrs.validators.instance_of(str))
@@ -55,6 +63,8 @@ class ServerConfig:
                                                           attrs.validators.min_len(1)])
     protocol: str = attrs.field(default="pipecomet",
                                 validator=attrs.validators.in_(("pipecomet", "twisted")))
+    drain_timeout: float = attrs.field(default=5.0, converter=float,
+                                       validator=attrs.validators.ge(0))
 
 
 #: table name → (``module:Class`` of its config, ``module:function`` that
@@ -126,14 +136,37 @@ def _field_message(e: Exception) -> str:
     return str(e)
 
 
+def merge_tables(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    ``base`` with ``over`` laid on it: tables present in both are merged
+    key by key (recursively), any other value in ``over`` replaces the one
+    in ``base``.  Neither argument is changed.
+    """
+    out = dict(base)
+    for key, value in over.items():
+        below = out.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            out[key] = merge_tables(below, value)
+        else:
+            out[key] = value
+    return out
+
+
 class Config:
     """
     The whole configuration.  ``config.quota`` etc. give each table's object
     (defaults when the file has none).
+
+    :param sections: table name → its built object.
+    :param data: the TOML tables the sections were built from, when they
+        were (:meth:`from_dict`); :meth:`with_defaults` merges those.
     """
 
-    def __init__(self, sections: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, sections: Mapping[str, Any] | None = None,
+                 data: Mapping[str, Any] | None = None) -> None:
         self._sections = dict(sections or {})
+        self._given = frozenset(self._sections)
+        self._data = dict(data) if data is not None else None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -162,7 +195,27 @@ class Config:
                 known = ", ".join(sorted(SECTIONS))
                 raise ConfigError(f"{key}: unknown section (known: {known})")
             sections[key] = build_section(_resolve(SECTIONS[key][0]), table, key)
-        return cls(sections)
+        return cls(sections, data=data)
+
+    @property
+    def tables(self) -> dict[str, Any]:
+        """
+        The TOML tables this configuration was read from (empty when it was
+        built from objects).
+        """
+        return dict(self._data or {})
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> Config:
+        """
+        ``defaults`` (an app's tables) overlaid by this configuration: what
+        it was read from overrides key by key, a section given as an object
+        replaces its whole table.  Unknown keys fail, naming the key.
+        """
+        merged = merge_tables(defaults, self._data or {})
+        built = Config.from_dict(merged)
+        objects = {name: self._sections[name] for name in self._given
+                   if self._data is None or name not in self._data}
+        return Config({**built._sections, **objects}, data=merged)
 
     def installers(self) -> list[tuple[str, Any]]:
         """
@@ -171,20 +224,26 @@ class Config:
         return [(name, _resolve(inst)) for name, (_, inst) in SECTIONS.items() if inst]
 
 
+def read_tables(path: str | Path) -> dict[str, Any]:
+    """
+    The tables of a TOML file, unchecked; errors say which file.
+    """
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None) -> Config:
     """
     Read a TOML file (or give defaults for None).
     """
     if path is None:
         return Config()
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    return Config.from_dict(data)
+    return Config.from_dict(read_tables(path))
 
 
 def _ivar_docs(cls: type) -> dict[str, str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from ._chain import Answer, ChainSink
+from ._chain import Answer, ChainSink, as_pipecomet_error
 from ._errors import PipecometError, error_body
 from ._twcompat import request_gone as _gone
 
@@ -38,6 +38,28 @@ def dumps(value: Any) -> bytes:
     Compact JSON as UTF-8 bytes; objects JSON does not know become strings.
     """
     return _encoder.encode(value).encode("utf-8")
+
+
+class _Unserialisable(Exception):
+    """
+    A value could not be encoded; ``error`` is the logged 500 to send.
+    """
+
+    def __init__(self, error: PipecometError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _encode(value: Any) -> bytes:
+    """
+    :func:`dumps`, with a value JSON cannot carry (a lone surrogate, a
+    cycle...) logged and raised as :class:`_Unserialisable`: the client
+    gets a 500 with the logged id at once instead of no answer.
+    """
+    try:
+        return dumps(value)
+    except Exception as e:
+        raise _Unserialisable(as_pipecomet_error(e, "serialising the response")) from None
 
 
 def send_error(request: Any, error: PipecometError) -> None:
@@ -93,7 +115,11 @@ class Responder(ChainSink):
             body = body.encode("utf-8")
             ctype = answer.content_type or "text/plain; charset=utf-8"
         else:
-            body = dumps(body)
+            try:
+                body = _encode(body)
+            except _Unserialisable as e:
+                send_error(self.request, e.error)
+                return
             ctype = answer.content_type or "application/json"
         self._send(answer.status, ctype.encode("ascii"), body, answer.headers)
 
@@ -103,8 +129,13 @@ class Responder(ChainSink):
     def result(self, value: Any) -> None:
         if isinstance(value, bytes):
             self._send(200, b"application/octet-stream", value)
-        else:
-            self._send(200, b"application/json", dumps(value))
+            return
+        try:
+            body = _encode(value)
+        except _Unserialisable as e:
+            send_error(self.request, e.error)
+            return
+        self._send(200, b"application/json", body)
 
     def stream(self, stream: Any) -> None:
         """
@@ -136,7 +167,12 @@ class JSONResponder(Responder):
         self._errors[name] = error.to_json()
 
     def close(self) -> None:
-        self._send(200, b"application/json", dumps({"results": self._results, "errors": self._errors}))
+        try:
+            body = _encode({"results": self._results, "errors": self._errors})
+        except _Unserialisable as e:
+            send_error(self.request, e.error)
+            return
+        self._send(200, b"application/json", body)
 
 
 class _StreamResponder(Responder):
@@ -172,7 +208,10 @@ class _StreamResponder(Responder):
         request.write(data)
 
     def part(self, name: str, value: Any) -> None:
-        self.write_record("result", {"name": name, "result": value})
+        try:
+            self.write_record("result", {"name": name, "result": value})
+        except _Unserialisable as e:
+            self.write_record("error", {"name": name, "error": e.error.to_json()})
 
     def part_error(self, name: str, error: PipecometError) -> None:
         self.write_record("error", {"name": name, "error": error.to_json()})
@@ -209,7 +248,7 @@ class NDJSONResponder(_StreamResponder):
     __slots__ = ()
 
     def write_record(self, kind: str, record: dict[str, Any]) -> None:
-        self._write(dumps(record) + b"\n")
+        self._write(_encode(record) + b"\n")
 
 
 class SSEResponder(_StreamResponder):
@@ -223,7 +262,7 @@ class SSEResponder(_StreamResponder):
     __slots__ = ()
 
     def write_record(self, kind: str, record: dict[str, Any]) -> None:
-        self._write(b"event: " + kind.encode("ascii") + b"\ndata: " + dumps(record) + b"\n\n")
+        self._write(b"event: " + kind.encode("ascii") + b"\ndata: " + _encode(record) + b"\n\n")
 
 
 #: Responder name → class.  Parts that add transports register here.

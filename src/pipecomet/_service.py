@@ -1,9 +1,12 @@
 """
-``twistd pipecomet``: options, app loading and the service tree.
+``twistd pipecomet`` and ``pipecomet serve``: options, app loading and the
+service tree.
 
 Everything that can be wrong in a configuration is checked while the
 options are parsed, so a bad config file or app exits at once with a
-message naming the key, before anything listens.
+message naming the key, before anything listens.  The working directory
+is put on ``sys.path`` first (as uvicorn and gunicorn do), so ``--app
+hello:app`` finds ``hello.py`` where the command runs.
 """
 
 from __future__ import annotations
@@ -13,13 +16,17 @@ import os
 import sys
 from typing import Any
 
-import attrs
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorFDSet, ITCPTransport
+from twisted.logger import Logger
 from twisted.python import usage
 
-from ._config import Config, ConfigError, load_config
+from ._config import Config, ConfigError, merge_tables, read_tables
 
-__all__ = ["Options", "makeService", "load_app"]
+__all__ = ["Options", "makeService", "load_app", "build_app"]
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -35,6 +42,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.insert(0, cwd)
         try:
             self["app_object"] = build_app(self)
         except ConfigError as e:
@@ -48,15 +58,6 @@ class Options(usage.Options):
 
         print(f"pipecomet {__version__}")
         raise SystemExit(0)
-
-
-def _override(config: Config, section: str, **values: Any) -> Config:
-    current = getattr(config, section)
-    try:
-        new = attrs.evolve(current, **values)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{section}: {e}") from None
-    return Config({**{name: getattr(config, name) for name in config.present()}, section: new})
 
 
 def load_app(spec: str) -> Any:
@@ -77,19 +78,21 @@ def load_app(spec: str) -> Any:
 
 
 def build_app(options: Options) -> Any:
+    """
+    Read the config file (its tables only: an app factory lays them over
+    its own defaults), apply the options that override it, import the app
+    and configure it.  Nothing starts.
+    """
     from ._app import App
-    from .demo import DEMO_CONFIG
 
     spec = options["app"]
+    tables: dict[str, Any] = {}
     if options["config"]:
-        config = load_config(os.path.expanduser(options["config"]))
-    elif spec is None or spec == "pipecomet.demo:make_app":
-        config = load_config(DEMO_CONFIG)
-    else:
-        config = Config()
-    spec = spec or config.server.app
+        tables = read_tables(os.path.expanduser(options["config"]))
     if options["workers-module"]:
-        config = _override(config, "workers", module=options["workers-module"])
+        tables = merge_tables(tables, {"workers": {"module": options["workers-module"]}})
+    config = Config.from_dict(tables)
+    spec = spec or config.server.app
     target = load_app(spec)
     if isinstance(target, App):
         app = target.configure(config)
@@ -104,14 +107,60 @@ def build_app(options: Options) -> Any:
     return app
 
 
+class _Serving(MultiService):
+    """
+    The app's parts and its listener, stopped in the order that lets every
+    request in flight get its answer: the listener first (no new
+    connections), then the parts (running thread jobs finish, queued ones
+    get 503 ``pool_closing``), then a wait until every response written has
+    left the process (no TCP connection still has bytes to write; at most
+    ``[server] drain_timeout`` seconds), before the reactor drops the
+    connections.
+    """
+
+    def __init__(self, app: Any, listener: IService) -> None:
+        super().__init__()
+        self._app = app
+        self._listener = listener
+        app.service.setServiceParent(self)
+        listener.setServiceParent(self)
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        d = maybeDeferred(self._listener.stopService)
+        d.addBoth(lambda _: maybeDeferred(self._app.service.stopService))
+        d.addBoth(lambda _: self._flushed())
+        return d
+
+    def _flushed(self) -> Deferred | None:
+        reactor = self._app.reactor
+        if not IReactorFDSet.providedBy(reactor):
+            return None
+        timeout = float(getattr(self._app.config.server, "drain_timeout", 5.0))
+        deadline = reactor.seconds() + timeout
+        done: Deferred = Deferred()
+
+        def check() -> None:
+            writing = [w for w in reactor.getWriters() if ITCPTransport.providedBy(w)]
+            if not writing:
+                done.callback(None)
+            elif reactor.seconds() >= deadline:
+                log.warn("{n} connections still had bytes to send after {t}s; dropping them",
+                         n=len(writing), t=timeout)
+                done.callback(None)
+            else:
+                # Shutdown only: a short poll of the reactor's own writer set
+                # (no per-connection bookkeeping while serving).
+                reactor.callLater(0.02, check)
+
+        check()
+        return done
+
+
 def makeService(options: Options) -> IService:
     from twisted.application import strports
 
     app = options["app_object"]
     port = options["port"] or app.config.server.port
-    root = MultiService()
-    # Parts start before the listener and stop after it (MultiService stops
-    # its children in reverse order).
-    app.service.setServiceParent(root)
-    strports.service(port, app.site()).setServiceParent(root)
-    return root
+    # Parts start before the listener; on stop, see _Serving.
+    return _Serving(app, strports.service(port, app.site()))

@@ -345,6 +345,9 @@ class CometClient:
     def _sse_event(self, etype: str, data: str, last_id: str | None) -> None:
         if last_id is not None:
             self.cursor = last_id
+        if etype == "open":
+            # The stream's head: its id is the cursor to resume from.
+            return
         try:
             value = json.loads(data)
         except ValueError:

@@ -89,7 +89,10 @@ class Call:
     def events(self) -> list[dict[str, str]]:
         """
         The complete Server-Sent Events received so far, as field dicts
-        (``data`` lines joined with newlines).
+        (``data`` lines joined with newlines); comment-only blocks (comet
+        heartbeats) are left out.  A comet stream's first event is
+        ``open`` (``id`` is the cursor to resume from, ``data`` says
+        how the stream resumed).
         """
         out = []
         text = self.body.decode("utf-8")

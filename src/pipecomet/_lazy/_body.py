@@ -149,6 +149,10 @@ class LazyBody:
             self.fail(e)
             raise
         self._move(BodyState.COMPLETE)
+        if self._raw.closed:
+            # The last field ended the request (a pipe refused it while the
+            # parser was closing) and close() ran: nothing is left to give.
+            return
         self._raw.seek(0)
         waiters, self._waiters = self._waiters, {}
         for name, ds in waiters.items():
@@ -193,6 +197,11 @@ class LazyBody:
         Release the raw copy and spooled files (the request is gone).
         """
         self._raw.close()
+        current, self._current = self._current, None
+        if current is not None and current.file is not None:
+            # A file part cut off by a disconnect: its spool is not in
+            # ``uploads`` yet, and would stay open until a GC.
+            current.file.close()
         for files in self.uploads.values():
             for f in files:
                 if f.file is not None:

@@ -26,6 +26,8 @@ __all__ = [
     "RawParser",
     "parse_content_type",
     "text_decoder",
+    "decode_json",
+    "TEXT_CHARSETS",
     "make_parser",
 ]
 
@@ -64,17 +66,39 @@ def parse_content_type(value: bytes | None) -> tuple[str, dict[str, str]]:
     return head.strip().decode("latin-1").lower(), params
 
 
+#: The charsets a body may declare: text encodings only.  Python's codec
+#: registry also holds bytes-to-bytes and bytes-to-text transforms (``bz2``,
+#: ``base64``, ``rot13``, ``uu``, ``punycode``...) that must never be run on
+#: a client's bytes; a name counts when it resolves to one of these codecs.
+TEXT_CHARSETS = frozenset(codecs.lookup(n).name for n in (
+    "utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+    "utf-32-be", "ascii", "latin-1", "iso8859-2", "iso8859-3", "iso8859-4", "iso8859-5",
+    "iso8859-6", "iso8859-7", "iso8859-8", "iso8859-9", "iso8859-10", "iso8859-11",
+    "iso8859-13", "iso8859-14", "iso8859-15", "iso8859-16", "cp1250", "cp1251", "cp1252",
+    "cp1253", "cp1254", "cp1255", "cp1256", "cp1257", "cp1258", "cp437", "cp850", "cp866",
+    "koi8-r", "koi8-u", "mac-roman", "shift_jis", "cp932", "euc-jp", "iso2022-jp",
+    "euc-kr", "cp949", "gb2312", "gbk", "gb18030", "big5", "big5hkscs", "cp950", "tis-620",
+))
+
+
+def _unsupported_charset(name: str) -> BadRequest:
+    return BadRequest(f"unsupported charset {name[:40]!r}", code="unsupported_charset",
+                      details={"charset": name[:40]})
+
+
 def text_decoder(charset: str | None) -> Callable[[bytes], str]:
     """
-    A strict decoder for ``charset`` (UTF-8 when None); an unknown charset
-    is a 400 ``unsupported_charset``.
+    A strict decoder for ``charset`` (UTF-8 when None); a charset that is
+    unknown or not a text encoding (see :data:`TEXT_CHARSETS`) is a 400
+    ``unsupported_charset``.
     """
     name = (charset or "utf-8").strip().lower()
     try:
         info = codecs.lookup(name)
     except LookupError:
-        raise BadRequest(f"unsupported charset {name!r}", code="unsupported_charset",
-                         details={"charset": name}) from None
+        raise _unsupported_charset(name) from None
+    if info.name not in TEXT_CHARSETS:
+        raise _unsupported_charset(name)
     decode = info.decode
 
     def dec(raw: bytes) -> str:
@@ -369,16 +393,45 @@ def _invalid_json(why: str) -> BadRequest:
     return BadRequest(f"invalid JSON: {why}", code="invalid_json")
 
 
+def _no_constant(name: str) -> Any:
+    raise _invalid_json(f"{name} is not a JSON number")
+
+
+def decode_json(text: str | bytes, where: str = "") -> Any:
+    """
+    ``json.loads`` that turns everything the decoder cannot take into a
+    400 ``invalid_json``: syntax errors, ``NaN``/``Infinity`` (not JSON),
+    nesting deeper than the interpreter's recursion allows, and integers
+    longer than Python converts.
+    """
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise _invalid_json(f"{e.msg}{where or f' at line {e.lineno} column {e.colno}'}") from None
+    except RecursionError:
+        raise _invalid_json(f"nested too deeply{where}") from None
+    except UnicodeDecodeError:
+        raise _invalid_json(f"not UTF-8 text{where}") from None
+    except ValueError:
+        # int() refusing thousands of digits, and the like.
+        raise _invalid_json(f"a number too long to read{where}") from None
+
+
 class JSONParser:
     """
     ``application/json`` (UTF-8 only).  A top-level object is parsed member
     by member: each ``"name": value`` becomes a field as soon as the ``,``
-    or ``}`` after it arrives.  Any other top-level value is decoded at the
-    end of the body.  ``value`` is the whole decoded document at the end.
+    or ``}`` after it arrives.  Any other top-level value is one field: it
+    is held (at most ``max_field_bytes``, else 413 ``field_too_large``) and
+    decoded at the end of the body; the items of a top-level array count
+    as fields (more than ``max_fields``: 413 ``too_many_fields`` as soon as
+    the comma after the last allowed one arrives).  ``value`` is the whole
+    decoded document at the end.
     """
 
     __slots__ = ("sink", "max_fields", "max_field_bytes", "value", "_decode", "_mode", "_buf",
-                 "_pos", "_depth", "_in_string", "_count", "_members", "_chunks")
+                 "_pos", "_depth", "_in_string", "_count", "_members", "_chunks", "_held",
+                 "_escape")
 
     def __init__(self, sink: FieldSink, *, charset: str | None = None, max_fields: int = 1000,
                  max_field_bytes: int = 2**20, **_: Any) -> None:
@@ -398,6 +451,8 @@ class JSONParser:
         self._count = 0
         self._members: dict[str, Any] = {}
         self._chunks: list[bytes] = []
+        self._held = 0              # whole: bytes in _chunks
+        self._escape = False        # whole: a backslash ended the last chunk
 
     def feed(self, data: bytes) -> None:
         mode = self._mode
@@ -414,6 +469,10 @@ class JSONParser:
                 self._mode = "whole"
             mode = self._mode
         if mode == "whole":
+            self._held += len(data)
+            if self._held > self.max_field_bytes:
+                raise _field_too_large(self.max_field_bytes)
+            self._count_items(data)
             self._chunks.append(data)
             return
         if mode == "end":
@@ -473,6 +532,44 @@ class JSONParser:
             raise _field_too_large(self.max_field_bytes)
         self._pos = pos
 
+    def _count_items(self, data: bytes) -> None:
+        """
+        Count the items of a top-level array as they arrive (commas at
+        depth 1, outside strings); a top-level scalar has none.
+        """
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                    pos += 1
+                    continue
+                m = _IN_STRING.search(data, pos)
+                if m is None:
+                    return
+                pos = m.end()
+                if m.group() == b"\\":
+                    self._escape = True
+                else:
+                    self._in_string = False
+                continue
+            m = _OUTSIDE.search(data, pos)
+            if m is None:
+                return
+            c = m.group()
+            pos = m.end()
+            if c == b'"':
+                self._in_string = True
+            elif c in b"{[":
+                self._depth += 1
+            elif c in b"}]":
+                self._depth -= 1
+            elif c == b"," and self._depth == 1:
+                self._count += 1
+                # n commas: n + 1 items.
+                if self._count + 1 > self.max_fields:
+                    raise _too_many_fields(self.max_fields)
+
     def _member(self, raw: bytes, last: bool) -> None:
         if not raw.strip(_JSON_WS):
             if last and self._count == 0:
@@ -483,10 +580,9 @@ class JSONParser:
         self._count += 1
         if self._count > self.max_fields:
             raise _too_many_fields(self.max_fields)
-        try:
-            member = json.loads("{" + self._decode(raw) + "}")
-        except json.JSONDecodeError as e:
-            raise _invalid_json(f"{e.msg} in member {self._count}") from None
+        member = decode_json("{" + self._decode(raw) + "}", f" in member {self._count}")
+        if not isinstance(member, dict):
+            raise _invalid_json(f"member {self._count} is not one name: value pair")
         if len(member) != 1:
             raise _invalid_json(f"member {self._count} is not one name: value pair")
         (name, value), = member.items()
@@ -497,10 +593,7 @@ class JSONParser:
         if self._mode == "whole":
             raw = b"".join(self._chunks)
             self._chunks = []
-            try:
-                self.value = json.loads(self._decode(raw))
-            except json.JSONDecodeError as e:
-                raise _invalid_json(f"{e.msg} at line {e.lineno} column {e.colno}") from None
+            self.value = decode_json(self._decode(raw))
             return
         if self._mode == "start":
             raise _invalid_json("empty body")

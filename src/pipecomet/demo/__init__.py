@@ -1,10 +1,11 @@
 """
 The demo gateway: an open-API platform in miniature.
 
-``make_app`` is what ``twistd -n pipecomet`` serves when no ``--app`` is
-given.  Each part of pipecomet adds its own routes from a module listed in
-:data:`DEMO_ROUTE_MODULES`; the defaults come from ``demo.toml`` beside this
-file.
+``make_app`` is what ``pipecomet serve`` (and ``twistd -n pipecomet``)
+serves when no ``--app`` is given.  Each part of pipecomet adds its own
+routes from a module listed in :data:`DEMO_ROUTE_MODULES`; the demo's
+defaults are the tables of ``demo.toml`` beside this file (package data),
+and a config file overrides only the keys it names.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .._app import App
-from .._config import Config, load_config
+from .._config import Config, read_tables
 
-__all__ = ["make_app", "DEMO_CONFIG", "DEMO_ROUTE_MODULES", "PUBLISH_TOKEN"]
+__all__ = ["make_app", "demo_defaults", "DEMO_CONFIG", "DEMO_ROUTE_MODULES", "PUBLISH_TOKEN"]
 
-#: The configuration the demo runs with when no ``--config`` is given.
+#: The demo's default tables (what it runs with when no ``--config`` is given).
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
 
 #: Documented in the README; a real deployment sets its own in ``[comet]``.
@@ -26,6 +27,7 @@ PUBLISH_TOKEN = "demo-publish-token"
 
 #: Modules with ``install_routes(app)``, one per part of pipecomet.
 DEMO_ROUTE_MODULES = [
+    "pipecomet.demo._landing",
     "pipecomet.demo._gateway",
     "pipecomet.demo._comet",
     "pipecomet.demo._upload",
@@ -34,12 +36,20 @@ DEMO_ROUTE_MODULES = [
 ]
 
 
+def demo_defaults() -> dict[str, Any]:
+    """
+    The demo's default tables, read from ``demo.toml``.
+    """
+    return read_tables(DEMO_CONFIG)
+
+
 def make_app(config: Config | None = None, reactor: Any = None) -> App:
     """
-    Build the demo gateway with ``config`` (``demo.toml`` when None).
+    Build the demo gateway: ``config`` laid over the demo's defaults
+    (:func:`demo_defaults`), so it names only what it changes.
     """
     app = App(reactor=reactor, name="pipecomet-demo")
     for name in DEMO_ROUTE_MODULES:
         importlib.import_module(name).install_routes(app)
-    app.configure(config if config is not None else load_config(DEMO_CONFIG))
+    app.configure((config if config is not None else Config()).with_defaults(demo_defaults()))
     return app

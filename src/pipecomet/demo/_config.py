@@ -36,6 +36,10 @@ class DemoConfig:
     ``[demo]``: the demo gateway's app keys, one table per key.
 
     :ivar keys: app key → its rate.
+    :ivar max_image_pixels: largest image (width × height) ``/api/image.resize``
+        decodes; a larger one gets 413 ``image_too_large`` before decoding.
     """
 
     keys: dict[str, AppKey] = attrs.field(factory=_default_keys)
+    max_image_pixels: int = attrs.field(default=40_000_000, converter=int,
+                                        validator=attrs.validators.gt(0))

@@ -10,6 +10,7 @@ Routes: ``GET /api/time.get``, ``GET|POST /api/echo``, ``GET /api/search``
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any, Callable
 from xml.sax.saxutils import escape
 
@@ -19,7 +20,7 @@ from .._chain import Answer, Parallel, Pipe, PipeContext, PipeInput, PipeResult
 from .._errors import BadRequest, Forbidden, TooManyRequests, Unauthorized
 from .._responders import dumps
 
-__all__ = ["install_routes", "TokenBucket", "RateLimiter"]
+__all__ = ["install_routes", "auth_pipes", "TokenBucket", "RateLimiter"]
 
 
 class TokenBucket:
@@ -90,7 +91,7 @@ def app_key(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> str:
     if not key:
         raise Unauthorized("app_key is required", code="missing_app_key")
     if key not in _keys(ctx):
-        raise Forbidden(f"unknown app_key {key!r}", code="invalid_app_key")
+        raise Forbidden("unknown app_key", code="invalid_app_key")
     return key
 
 
@@ -216,14 +217,29 @@ def search_summary(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[st
 SEARCH_LATENCIES = {"web": 0.05, "news": 0.4, "images": 1.2}
 
 
-def install_routes(app: Any) -> None:
-    limiter = RateLimiter(lambda: app.config.demo.keys, lambda: app.reactor.seconds())
+_LIMITERS: "weakref.WeakKeyDictionary[Any, RateLimiter]" = weakref.WeakKeyDictionary()
+
+
+def auth_pipes(app: Any) -> list[Pipe]:
+    """
+    The steps every ``/api/*`` route of the demo starts with: the app key
+    (``app_key`` in the query or ``X-App-Key``), then its rate limit.  One
+    limiter per app, so a key's budget is shared by all its routes.
+    """
+    limiter = _LIMITERS.get(app)
+    if limiter is None:
+        limiter = _LIMITERS[app] = RateLimiter(lambda: app.config.demo.keys,
+                                               lambda: app.reactor.seconds())
 
     def rate_limit(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> bool:
         limiter.check(res["app_key"])
         return True
 
-    auth = [Pipe(app_key), Pipe(rate_limit)]
+    return [Pipe(app_key), Pipe(rate_limit)]
+
+
+def install_routes(app: Any) -> None:
+    auth = auth_pipes(app)
     app.route("/api/<api>", [*auth, Pipe(validate), Pipe(route_api, name="api"), Pipe(render)])
     app.route("/api/echo", [*auth, Pipe(echo)], methods=("GET", "POST"))
     app.route(

@@ -8,6 +8,7 @@ does about a millisecond of blocking work (category ``fast``, with threads
 reserved for it).  While ``slow`` is flooded, ``fast`` keeps answering;
 ``GET /_pipecomet/status`` shows both categories' figures.
 
+Both authenticate the app key first, like every ``/api/*`` route.
 Both chains show the async mode: an inline pipe on the reactor, the
 blocking pipes as one pool job, then an inline pipe back on the reactor.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 from .._chain import Pipe, PipeContext, PipeInput, PipeResult
 from .._errors import BadRequest
+from ._gateway import auth_pipes
 
 __all__ = ["install_routes", "SLOW_SECONDS", "FAST_SECONDS"]
 
@@ -69,6 +71,7 @@ def install_routes(app: Any) -> None:
     for path, category, seconds in (("/api/slow.get", "slow", SLOW_SECONDS),
                                     ("/api/fast.get", "fast", FAST_SECONDS)):
         app.route(path, [
+            *auth_pipes(app),
             Pipe(_received, name="received"),
             Pipe(_blocking_backend(seconds), name="backend", run="thread", category=category),
             Pipe(_shape(category), name="respond"),

@@ -36,7 +36,7 @@ def upload_key(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
             raise BadRequest("app_key must be 1-64 letters, digits, '_', '-' or '.'",
                              code="invalid_parameter", details={"param": "app_key"})
         if key not in ctx.runtime.config.demo.keys:
-            raise Forbidden(f"unknown app_key {key!r}", code="invalid_app_key")
+            raise Forbidden("unknown app_key", code="invalid_app_key")
         return key
 
     source = inp.body_source

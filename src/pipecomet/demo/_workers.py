@@ -3,7 +3,10 @@ The demo's worker-pool routes: CPU-heavy Python in worker processes.
 
 ``POST /api/cpu.burn?ms=N`` keeps a worker's core busy for N ms of CPU
 time (for tests and benchmarks); ``POST /api/image.resize?width=W&height=H
-&format=png|jpeg|webp`` resizes the image in the request body with Pillow.
+&format=png|jpeg|webp`` resizes the image in the request body with Pillow
+(an image of more than ``[demo] max_image_pixels`` pixels is refused
+with 413 ``image_too_large`` before it is decoded).  Both authenticate
+the app key first, like every ``/api/*`` route.
 Both are ``process`` pipes: the payload is built on the reactor, the work
 runs in a worker from ``pipecomet.demo.worker_functions``, and the chain
 goes on with its result.  ``GET /_pipecomet/status`` shows the pool.
@@ -15,7 +18,8 @@ import pickle
 from typing import Any
 
 from .._chain import Answer, Pipe, PipeContext, PipeInput, PipeResult, process_pipe
-from .._errors import BadRequest
+from .._errors import BadRequest, PayloadTooLarge
+from ._gateway import auth_pipes
 
 __all__ = ["install_routes", "MAX_BURN_MS", "MAX_SIDE", "FORMATS"]
 
@@ -62,7 +66,8 @@ def _resize_job(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
             raise BadRequest("send the image as the request body", code="missing_body")
         # Out of band: the image bytes go into the ring without a pickle copy.
         return {"image": pickle.PickleBuffer(body), "width": width, "height": height,
-                "format": "jpeg" if fmt == "jpg" else fmt}
+                "format": "jpeg" if fmt == "jpg" else fmt,
+                "max_pixels": ctx.runtime.config.demo.max_image_pixels}
 
     return inp.body().addCallback(with_body)
 
@@ -70,6 +75,9 @@ def _resize_job(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
 def _resize_answer(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Answer:
     out = res["image_resize"]
     if "error" in out:
+        if out["error"] == "image_too_large":
+            raise PayloadTooLarge(out["message"], code="image_too_large",
+                                  details={"limit": out["limit"]})
         raise BadRequest(out["message"], code=out["error"])
     return Answer(bytes(out["image"]), content_type=FORMATS[out["format"]], headers={
         "X-Image-Size": f"{out['width']}x{out['height']}",
@@ -80,11 +88,13 @@ def _resize_answer(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Answer:
 
 def install_routes(app: Any) -> None:
     app.route("/api/cpu.burn", [
+        *auth_pipes(app),
         Pipe(_burn_ms, name="ms"),
         process_pipe("cpu_burn"),
         Pipe(_burn_answer, name="answer"),
     ], methods=("POST",))
     app.route("/api/image.resize", [
+        *auth_pipes(app),
         Pipe(_resize_job, name="job"),
         process_pipe("image_resize"),
         Pipe(_resize_answer, name="answer"),

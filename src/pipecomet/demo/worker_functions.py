@@ -49,16 +49,33 @@ def image_resize(job: dict[str, Any]) -> dict[str, Any]:
 
     The image travels out of band both ways (``pickle.PickleBuffer``), so
     its bytes are not copied into the pickle stream.  Input that is not an
-    image is an answer (``{"error": ...}``), not an exception.
+    image, or one of more than ``job["max_pixels"]`` pixels, is an answer
+    (``{"error": ...}``), not an exception.
     """
     from PIL import Image, UnidentifiedImageError
 
+    max_pixels = int(job.get("max_pixels") or Image.MAX_IMAGE_PIXELS or 0)
+    # The messages are the client's: no exception text (Pillow's carry
+    # object reprs and addresses).
+    not_an_image = {"error": "not_an_image",
+                    "message": "the body is not an image in a format the server reads"}
     try:
+        # open() reads only the header: the size is known before a pixel
+        # is decoded, so a decompression bomb is refused at no cost.
         im = Image.open(io.BytesIO(job["image"]))
-        im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        return {"error": "not_an_image", "message": f"cannot read the image: {e}"}
+    except Image.DecompressionBombError:
+        return _too_large(max_pixels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return not_an_image
     with im:
+        if max_pixels and im.width * im.height > max_pixels:
+            return _too_large(max_pixels)
+        try:
+            im.load()
+        except Image.DecompressionBombError:
+            return _too_large(max_pixels)
+        except (OSError, SyntaxError, ValueError):
+            return not_an_image
         source = im.size
         im.thumbnail((int(job["width"]), int(job["height"])), Image.Resampling.LANCZOS)
         fmt = str(job.get("format", "PNG")).upper()
@@ -70,6 +87,11 @@ def image_resize(job: dict[str, Any]) -> dict[str, Any]:
     return {"image": pickle.PickleBuffer(out.getvalue()), "format": fmt.lower(),
             "width": size[0], "height": size[1], "source_width": source[0],
             "source_height": source[1], "pid": os.getpid()}
+
+
+def _too_large(max_pixels: int) -> dict[str, Any]:
+    return {"error": "image_too_large", "limit": max_pixels,
+            "message": f"the image has more than {max_pixels} pixels"}
 
 
 @worker_function
