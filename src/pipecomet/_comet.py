@@ -452,6 +452,7 @@ class Subscription(Stream, EventListener):
         self.pos: list[int] = []
         self.objs: tuple[Topic, ...] = ()
         self.done: Deferred | None = None
+        # A stream's frame writer, ``writer(frame) -> bool`` (_frame_writer).
         self.channel: Any = None
         self.drop = False
         self.dropped: dict[str, list[int]] | None = None
