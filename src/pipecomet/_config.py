@@ -60,6 +60,7 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "quota": ("pipecomet._quota:QuotaConfig", "pipecomet._quota:install"),
     "limits": ("pipecomet._lazy:LimitsConfig", "pipecomet._lazy:install"),
     "workers": ("pipecomet._workers:WorkersConfig", "pipecomet._workers:install"),
+    "backends": ("pipecomet._backend:BackendsConfig", "pipecomet._backend:install"),
 }
 
 
