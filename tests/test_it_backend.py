@@ -553,3 +553,49 @@ def test_undeclared_service_fails_at_start() -> None:
     app.route("/x", [call("nope", "GET", "/x")])
     with pytest.raises(ConfigError, match="unknown backend service 'nope'"):
         app.configure(Config.from_dict({"backends": {"services": {"svc": {}}}}))
+
+
+@pytest_twisted.ensureDeferred
+async def test_demo_gateway_calls_its_own_backends() -> None:
+    from pipecomet.demo import make_app
+
+    app = make_app(reactor=reactor)
+    app.service.startService()
+    port = reactor.listenTCP(0, app.site(), interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        served = set()
+        for _ in range(12):
+            r = await treq.get(base + "/api/user.get?app_key=demo-key&id=3", pool=pool)
+            assert r.code == 200
+            body = await r.json()
+            assert body["data"] == {"id": 3, "name": "dev", "email": "dev3@example.com"}
+            served.add(body["served_by"])
+        assert len(served) >= 2  # balanced over the instances
+        r = await treq.get(base + "/api/user.get?app_key=demo-key&id=x", pool=pool)
+        assert r.code == 400
+        r = await treq.get(base + "/api/profile.get?app_key=demo-key&id=4", pool=pool,
+                           headers={"accept": "application/x-ndjson"})
+        assert r.headers.getRawHeaders("content-type") == ["application/x-ndjson"]
+        lines = [json.loads(x) for x in (await r.content()).splitlines()]
+        names = {x["name"] for x in lines}
+        assert names == {"main", "user", "orders"}
+        by = {x["name"]: x.get("result") for x in lines}
+        assert by["user"]["data"]["id"] == 4
+        assert by["orders"]["data"][0]["user"] == 4
+        r = await treq.get(base + "/backend/users/users/5?x=1", pool=pool)
+        assert r.code == 200
+        assert (await r.json())["data"]["id"] == 5
+        r = await treq.post(base + "/backend/users/anything?y=2", data=b"abc", pool=pool)
+        echo = await r.json()
+        assert (echo["method"], echo["uri"], echo["body"]) == ("POST", "/anything?y=2", "abc")
+        assert echo["forwarded_for"] == "127.0.0.1"
+        r = await treq.get(base + "/_pipecomet/status", pool=pool)
+        status = (await r.json())["backends"]
+        assert len(status["users"]["endpoints"]) == 3
+        assert len(status["orders"]["endpoints"]) == 2
+    finally:
+        await port.stopListening()
+        await app.service.stopService()
+        await pool.closeCachedConnections()
