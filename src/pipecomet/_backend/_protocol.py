@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from ._errors import ConnectionFailed
 
-__all__ = ["ResponseListener", "ClientConnection", "build_head"]
+__all__ = ["ResponseListener", "ClientConnection", "build_head", "header_lines"]
 
 
 class ResponseListener(TypingProtocol):
@@ -37,26 +37,38 @@ class ResponseListener(TypingProtocol):
     def failed(self, error: ConnectionFailed) -> None: ...
 
 
-def build_head(method: bytes, target: bytes, host: bytes, headers: list[tuple[bytes, bytes]],
+def header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """
+    ``Name: value\\r\\n`` lines of ``headers``; ValueError for a CR or LF
+    in a name or value (header injection).
+    """
+    parts = []
+    for name, value in headers:
+        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name or not name:
+            raise ValueError("header names and values may not contain CR or LF")
+        parts += [name, b": ", value, b"\r\n"]
+    return b"".join(parts)
+
+
+def build_head(method: bytes, target: bytes, host: bytes, headers: list[tuple[bytes, bytes]] | bytes,
                body_length: int | None, chunked: bool = False) -> bytes:
     """
     The request line and headers, ready to write.
 
+    :param headers: pairs, or lines already made by :func:`header_lines`.
     :param body_length: sent as ``Content-Length`` when not None.
     :param chunked: send ``Transfer-Encoding: chunked`` (a body of unknown
         length).
     """
-    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-    for name, value in headers:
-        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
-            raise ValueError("header names and values may not contain CR or LF")
-        parts += [name, b": ", value, b"\r\n"]
+    if not isinstance(headers, bytes):
+        headers = header_lines(headers)
     if body_length is not None:
-        parts.append(b"Content-Length: %d\r\n" % body_length)
+        end = b"Content-Length: %d\r\n\r\n" % body_length
     elif chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        end = b"Transfer-Encoding: chunked\r\n\r\n"
+    else:
+        end = b"\r\n"
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n", headers, end))
 
 
 @implementer(IConsumer)

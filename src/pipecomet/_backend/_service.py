@@ -17,6 +17,7 @@ once on a fresh one whatever the budget (nothing of it was answered).
 from __future__ import annotations
 
 import json as _json
+from collections import deque
 from typing import Any, Mapping
 from urllib.parse import urlencode
 
@@ -37,10 +38,10 @@ from ._errors import (
     UnknownBackend,
 )
 from ._pool import EndpointPool
-from ._protocol import build_head
+from ._protocol import build_head, header_lines
 from ._response import Response
 
-__all__ = ["BackendService", "Backends", "install"]
+__all__ = ["BackendService", "Backends", "install", "Deadlines"]
 
 log = Logger()
 
@@ -58,6 +59,61 @@ def _encode_headers(headers: Mapping[str, Any] | None) -> list[tuple[bytes, byte
         for x in values:
             out.append((name, x.encode("latin-1") if isinstance(x, str) else x))
     return out
+
+
+class Deadlines:
+    """
+    The deadlines of a service's calls, in deadline order, with one reactor
+    timer per distinct timeout instead of one per call.
+
+    Calls with the same timeout end in the order they started, so each
+    timeout keeps a FIFO queue; the timer waits for the oldest call still
+    running, and finished calls are dropped from the front as new ones come
+    (never scanned).  A call is timed out exactly at its deadline.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._queues: dict[float, deque] = {}
+        self._timers: dict[float, Any] = {}
+
+    def add(self, call: _Call) -> None:
+        timeout = call.timeout
+        queue = self._queues.get(timeout)
+        if queue is None:
+            queue = self._queues[timeout] = deque()
+        while queue and queue[0].done:
+            queue.popleft()
+        queue.append(call)
+        if timeout not in self._timers:
+            self._timers[timeout] = self.reactor.callLater(timeout, self._fire, timeout)
+
+    def _fire(self, timeout: float) -> None:
+        del self._timers[timeout]
+        queue = self._queues[timeout]
+        now = self.reactor.seconds()
+        while queue:
+            head = queue[0]
+            if head.done:
+                queue.popleft()
+            elif head.deadline <= now:
+                queue.popleft()
+                head._timed_out()
+            else:
+                # (a call timed out above may have started another one, and
+                # with it this timeout's timer)
+                if timeout not in self._timers:
+                    self._timers[timeout] = self.reactor.callLater(head.deadline - now,
+                                                                   self._fire, timeout)
+                return
+        if timeout not in self._timers:
+            del self._queues[timeout]
+
+    def stop(self) -> None:
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
 
 
 class BackendService:
@@ -82,10 +138,12 @@ class BackendService:
         retry = config.retry
         self.budget = RetryBudget(retry.budget_ratio, retry.budget_min_per_second,
                                   retry.budget_window, reactor.seconds)
-        self._headers = _encode_headers(config.headers)
-        self._deadline_header = config.deadline_header.encode("latin-1")
+        self._headers = header_lines(_encode_headers(config.headers))
+        self._deadline_header = config.deadline_header.encode("latin-1") + b": " \
+            if config.deadline_header else b""
         self._unwatch: Any = None
         self._reaper: Any = None
+        self.deadlines = Deadlines(reactor)
         self.calls = 0
         self.failures = {"backend_error": 0, "backend_timeout": 0, "backend_busy": 0,
                          "no_backend": 0, "backend_response_too_large": 0, "cancelled": 0}
@@ -116,6 +174,7 @@ class BackendService:
         if self._reaper is not None and self._reaper.active():
             self._reaper.cancel()
         self._reaper = None
+        self.deadlines.stop()
         for state in list(self.balancer.active) + list(self.balancer.draining):
             if state.pool is not None:
                 state.pool.close()
@@ -178,11 +237,11 @@ class BackendService:
             target = target + (b"&" if b"?" in target else b"?") + query
         extra = self._headers
         if headers:
-            extra = extra + _encode_headers(headers)
+            extra = extra + header_lines(_encode_headers(headers))
         body: Any = None
         if json is not ...:
             body = _json.dumps(json, separators=(",", ":")).encode("utf-8")
-            extra = extra + [(b"Content-Type", b"application/json")]
+            extra = extra + b"Content-Type: application/json\r\n"
         elif data is not None:
             body = data.encode("utf-8") if isinstance(data, str) else data
         return _Call(self, method, bmethod, target, extra, body,
@@ -236,11 +295,11 @@ class _Call:
     """
 
     __slots__ = ("svc", "service", "method", "bmethod", "target", "headers", "body", "timeout",
-                 "stream", "d", "deadline", "timer", "state", "conn", "response", "started",
+                 "stream", "d", "deadline", "state", "conn", "response", "started",
                  "attempts", "fresh_only", "done", "sent_at", "holding")
 
     def __init__(self, svc: BackendService, method: str, bmethod: bytes, target: bytes,
-                 headers: list[tuple[bytes, bytes]], body: Any, timeout: float,
+                 headers: bytes, body: Any, timeout: float,
                  stream: bool) -> None:
         self.svc = svc
         self.service = svc.name
@@ -268,15 +327,15 @@ class _Call:
         svc.calls += 1
         svc.in_flight += 1
         svc.budget.record_call()
-        self.started = reactor.seconds()
-        self.deadline = self.started + self.timeout
-        self.timer = reactor.callLater(self.timeout, self._timed_out)
-        self._attempt(None)
+        self.started = now = reactor.seconds()
+        self.deadline = now + self.timeout
+        svc.deadlines.add(self)
+        self._attempt(None, now)
         return self.d
 
     # -- attempts
 
-    def _attempt(self, exclude: EndpointState | None) -> None:
+    def _attempt(self, exclude: EndpointState | None, now: float | None = None) -> None:
         state = self.svc.balancer.pick(exclude)
         if state is None:
             self._end_error(NoBackend(self.service, retry_after=self.svc.config.retry_after),
@@ -294,7 +353,9 @@ class _Call:
             while pool.idle:
                 pool.idle.popleft().close()
         try:
-            conn = pool.acquire(self, self.deadline - self.svc.reactor.seconds())
+            if now is None:
+                now = self.svc.reactor.seconds()
+            conn = pool.acquire(self, self.deadline - now)
         except BackendBusy as e:
             self._leave_endpoint()
             self._end_error(e, "backend_busy")
@@ -303,18 +364,21 @@ class _Call:
             self._attempt_failed(e, count=False)
             return
         if conn is not None:
-            self.got_connection(conn)
+            self.got_connection(conn, now)
 
-    def got_connection(self, conn: Any) -> None:
+    def got_connection(self, conn: Any, now: float | None = None) -> None:
         if self.done:
             self.state.pool.release(conn, True)
             return
         self.conn = conn
+        svc = self.svc
+        if now is None:
+            now = svc.reactor.seconds()
         headers = self.headers
-        dh = self.svc._deadline_header
+        dh = svc._deadline_header
         if dh:
-            left = max(0, int((self.deadline - self.svc.reactor.seconds()) * 1000))
-            headers = headers + [(dh, b"%d" % left)]
+            left = int((self.deadline - now) * 1000)
+            headers = b"%s%s%d\r\n" % (headers, dh, left if left > 0 else 0)
         body = self.body
         if body is None or isinstance(body, bytes):
             length = len(body) if body else (0 if self.method in ("POST", "PUT", "PATCH") else None)
@@ -323,7 +387,7 @@ class _Call:
             length = body.length if isinstance(body.length, int) else None
             head = build_head(self.bmethod, self.target, conn.owner.host_header, headers, length,
                               chunked=length is None)
-        self.sent_at = self.svc.reactor.seconds()
+        self.sent_at = now
         conn.send(self, head, body, is_head=self.method == "HEAD")
 
     def acquire_failed(self, error: Exception) -> None:
@@ -436,8 +500,6 @@ class _Call:
             return
         self.done = True
         self.svc.in_flight -= 1
-        if self.timer.active():
-            self.timer.cancel()
 
     def _end_error(self, error: Exception, kind: str) -> None:
         if self.done:
