@@ -96,6 +96,17 @@ def _wrk(port: int, path: str, seconds: int, connections: int, pinned: bool) -> 
 
 def _measure(port: int, pid: int | None, path: str, seconds: int, warmup: int,
              connections: int, pinned: bool) -> dict[str, Any]:
+    try:
+        return _measure_once(port, pid, path, seconds, warmup, connections, pinned)
+    except Exception as e:  # a gateway that falls over is a result, not the end of the run
+        print(f"  run failed: {e}", flush=True)
+        return {"rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "requests": 0, "errors": 1,
+                "cpu_us_per_call": 0.0, "busy_pct": 0.0, "calls_per_core_s": 0.0,
+                "failed": str(e)[:500]}
+
+
+def _measure_once(port: int, pid: int | None, path: str, seconds: int, warmup: int,
+                  connections: int, pinned: bool) -> dict[str, Any]:
     if warmup:
         _wrk(port, path, warmup, connections, pinned)
     cpu0 = cpu_seconds(pid) if pid else 0.0
