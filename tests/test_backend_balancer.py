@@ -52,6 +52,14 @@ class BalancerTests(SynchronousTestCase):
         for _ in range(20):
             self.assertIs(b.pick(), fast)
 
+    def test_a_failure_loses_the_tie_break(self) -> None:
+        b = balancer(2, failures=10)
+        failing, other = b.active
+        b.record_success(other, 0.05)
+        b.record_failure(failing)
+        for _ in range(20):
+            self.assertIs(b.pick(), other)
+
     def test_spread_over_many(self) -> None:
         b = balancer(5)
         seen = set()

@@ -342,24 +342,22 @@ async def test_refused_is_502_then_the_endpoint_is_ejected() -> None:
     port = listen(server.Site(backend))
     bad = Endpoint("127.0.0.1", closed_port())
     gw = Gateway([bad], retry={"retries": 0},
-                 balancer={"failures": 2, "ejection_base": 60.0, "max_ejected_share": 0.5}).start()
+                 balancer={"failures": 2, "ejection_base": 60.0, "max_ejected_share": 1.0,
+                           "panic_threshold": 0.0}).start()
     try:
-        r = await gw.get("/one/x")
-        await error_of(r, 502, "backend_error")
-        # Add a good endpoint; with retries, calls that meet the bad one move on.
-        gw.discovery.set([bad, endpoint_of(port)])
-        gw.app.runtime.backends.get("svc")  # same service object
-        r = await gw.get("/one/x")
-        assert r.code in (200, 502)
-        for _ in range(6):
-            await gw.get("/one/x")
+        for _ in range(2):
+            r = await gw.get("/one/x")
+            await error_of(r, 502, "backend_error")
         states = {e["address"]: e for e in gw.status()["endpoints"]}
         assert states[bad.address]["ejected"] is True
-        before = len(backend.seen)
+        r = await gw.get("/one/x")
+        await error_of(r, 503, "no_backend")  # its only endpoint is out
+        gw.discovery.set([bad, endpoint_of(port)])
         for _ in range(5):
             r = await gw.get("/one/x")
             assert r.code == 200
-        assert len(backend.seen) == before + 5  # every call went to the good one
+        assert len(backend.seen) == 5  # every call went to the good one
+        assert gw.status()["endpoints"][0]["calls"] == 2
     finally:
         await gw.stop()
         await port.stopListening()

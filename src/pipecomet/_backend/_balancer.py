@@ -191,6 +191,10 @@ class Balancer:
     def record_failure(self, state: EndpointState) -> None:
         state.errors += 1
         state.failures += 1
+        # A failure weighs like a slow answer, so a failing endpoint stops
+        # winning the latency tie-break before it is ejected.
+        state.ewma = max(state.ewma * 2.0, 1.0)
+        state.ewma_stamp = self.clock()
         if state.ejected or state.draining or state.failures < self.config.failures:
             return
         n = len(self.active)
