@@ -150,7 +150,9 @@ class Gateway:
     """
 
     def __init__(self, endpoints: list[Endpoint], **service: Any) -> None:
-        table = {"discovery": {"endpoints": []}, **service}
+        # A generous deadline unless the test is about deadlines: the
+        # machine may be busy.
+        table = {"discovery": {"endpoints": []}, "timeout": 20.0, **service}
         self.app = App(reactor=reactor, name="backend-it")
         self.app.route("/one/<path:rest>", [Pipe(self._one, name="one")])
         self.app.route("/call/<id>", [call("svc", "GET", "/users/{id}", params=["x"])])
@@ -273,11 +275,11 @@ async def test_backend_killed_mid_call_is_502() -> None:
 async def test_deadline_is_504_and_the_backend_sees_the_deadline_header() -> None:
     backend = Backend()
     port = listen(server.Site(backend))
-    gw = Gateway([endpoint_of(port)], timeout=0.3).start()
+    gw = Gateway([endpoint_of(port)], timeout=1.5).start()
     try:
         r = await gw.get("/one/hold")
         await error_of(r, 504, "backend_timeout")
-        assert 0 < int(backend.seen[0]["deadline"]) <= 300
+        assert 0 <= int(backend.seen[0]["deadline"]) <= 1500
         await until(lambda: backend.gone == ["/hold"], "backend sees the call given up")
         assert gw.status()["failures"]["backend_timeout"] == 1
     finally:
