@@ -238,6 +238,28 @@ class CallTests(SynchronousTestCase):
         client.disconnect(waiting)
         self.assertEqual(len(pool.queue), 0)
 
+    def test_calls_waiting_on_a_removed_endpoint_go_elsewhere(self) -> None:
+        app, client, backends = gateway(pool={"max_connections": 1}, retry={"retries": 0})
+        svc = app.runtime.backends.get("users")
+        first = client.get("/u/1")
+        proto, transport = backends.accept()
+        waiting = client.get("/u/2")
+        from pipecomet._backend import Endpoint
+
+        svc.discovery.set([Endpoint("127.0.0.1", 9002)])
+        self.assertEqual(len(backends.reactor.tcpClients), 2)  # the waiter moved on
+        self.assertEqual(backends.reactor.tcpClients[1][1], 9002)
+        proto2, transport2 = backends.accept()
+        self.assertIn(b"GET /users/2 ", transport2.value())
+        proto2.dataReceived(OK)
+        client.flush()
+        self.assertEqual(waiting.status, 200)
+        proto.dataReceived(OK)  # the call in flight on the removed endpoint finishes
+        client.flush()
+        self.assertEqual(first.status, 200)
+        self.assertTrue(transport.disconnecting)  # and its connection is not kept
+        self.assertEqual(svc.status()["draining"], [])
+
     def test_idle_connections_are_closed_after_idle_timeout(self) -> None:
         app, client, backends = gateway(pool={"idle_timeout": 4.0})
         app.service.startService()

@@ -102,6 +102,7 @@ class Balancer:
         """
         wanted = {e.id: e for e in endpoints}
         keep: list[EndpointState] = []
+        removed: list[EndpointState] = []
         for state in self.active:
             e = wanted.pop(state.endpoint.id, None)
             if e is not None and e.address == state.endpoint.address:
@@ -109,15 +110,19 @@ class Balancer:
                 continue
             if e is not None:
                 wanted[e.id] = e  # same id, new address: a new endpoint
+            removed.append(state)
+        for e in wanted.values():
+            keep.append(EndpointState(e, self.make_pool(e)))
+        # The new list first: calls that waited on a removed endpoint are
+        # sent to it while the old one drains.
+        self.active = keep
+        for state in removed:
             if state.ejected:
                 state.ejected = False
                 self.ejected_count -= 1
             state.draining = True
             self.draining.append(state)
             self.drain_pool(state)
-        for e in wanted.values():
-            keep.append(EndpointState(e, self.make_pool(e)))
-        self.active = keep
 
     def forget(self, state: EndpointState) -> None:
         """

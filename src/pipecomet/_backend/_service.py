@@ -394,7 +394,13 @@ class _Call:
         if self.done:
             return
         if isinstance(error, ConnectionFailed):
-            self._attempt_failed(error, count=not error.reason.startswith("endpoint removed"))
+            if error.reason == "endpoint removed" and self.svc.balancer.active:
+                # Discovery dropped the endpoint while the call waited:
+                # nothing was tried, so it simply goes elsewhere.
+                self._leave_endpoint()
+                self._attempt(None)
+                return
+            self._attempt_failed(error, count=error.reason != "endpoint removed")
             return
         self._leave_endpoint()
         self._end_error(error, "backend_busy")
