@@ -329,3 +329,60 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as e:
             app.configure(Config())
         self.assertIn("unknown backend service 'orders'", str(e.exception))
+
+
+class StreamingTests(SynchronousTestCase):
+    """
+    A large answer is handed over as it arrives; nobody reading pauses the
+    backend.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        app = App(reactor=self.reactor)
+        app.configure(Config.from_dict({"backends": {"services": {"users": {
+            "discovery": {"endpoints": ["127.0.0.1:9001"]}, "buffer_bytes": 4}}}}))
+        self.svc = app.runtime.backends.get("users")
+        self.backends = Backends(self.reactor)
+
+    def test_large_body_streams_and_pauses_without_a_reader(self) -> None:
+        got: list[Any] = []
+        self.svc.get("/big").addCallback(got.append)
+        proto, transport = self.backends.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        self.assertEqual(got, [])  # 3 bytes: still under buffer_bytes
+        proto.dataReceived(b"de")
+        [resp] = got  # handed over before the body is complete
+        self.assertFalse(resp.complete)
+        self.assertEqual(transport.producerState, "paused")  # nobody reads yet
+        chunks: list[bytes] = []
+        ended: list[Any] = []
+        resp.deliver(chunks.append).addCallback(ended.append)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(b"".join(chunks), b"abcde")
+        proto.dataReceived(b"fghij")
+        self.assertEqual((b"".join(chunks), ended, resp.complete), (b"abcdefghij", [None], True))
+
+    def test_body_of_a_streamed_answer(self) -> None:
+        got: list[Any] = []
+        self.svc.get("/big").addCallback(got.append)
+        proto, transport = self.backends.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        [resp] = got
+        body: list[bytes] = []
+        resp.body().addCallback(body.append)
+        proto.dataReceived(b"6\r\n world\r\n0\r\n\r\n")
+        self.assertEqual(body, [b"hello world"])
+
+    def test_abandoning_a_streamed_body_closes_the_connection(self) -> None:
+        got: list[Any] = []
+        self.svc.get("/big").addCallback(got.append)
+        proto, transport = self.backends.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        [resp] = got
+        resp.abort()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.svc.in_flight, 0)
+        pool = self.svc.balancer.active[0].pool
+        self.assertEqual((pool.busy, len(pool.idle)), (0, 0))
+
