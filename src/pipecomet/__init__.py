@@ -64,6 +64,21 @@ from ._workers import (
     worker_function,
 )
 from ._lazy import LazyBody, LazyRequest, LazySite, LimitsConfig, UploadedFile
+from ._backend import (
+    BackendBusy,
+    BackendError,
+    BackendQueueTimeout,
+    BackendResponseTooLarge,
+    Backends,
+    BackendsConfig,
+    BackendService,
+    BackendTimeout,
+    NoBackend,
+    ServiceConfig,
+    call,
+    proxy,
+)
+from ._backend import Response as BackendResponse
 
 __version__ = "0.1.0"
 
@@ -132,4 +147,17 @@ __all__ = [
     "LazySite",
     "LimitsConfig",
     "UploadedFile",
+    "BackendBusy",
+    "BackendError",
+    "BackendQueueTimeout",
+    "BackendResponse",
+    "BackendResponseTooLarge",
+    "Backends",
+    "BackendsConfig",
+    "BackendService",
+    "BackendTimeout",
+    "NoBackend",
+    "ServiceConfig",
+    "call",
+    "proxy",
 ]

@@ -21,6 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
 from werkzeug.routing import Map, Rule
 
+from ._backend._pipes import BackendPipe
 from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeInput
 from ._config import Config, ConfigError
 from ._errors import MethodNotAllowed, NotFound, PipecometError, error_body
@@ -234,6 +235,12 @@ class App:
                 elif p.run == "process" and self.runtime.workers is None:
                     raise ConfigError(f"route {route.path}: pipe {p.name!r} runs in a worker "
                                       "process but no worker pool is configured")
+                if isinstance(p.func, BackendPipe):
+                    backends = self.runtime.backends
+                    if backends is None or p.func.service not in backends:
+                        known = backends.names() if backends is not None else []
+                        raise ConfigError(f"route {route.path}: pipe {p.name!r} calls unknown "
+                                          f"backend service {p.func.service!r}; known: {known}")
 
     # -- serving
 

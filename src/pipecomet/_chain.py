@@ -538,6 +538,17 @@ class PipeContext(dict):
         self.runtime = runtime
         self.request_id: str | None = None
 
+    def backend(self, name: str) -> Any:
+        """
+        The backend service ``name`` declared in ``[backends]``
+        (:class:`pipecomet.BackendService`):
+        ``resp = await ctx.backend("users").get("/users/1")``.
+        """
+        backends = self.runtime.backends if self.runtime is not None else None
+        if backends is None:
+            raise RuntimeError(f"backend service {name!r} used but no [backends] are configured")
+        return backends.get(name)
+
 
 class PipeResult(dict):
     """

@@ -78,6 +78,7 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "workers": ("pipecomet._workers:WorkersConfig", "pipecomet._workers:install"),
     "registration": ("pipecomet._backend._registration:RegistrationConfig",
                      "pipecomet._backend._registration:install"),
+    "backends": ("pipecomet._backend:BackendsConfig", "pipecomet._backend:install"),
 }
 
 

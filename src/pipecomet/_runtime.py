@@ -25,6 +25,8 @@ class Runtime:
     :ivar workers: the worker process pool (``WorkerPool``) for ``process`` pipes.
     :ivar events: the ``EventKeeper`` for condition pipes.
     :ivar bus: the publish/subscribe bus behind the event keeper.
+    :ivar backends: the backend services (``pipecomet._backend.Backends``)
+        that ``ctx.backend(name)`` reaches.
     :ivar status_sources: name → callable giving a JSON-able dict of live
         figures; ``/_pipecomet/status`` shows them all.
     """
@@ -36,6 +38,7 @@ class Runtime:
     bus: Any = None
     lazy: Any = None
     config: Any = None
+    backends: Any = None
     status_sources: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
 
     def status(self) -> dict[str, Any]:

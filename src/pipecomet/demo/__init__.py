@@ -33,6 +33,7 @@ DEMO_ROUTE_MODULES = [
     "pipecomet.demo._upload",
     "pipecomet.demo._slow",
     "pipecomet.demo._workers",
+    "pipecomet.demo._backends",
 ]
 
 
@@ -51,5 +52,8 @@ def make_app(config: Config | None = None, reactor: Any = None) -> App:
     app = App(reactor=reactor, name="pipecomet-demo")
     for name in DEMO_ROUTE_MODULES:
         importlib.import_module(name).install_routes(app)
-    app.configure((config if config is not None else Config()).with_defaults(demo_defaults()))
+    config = (config if config is not None else Config()).with_defaults(demo_defaults())
+    from ._backends import with_demo_services
+
+    app.configure(with_demo_services(config))
     return app

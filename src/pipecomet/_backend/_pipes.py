@@ -1,0 +1,246 @@
+"""
+Declarative backend pipes: :func:`call` (one call, its answer as the pipe's
+result) and :func:`proxy` (forward the request, stream the answer back).
+"""
+
+from __future__ import annotations
+
+import json as _json
+import string
+from typing import Any, Sequence
+from urllib.parse import quote
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from .._chain import Answer, Pipe, PipeContext, PipeInput, PipeResult, SkipIf, Stream
+from .._errors import BadRequest
+from ._response import Response
+
+__all__ = ["BackendPipe", "call", "proxy", "HOP_BY_HOP"]
+
+#: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+
+
+class BackendPipe:
+    """
+    Base of the pipe functions that call a backend service; ``App.check()``
+    finds them to fail at start when the service is not declared.
+
+    :ivar service: the backend service's name.
+    """
+
+    service: str = ""
+
+    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
+        raise NotImplementedError
+
+
+class _Call(BackendPipe):
+    def __init__(self, service: str, method: str, path: str, params: Sequence[str],
+                 send_body: bool, timeout: float | None, raw: bool) -> None:
+        self.service = service
+        self.method = method.upper()
+        self.path = path
+        self.fields = [f for _, f, _, _ in string.Formatter().parse(path) if f]
+        self.params = tuple(params)
+        self.send_body = send_body
+        self.timeout = timeout
+        self.raw = raw
+
+    def _value(self, inp: PipeInput, name: str) -> str:
+        if name in inp.path_params:
+            return str(inp.path_params[name])
+        query = inp.query
+        if name in query:
+            return query[name]
+        raise BadRequest(f"missing parameter {name!r}", code="missing_parameter",
+                         details={"param": name})
+
+    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
+        service = ctx.backend(self.service)
+        values = {f: quote(self._value(inp, f), safe="") for f in self.fields}
+        path = self.path.format(**values) if values else self.path
+        query = inp.query
+        params = [(p, query[p]) for p in self.params if p in query]
+        if self.send_body:
+            ctype = inp.header("content-type")
+            headers = {"Content-Type": ctype} if ctype else None
+
+            def send(body: bytes) -> Deferred:
+                return service.request(self.method, path, params=params, data=body,
+                                       headers=headers, timeout=self.timeout)
+
+            d = inp.body().addCallback(send)
+        else:
+            d = service.request(self.method, path, params=params, timeout=self.timeout)
+        return d if self.raw else d.addCallback(_result)
+
+
+def _result(resp: Response) -> Deferred:
+    def decode(body: bytes) -> Any:
+        ctype = resp.content_type
+        if not resp.ok:
+            return Answer(body, status=resp.status,
+                          content_type=resp.header("content-type") or "application/octet-stream")
+        if ctype == "application/json" or ctype.endswith("+json"):
+            return _json.loads(body) if body else None
+        if ctype.startswith("text/"):
+            return body.decode("utf-8", "replace")
+        return body
+
+    return resp.body().addCallback(decode)
+
+
+def call(service: str, method: str, path: str, *, name: str = "", params: Sequence[str] = (),
+         body: bool = False, timeout: float | None = None, raw: bool = False,
+         skip_if: SkipIf | None = None) -> Pipe:
+    """
+    A pipe that makes one call to ``service``.
+
+    :param path: path template; ``{name}`` fields are filled from the route's
+        path parameters, then from the query (400 ``missing_parameter``
+        when neither has it), each percent-encoded.
+    :param params: names of request query parameters passed on as the
+        call's query.
+    :param body: send the request's body (and its ``Content-Type``).
+    :param timeout: the call's deadline (the service's ``timeout`` when None).
+    :param raw: the pipe's result is the :class:`Response` itself; otherwise
+        a 2xx body decoded (JSON, text or bytes) and any other status
+        answered to the client as the backend sent it.
+    """
+    func = _Call(service, method, path, params, body, timeout, raw)
+    return Pipe(func, name=name or f"{service}", skip_if=skip_if)
+
+
+class _ProxiedStream(Stream):
+    """
+    A backend's answer streamed to the client: status, end-to-end headers,
+    body as it comes (the backend is paused while the client is slow).
+    """
+
+    __slots__ = ("response", "request", "_done")
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+        self.request: Any = None
+        self._done: Deferred = Deferred()
+
+    def serve(self, responder: Any) -> None:
+        request = self.request = responder.request
+        resp = self.response
+        request.setResponseCode(resp.status)
+        headers = request.responseHeaders
+        for k, value in resp.raw_headers:
+            if k not in HOP_BY_HOP:
+                headers.addRawHeader(k, value)
+        request.registerProducer(resp, True)
+        resp.deliver(request.write).addCallbacks(self._ended, self._failed)
+
+    def _ended(self, _: Any) -> None:
+        request = self.request
+        request.unregisterProducer()
+        if not (request.finished or getattr(request, "_disconnected", False)):
+            request.finish()
+        if not self._done.called:
+            self._done.callback(None)
+
+    def _failed(self, f: Failure) -> None:
+        request = self.request
+        request.unregisterProducer()
+        if not (request.finished or getattr(request, "_disconnected", False)):
+            # The status went out already: cut the connection so the client
+            # sees a broken body rather than a short one.
+            request.loseConnection()
+        if not self._done.called:
+            self._done.callback(None)
+
+    def cancel(self) -> None:
+        self.response.abort()
+        if not self._done.called:
+            self._done.callback(None)
+
+    def when_done(self) -> Deferred:
+        return self._done
+
+
+class _Proxy(BackendPipe):
+    def __init__(self, service: str, strip_prefix: str, add_prefix: str,
+                 timeout: float | None) -> None:
+        self.service = service
+        self.strip = strip_prefix.rstrip("/").encode("utf-8")
+        self.add = add_prefix.rstrip("/").encode("utf-8")
+        self.timeout = timeout
+
+    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
+        service = ctx.backend(self.service)
+        request = inp.request
+        target = request.uri
+        if self.strip and target.startswith(self.strip):
+            target = target[len(self.strip):]
+        if not target.startswith(b"/"):
+            target = b"/" + target
+        target = self.add + target
+        headers: list[tuple[bytes, bytes]] = []
+        forwarded_for = b""
+        host = b""
+        connection_tokens: set[bytes] = set()
+        for value in request.requestHeaders.getRawHeaders(b"connection", ()):
+            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+        for k, values in request.requestHeaders.getAllRawHeaders():
+            lk = k.lower()
+            if lk in HOP_BY_HOP or lk in connection_tokens or lk == b"content-length":
+                continue
+            if lk == b"host":
+                host = values[0]
+                continue
+            if lk == b"x-forwarded-for":
+                forwarded_for = b", ".join(values)
+                continue
+            for value in values:
+                headers.append((k, value))
+        client = request.getClientAddress()
+        peer = getattr(client, "host", "")
+        peer_b = peer.encode("ascii") if isinstance(peer, str) else b""
+        headers.append((b"X-Forwarded-For",
+                        forwarded_for + b", " + peer_b if forwarded_for else peer_b))
+        headers.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
+        if host:
+            headers.append((b"X-Forwarded-Host", host))
+        method = request.method.decode("ascii")
+        has_body = (request.requestHeaders.hasHeader(b"content-length")
+                    or request.requestHeaders.hasHeader(b"transfer-encoding"))
+
+        def send(body: bytes | None) -> Deferred:
+            return service.request(method, target, data=body, headers=_Raw(headers),
+                                   timeout=self.timeout, stream=True)
+
+        d = inp.body().addCallback(send) if has_body else send(None)
+        return d.addCallback(_ProxiedStream)
+
+
+class _Raw(list):
+    """
+    Headers already encoded as ``(name, value)`` byte pairs.
+    """
+
+    def items(self) -> Any:
+        return iter(self)
+
+
+def proxy(service: str, *, strip_prefix: str = "", add_prefix: str = "", name: str = "",
+          timeout: float | None = None) -> Pipe:
+    """
+    A pipe that forwards the request to ``service`` and streams the answer
+    back: method, path (``strip_prefix`` removed, ``add_prefix`` put in
+    front), query, end-to-end headers, body; ``X-Forwarded-For``,
+    ``-Proto`` and ``-Host`` added.  Route it with a path converter, e.g.
+    ``app.route("/backend/users/<path:rest>", [proxy("users",
+    strip_prefix="/backend/users")], methods=[...])``.
+    """
+    return Pipe(_Proxy(service, strip_prefix, add_prefix, timeout),
+                name=name or f"proxy_{service}")
