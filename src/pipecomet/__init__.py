@@ -64,6 +64,7 @@ from ._workers import (
     worker_function,
 )
 from ._lazy import LazyBody, LazyRequest, LazySite, LimitsConfig, UploadedFile
+from ._observe import LoggingConfig, MetricsConfig, MetricsResource, trace_headers
 
 __version__ = "0.1.0"
 
@@ -132,4 +133,8 @@ __all__ = [
     "LazySite",
     "LimitsConfig",
     "UploadedFile",
+    "LoggingConfig",
+    "MetricsConfig",
+    "MetricsResource",
+    "trace_headers",
 ]

@@ -25,6 +25,7 @@ from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeInput
 from ._config import Config, ConfigError
 from ._errors import MethodNotAllowed, NotFound, PipecometError, error_body
 from ._responders import RESPONDERS, choose_responder, send_error
+from ._observe import KLEIN, UNMATCHED, RequestObserver
 from ._runtime import Runtime
 
 __all__ = ["App", "Route", "PipecometResource"]
@@ -34,7 +35,8 @@ log = Logger()
 
 def _no_access_log(request: Any) -> None:
     """
-    ``Site.log`` when the access log is off.
+    ``Site.log``: twisted.web's per-request log line is replaced by the
+    buffered access log (``pipecomet._observe``).
     """
 
 
@@ -57,15 +59,19 @@ class Route:
         self.responders = tuple(responders)
         self._one = RESPONDERS[self.responders[0]] if len(self.responders) == 1 else None
 
-    def serve(self, request: Any, path_params: dict[str, Any] | None = None) -> ChainRun:
+    def serve(self, request: Any, path_params: dict[str, Any] | None = None,
+              request_id: str | None = None) -> ChainRun:
         """
         Run the chain for ``request``; the responder answers it.
+
+        :param request_id: ``ctx.request_id`` for the pipes.
         """
         factory = self._one
         if factory is None:
             factory = RESPONDERS[choose_responder(request, self.responders)]
-        run = ChainRun(self.chain, PipeInput(request, path_params),
-                       PipeContext(self.app.runtime), factory(request))
+        ctx = PipeContext(self.app.runtime)
+        ctx.request_id = request_id
+        run = ChainRun(self.chain, PipeInput(request, path_params), ctx, factory(request))
         run.start()
         return run
 
@@ -84,21 +90,24 @@ class PipecometResource(Resource):
 
     def render(self, request: Any) -> Any:
         app = self.app
+        begin = app.observer.begin  # request id, figures, access log
         by_method = app._exact.get(request.path)
         if by_method is not None:
             route = by_method.get(request.method)
             if route is not None:
-                route.serve(request)
+                route.serve(request, None, begin(request, route.path))
                 return NOT_DONE_YET
         found = app._match(request)
         if found is not None:
             route, params = found
-            route.serve(request, params)
+            route.serve(request, params, begin(request, route.path))
             return NOT_DONE_YET
         if app._plain_klein_routes:
+            begin(request, KLEIN)
             if self._klein_resource is None:
                 self._klein_resource = app.klein.resource()
             return self._klein_resource.render(request)
+        begin(request, UNMATCHED)
         error: PipecometError
         if by_method is not None or app._path_exists(request):
             error = MethodNotAllowed(f"method {request.method.decode('ascii', 'replace')} not allowed here")
@@ -129,6 +138,8 @@ class App:
         self._adapter: Any = None
         self._plain_klein_routes = False
         self.runtime = Runtime(reactor)
+        #: Request ids, request figures and the access log (pipecomet._observe).
+        self.observer = RequestObserver()
         self.config = Config()
         self.service = MultiService()
         self.service.setName(name)
@@ -164,6 +175,7 @@ class App:
         """
         if not isinstance(chain, Chain):
             chain = Chain(chain, name=path)
+        chain = self.observer.instrument(chain, path)
         if responders is None:
             responders = ("json", "ndjson", "sse") if chain.has_branches else ("json",)
         route = Route(self, path, chain, methods, responders)
@@ -251,11 +263,9 @@ class App:
         else:
             site = Site(self.resource(), reactor=self.reactor, **kwargs)
         site.displayTracebacks = False
-        access_log = getattr(self.config.server, "access_log", "on")
-        if access_log == "off":
-            site.log = _no_access_log
-        elif access_log != "on":
-            site.logPath = access_log
+        # The [logging] installer's buffered access log records requests
+        # (server.access_log), not twisted.web's line per request.
+        site.log = _no_access_log
         return site
 
     def _match(self, request: Any) -> tuple[Route, dict[str, Any]] | None:

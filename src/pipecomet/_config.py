@@ -37,9 +37,9 @@ class ServerConfig:
     :ivar app: ``module:attr`` of the app (an ``App`` or a factory).
     :ivar idle_timeout: seconds a connection may stay silent (held comet
         requests are exempt).
-    :ivar access_log: ``"on"`` (one line per request in the server log, as
-        twisted.web does), ``"off"``, or the path of a file to write the
-        combined-format lines to.
+    :ivar access_log: ``"on"`` (one line per request on standard output,
+        buffered; see ``[logging]``), ``"off"``, or the path of a file to
+        append the lines to.
     """
 
     port: str = attrs.field(default="tcp:8080", validator=attrs.validators.instance_of(str))
@@ -60,6 +60,9 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "quota": ("pipecomet._quota:QuotaConfig", "pipecomet._quota:install"),
     "limits": ("pipecomet._lazy:LimitsConfig", "pipecomet._lazy:install"),
     "workers": ("pipecomet._workers:WorkersConfig", "pipecomet._workers:install"),
+    "logging": ("pipecomet._observe:LoggingConfig", "pipecomet._observe:install_logging"),
+    # Last: its collector and dashboard read the status of the parts above.
+    "metrics": ("pipecomet._observe:MetricsConfig", "pipecomet._observe:install_metrics"),
 }
 
 

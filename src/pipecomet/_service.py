@@ -31,6 +31,7 @@ class Options(usage.Options):
         ["app", "a", None, "module:attr of an App, or of a factory(config=, reactor=) returning one."],
         ["config", "c", None, "TOML configuration file."],
         ["workers-module", None, None, "Module the worker processes import their functions from."],
+        ["log-format", None, None, "Server log format: text or json (default: [logging].format)."],
     ]
 
     def postOptions(self) -> None:
@@ -86,6 +87,8 @@ def build_app(options: Options) -> Any:
     spec = spec or config.server.app
     if options["workers-module"]:
         config = _override(config, "workers", module=options["workers-module"])
+    if options["log-format"]:
+        config = _override(config, "logging", format=options["log-format"])
     target = load_app(spec)
     if isinstance(target, App):
         app = target.configure(config)
@@ -106,6 +109,10 @@ def makeService(options: Options) -> IService:
     app = options["app_object"]
     port = options["port"] or app.config.server.port
     root = MultiService()
+    if app.config.logging.format == "json":
+        from ._observe import json_log_root
+
+        root = json_log_root(app.config.logging)  # sets twistd's log observer
     # Parts start before the listener and stop after it (MultiService stops
     # its children in reverse order).
     app.service.setServiceParent(root)
