@@ -33,7 +33,8 @@
     return v.toPrecision(2);
   }
 
-  function Chart(id, unit, pick) {
+  function Chart(id, unit, pick, zero) {
+    this.zero = !!zero; // a series missing from a snapshot is 0 (rates by code)
     this.canvas = document.getElementById(id);
     this.unit = unit;
     this.pick = pick; // snapshot -> {series: value}
@@ -48,6 +49,18 @@
     }
     return this.colors[name];
   };
+
+  function span(snaps) {
+    // The x range: the data's age, at least a minute, at most WINDOW_S.
+    if (snaps.length < 2) return 60;
+    var age = snaps[snaps.length - 1].t - snaps[0].t;
+    return Math.max(60, Math.min(WINDOW_S, Math.ceil(age / 60) * 60));
+  }
+
+  function timeLabel(s) {
+    if (s === 0) return "now";
+    return s % 60 === 0 ? "\u2212" + (s / 60) + " min" : "\u2212" + s + " s";
+  }
 
   Chart.prototype.draw = function (snaps) {
     var c = this.canvas, dpr = window.devicePixelRatio || 1;
@@ -66,52 +79,69 @@
     rows.forEach(function (r) {
       names.forEach(function (k) { var v = r && r[k]; if (v > max) max = v; });
     });
-    var top = niceMax(max);
-    var L = 48, R = 10, T = 24, B = 20, pw = w - L - R, ph = h - T - B;
-    var now = snaps.length ? snaps[snaps.length - 1].t : 0;
+    var step = niceMax(max / 4), top = step * Math.max(1, Math.ceil(max / step - 1e-9));
+    var ticks = Math.round(top / step);
+    var self = this, zero = this.zero;
+    // Legend first: it may take more than one row.
     g.font = "11px system-ui, sans-serif";
+    g.textAlign = "left"; g.textBaseline = "middle";
+    var last = rows.length ? rows[rows.length - 1] : null;
+    var lx = 8, ly = 9, items = [];
+    names.forEach(function (name) {
+      var lv = last ? last[name] : null;
+      var label = name + "  " + fmt(zero && (lv === null || lv === undefined) ? 0 : lv);
+      var width = g.measureText(label).width + 14;
+      if (lx + width > w - 4 && lx > 8) { lx = 8; ly += 15; }
+      items.push([name, label, lx, ly]);
+      lx += width + 14;
+    });
+    var L = 44, R = 8, T = ly + 14, B = 18, pw = w - L - R, ph = h - T - B;
+    var win = span(snaps);
+    var now = snaps.length ? snaps[snaps.length - 1].t : 0;
     g.strokeStyle = "#26313d"; g.fillStyle = "#8a98a6"; g.lineWidth = 1;
-    g.textAlign = "right"; g.textBaseline = "middle";
-    for (var i = 0; i <= 4; i++) {
-      var y = T + ph - (ph * i) / 4;
+    g.textAlign = "right";
+    for (var i = 0; i <= ticks; i++) {
+      var y = T + ph - (ph * i) / ticks;
       g.beginPath(); g.moveTo(L, Math.round(y) + 0.5); g.lineTo(L + pw, Math.round(y) + 0.5); g.stroke();
-      g.fillText(fmt((top * i) / 4) + (i === 4 ? " " + this.unit : ""), L - 6, y);
+      g.fillText(fmt(step * i), L - 6, y);
     }
     g.textAlign = "center"; g.textBaseline = "top";
-    for (var m = 0; m <= 5; m++) {
-      var x = L + pw - (pw * m) / 5;
-      g.fillText(m === 0 ? "now" : "−" + m + "m", x, T + ph + 5);
+    var step = win <= 60 ? 15 : win <= 120 ? 30 : 60;
+    for (var sec = 0; sec <= win; sec += step) {
+      var x = L + pw - (pw * sec) / win;
+      g.fillText(timeLabel(sec), Math.max(L + 12, Math.min(L + pw - 10, x)), T + ph + 4);
     }
-    var self = this, legendX = L;
-    g.textAlign = "left"; g.textBaseline = "middle";
     if (!names.length) {
-      g.fillStyle = "#8a98a6"; g.textAlign = "center";
-      g.fillText(snaps.length ? "nothing to show (part not configured or idle)" : "waiting for data…",
+      g.fillStyle = "#8a98a6"; g.textBaseline = "middle";
+      g.fillText(snaps.length ? "not configured in this app" : "waiting for data\u2026",
                  L + pw / 2, T + ph / 2);
     }
+    g.save();
+    g.beginPath(); g.rect(L, T - 2, pw, ph + 4); g.clip();
     names.forEach(function (name) {
-      var color = self.color(name);
-      g.strokeStyle = color; g.lineWidth = 1.8; g.lineJoin = "round";
+      g.strokeStyle = self.color(name); g.lineWidth = 1.8; g.lineJoin = "round";
       g.beginPath();
       var started = false;
       snaps.forEach(function (s, j) {
         var v = rows[j] && rows[j][name];
+        if ((v === null || v === undefined) && zero) v = 0;
         if (v === null || v === undefined) { started = false; return; }
-        var x = L + pw - (pw * (now - s.t)) / WINDOW_S;
+        var x = L + pw - (pw * (now - s.t)) / win;
         var y = T + ph - (ph * v) / top;
         if (!started) { g.moveTo(x, y); started = true; } else { g.lineTo(x, y); }
       });
       g.stroke();
-      var last = rows.length ? rows[rows.length - 1] : null;
-      var label = name + " " + fmt(last ? last[name] : null);
-      g.fillStyle = color; g.fillRect(legendX, 8, 10, 3);
-      g.fillStyle = "#d9e1e8"; g.fillText(label, legendX + 14, 10);
-      legendX += g.measureText(label).width + 30;
+    });
+    g.restore();
+    g.textAlign = "left"; g.textBaseline = "middle";
+    items.forEach(function (it) {
+      g.fillStyle = self.color(it[0]); g.fillRect(it[2], it[3] - 1, 10, 3);
+      g.fillStyle = "#d9e1e8"; g.fillText(it[1], it[2] + 14, it[3]);
     });
     this.info.points = snaps.length;
     this.info.max = max;
     this.info.series = names;
-    this.info.last = rows.length ? rows[rows.length - 1] || {} : {};
+    this.info.last = last || {};
   };
 
   function sum(obj) {
@@ -131,7 +161,7 @@
     new Chart("chart-latency", "ms", function (s) {
       return s.latency_ms && s.latency_ms.p50 !== null ? s.latency_ms : {};
     }),
-    new Chart("chart-errors", "err/s", function (s) { return s.errors_rps || {}; }),
+    new Chart("chart-errors", "err/s", function (s) { return s.errors_rps || {}; }, true),
     new Chart("chart-quota", "jobs", function (s) {
       var out = {};
       Object.keys(s.quota || {}).forEach(function (c) {
@@ -156,8 +186,8 @@
       });
       return out;
     }),
-    new Chart("chart-reactor", "", function (s) {
-      return { "lag ms": s.lag_ms, "in flight": s.in_flight };
+    new Chart("chart-reactor", "ms", function (s) {
+      return s.lag_ms === null || s.lag_ms === undefined ? {} : { "worst lag": s.lag_ms };
     }),
   ];
 
