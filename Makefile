@@ -9,7 +9,7 @@ BENCH_APT := wrk util-linux
 PORT ?= tcp:8080
 
 .PHONY: run test test-pytest test-trial install bench bench-http bench-quota bench-comet \
-        bench-workers bench-seed000 bench-lazy perf-doc clean
+        bench-workers bench-seed000 bench-lazy bench-accesslog perf-doc clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ bench: bench-http bench-quota bench-comet bench-workers bench-lazy
 
 # A static pattern rule: make skips implicit-rule search for .PHONY targets,
 # so a plain `bench-%:` rule would never run for them.
-bench-http bench-quota bench-comet bench-workers bench-seed000 bench-lazy: bench-%: $(STAMP)
+bench-http bench-quota bench-comet bench-workers bench-seed000 bench-lazy bench-accesslog: bench-%: $(STAMP)
 	scripts/apt-ensure $(BENCH_APT)
 	$(PY) -m bench.$(subst -,_,$*)
 	$(PY) -m bench.report

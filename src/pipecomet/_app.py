@@ -90,30 +90,37 @@ class PipecometResource(Resource):
 
     def render(self, request: Any) -> Any:
         app = self.app
-        begin = app.observer.begin  # request id, figures, access log
+        observer = app.observer  # request id, figures, access log
         by_method = app._exact.get(request.path)
         if by_method is not None:
             route = by_method.get(request.method)
             if route is not None:
-                route.serve(request, None, begin(request, route.path))
+                record = observer.begin(request, route.path)
+                route.serve(request, None, record.request_id)
+                observer.follow(request, record)
                 return NOT_DONE_YET
         found = app._match(request)
         if found is not None:
             route, params = found
-            route.serve(request, params, begin(request, route.path))
+            record = observer.begin(request, route.path)
+            route.serve(request, params, record.request_id)
+            observer.follow(request, record)
             return NOT_DONE_YET
         if app._plain_klein_routes:
-            begin(request, KLEIN)
+            record = observer.begin(request, KLEIN)
             if self._klein_resource is None:
                 self._klein_resource = app.klein.resource()
-            return self._klein_resource.render(request)
-        begin(request, UNMATCHED)
+            out = self._klein_resource.render(request)
+            observer.follow(request, record)
+            return out
+        record = observer.begin(request, UNMATCHED)
         error: PipecometError
         if by_method is not None or app._path_exists(request):
             error = MethodNotAllowed(f"method {request.method.decode('ascii', 'replace')} not allowed here")
         else:
             error = NotFound(f"no route for {request.path.decode('utf-8', 'replace')}")
         send_error(request, error)
+        observer.follow(request, record)
         return NOT_DONE_YET
 
 

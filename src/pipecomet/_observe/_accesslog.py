@@ -216,7 +216,7 @@ class AccessLog:
             referer = headers.getRawHeaders(b"referer")
             line = (
                 f'{{"time":"{stamp}.{int((end % 1) * 1e6):06d}Z","remote":{_json_str(host)},'
-                f'"method":{_json_str(request.method.decode("ascii", "replace"))},'
+                f'"method":"{record.method}",'
                 f'"uri":{_json_str(uri)},"status":{status},"bytes":{request.sentLength},'
                 f'"duration":{duration:.6f},"request_id":"{record.request_id}",'
                 f'"route":{_json_str(record.route)}'
@@ -232,7 +232,7 @@ class AccessLog:
         else:
             referer = headers.getRawHeaders(b"referer")
             line = (
-                f'{host} - - [{self._time(end)}] "{request.method.decode("ascii", "replace")} '
+                f'{host} - - [{self._time(end)}] "{record.method} '
                 f'{uri} {request.clientproto.decode("ascii", "replace")}" {status} '
                 f'{request.sentLength} "{_quote(referer)}" "{_quote(agent)}" {duration:.6f} '
                 f'{record.request_id} {record.route}'

@@ -11,6 +11,8 @@ does not depend on how the HTTP layer is built.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import random
 import re
 from typing import Any
@@ -60,6 +62,28 @@ def _new_id() -> str:
     # 128 random bits as 32 hex digits: also a valid W3C trace-id.
     # (random is reseeded in a forked child, so processes do not collide.)
     return "%032x" % random.getrandbits(128)
+
+
+class _IdMaker:
+    """
+    Request ids made cheaply: 64 random bits for this process, then a
+    counter, as 32 hex digits (a valid W3C trace-id).  A forked child
+    draws new random bits, so serving processes never share ids.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = b"%016x" % (random.getrandbits(64) | 1 << 63)
+        self.counter = itertools.count(random.getrandbits(32))
+
+    def __call__(self) -> bytes:
+        return b"%s%016x" % (self.prefix, next(self.counter))
+
+
+_make_id = _IdMaker()
 
 
 class RequestRecord:
@@ -144,38 +168,50 @@ class RequestObserver:
             return chain
         return self.pipe_times.instrument(chain, route)
 
-    def begin(self, request: Any, route: str) -> str:
+    def begin(self, request: Any, route: str) -> RequestRecord:
         """
         A request reached the app and is served by ``route`` (its label):
-        keep or make its id, echo it, and follow the request if recording.
+        keep or make its id, echo it, and start following it when
+        recording.  Call :meth:`follow` once the route has been served.
 
-        :return: the request id, for ``ctx.request_id``.
+        :return: the request's record (``record.request_id`` is for
+            ``ctx.request_id``).
         """
         raw = request.requestHeaders.getRawHeaders(b"x-request-id")
         if raw and _VALID_ID.fullmatch(raw[0]) is not None:
             rid_bytes = raw[0]
-            rid = rid_bytes.decode("ascii")
         else:
-            rid = None
+            rid_bytes = None
             parent = request.requestHeaders.getRawHeaders(b"traceparent")
             if parent:
                 m = _TRACEPARENT.fullmatch(parent[0].strip())
                 if m is not None and m.group(1) != b"0" * 32:
                     # Join the caller's trace: its trace-id is our id.
                     rid_bytes = m.group(1)
-                    rid = rid_bytes.decode("ascii")
-            if rid is None:
-                rid = _new_id()
-                rid_bytes = rid.encode("ascii")
+            if rid_bytes is None:
+                rid_bytes = _make_id()
         request.responseHeaders.setRawHeaders(b"x-request-id", [rid_bytes])
+        record = RequestRecord(route, _METHODS.get(request.method, "OTHER"),
+                               self.reactor.seconds() if self._recording else 0.0,
+                               rid_bytes.decode("ascii"))
         if self._recording:
-            record = RequestRecord(route, _METHODS.get(request.method, "OTHER"),
-                                   self.reactor.seconds(), rid)
             _OPEN[request] = record
             if route not in self.unobserved:
                 self.in_flight += 1
+        return record
+
+    def follow(self, request: Any, record: RequestRecord) -> None:
+        """
+        The route was served: a request answered at once is recorded now
+        (no Deferred for the common case), a pending one when
+        ``notifyFinish()`` fires.
+        """
+        if not self._recording:
+            return
+        if request.finished:
+            self._finished(None, request, record)
+        else:
             request.notifyFinish().addBoth(self._finished, request, record)
-        return rid
 
     def _finished(self, result: Any, request: Any, record: RequestRecord) -> None:
         _OPEN.pop(request, None)
