@@ -606,3 +606,31 @@ class QuantileTests(SynchronousTestCase):
                                                lag=None), process=False)
         families = {f.name for f in text_string_to_metric_families(exposition(reg).decode())}
         self.assertIn("pipecomet_http_requests", families)
+
+
+class DocsTests(SynchronousTestCase):
+    def test_every_metric_is_in_docs_observability(self):
+        """
+        docs/observability.md names every metric family the collector makes
+        (every part present, workers and backends from fake status sources).
+        """
+        from pathlib import Path
+
+        app, client, _ = make()
+        app.runtime.status_sources["workers"] = lambda: {
+            "size": 1, "queued": 0, "queue_limit": 1, "in_flight": 0, "completed": 0,
+            "rejected": 0, "failed": {}, "restarts": 0, "workers": [{"slot": 0, "rss_bytes": 1}]}
+        app.runtime.status_sources["backends"] = lambda: {"users": {"waiters": 0, "endpoints": {
+            "a:1": {"calls": 1, "errors": {"timeout": 1}, "ejections": 0, "ejected": False,
+                    "pool_size": 1, "waiters": 0, "outstanding": 0,
+                    "latency": {"count": 0, "sum": 0.0, "buckets": {"+Inf": 0}}}}}}
+        app.runtime.status_sources["access_log"] = AccessLog(MemoryWriter()).status
+        app.observer.metrics.collector.workers = lambda: 8192
+        client.get("/hello")
+        body = client.get("/_pipecomet/metrics").body.decode()
+        names = {f.name + ("_total" if f.type == "counter" else "")
+                 for f in text_string_to_metric_families(body)}
+        doc = (Path(__file__).resolve().parent.parent / "docs" / "observability.md").read_text()
+        missing = sorted(n for n in names if f"`{n}`" not in doc)
+        self.assertEqual(missing, [])
+        self.assertGreater(len(names), 60)

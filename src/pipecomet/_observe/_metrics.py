@@ -518,7 +518,8 @@ def _events(col: PipecometCollector, s: dict[str, Any]) -> Iterator[Any]:
     yield ends
 
 
-def _generic(prefix: str, doc: str, counters: frozenset[str] = frozenset()) -> Callable[..., Any]:
+def _generic(prefix: str, doc: str, counters: frozenset[str] = frozenset(),
+             skip: frozenset[str] = frozenset()) -> Callable[..., Any]:
     """
     A mapper for a flat status dict: each number becomes
     ``pipecomet_<prefix>_<key>`` (a counter for names in ``counters``,
@@ -530,7 +531,7 @@ def _generic(prefix: str, doc: str, counters: frozenset[str] = frozenset()) -> C
         for key, value in s.items():
             if isinstance(value, bool):
                 value = int(value)
-            if not _num(value):
+            if not _num(value) or key in skip:
                 continue
             name = f"pipecomet_{prefix}_{key}"
             if key in counters:
@@ -607,7 +608,7 @@ _MAPPERS: dict[str, Callable[[PipecometCollector, dict[str, Any]], Iterator[Any]
     "lazy": _generic("lazy", "Lazy parser", frozenset({
         "bytes_received", "body_bytes_read", "requests_lazy", "requests_buffered",
         "answered_before_body_end", "rejected_413", "rejected_431", "rejected_408",
-        "rejected_400"})),
+        "rejected_400"}), skip=frozenset({"lazy"})),
     "backends": _backends,
     "access_log": _generic("access_log", "Access log", frozenset({"lines", "dropped", "writes"})),
 }
