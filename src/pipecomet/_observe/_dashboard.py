@@ -27,6 +27,9 @@ from ._metrics import BUCKETS, HTTPStats, LagProbe, quantile
 
 __all__ = ["Dashboard", "DashboardStream", "DashboardService", "ASSETS", "asset"]
 
+#: Snapshots the dashboard's latency percentiles are read over.
+LATENCY_WINDOW = 5
+
 #: Files under ``static/`` the dashboard serves, with their media types.
 ASSETS = {
     "dashboard.html": "text/html; charset=utf-8",
@@ -92,6 +95,10 @@ class Dashboard:
         self.history: deque[dict[str, Any]] = deque(maxlen=history)
         self.viewers: set[DashboardStream] = set()
         self._prev: dict[str, Any] | None = None
+        #: Request-duration bucket counts of the last few snapshots: the
+        #: percentiles are read over LATENCY_WINDOW of them, so that one
+        #: slow request does not make every other second's p99.
+        self._windows: deque[list[int]] = deque(maxlen=LATENCY_WINDOW)
         self._call = LoopingCall(self.tick)
         self._call.clock = reactor
 
@@ -130,6 +137,7 @@ class Dashboard:
         prev = self._prev if self._prev is not None else self._totals()
         cur = self._totals()
         self._prev = cur
+        self._windows.append([a - b for a, b in zip(cur["counts"], prev["counts"])])
         snap = self._snapshot(prev, cur)
         self.history.append(snap)
         if self.viewers:
@@ -140,8 +148,8 @@ class Dashboard:
 
     def _snapshot(self, prev: dict[str, Any], cur: dict[str, Any]) -> dict[str, Any]:
         dt = cur["t"] - prev["t"] or self.interval
-        window = [a - b for a, b in zip(cur["counts"], prev["counts"])]
-        n = sum(window)
+        n = sum(a - b for a, b in zip(cur["counts"], prev["counts"]))
+        window = [sum(col) for col in zip(*self._windows)] if self._windows else []
 
         def ms(q: float) -> float | None:
             v = quantile(BUCKETS, window, q)
@@ -172,6 +180,8 @@ class Dashboard:
         workers = status.get("workers")
         if workers:
             snap["workers"] = {
+                "calls_rps": _rate(workers.get("completed", 0),
+                                   before.get("workers", {}).get("completed", 0), dt),
                 "size": workers.get("size", 0),
                 "busy": sum(1 for w in workers.get("workers", []) if w.get("in_flight")),
                 "in_flight": workers.get("in_flight", 0),

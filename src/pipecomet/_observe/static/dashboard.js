@@ -33,8 +33,9 @@
     return v.toPrecision(2);
   }
 
-  function Chart(id, unit, pick, zero) {
+  function Chart(id, unit, pick, zero, log) {
     this.zero = !!zero; // a series missing from a snapshot is 0 (rates by code)
+    this.log = !!log;   // a logarithmic y axis (latencies span decades)
     this.canvas = document.getElementById(id);
     this.unit = unit;
     this.pick = pick; // snapshot -> {series: value}
@@ -81,6 +82,22 @@
     });
     var step = niceMax(max / 4), top = step * Math.max(1, Math.ceil(max / step - 1e-9));
     var ticks = Math.round(top / step);
+    var lo = 0, hi = 1, log = this.log;
+    if (log) {
+      // Decades from the smallest positive value to the largest.
+      var min = Infinity;
+      rows.forEach(function (r) {
+        names.forEach(function (k) { var v = r && r[k]; if (v > 0 && v < min) min = v; });
+      });
+      lo = min === Infinity ? -1 : Math.floor(Math.log10(min));
+      hi = Math.max(lo + 1, Math.ceil(Math.log10(max > 0 ? max : 1) + 1e-9));
+      ticks = hi - lo;
+    }
+    function yOf(v) {
+      if (!log) return T + ph - (ph * v) / top;
+      var l = Math.log10(Math.max(v, Math.pow(10, lo)));
+      return T + ph - (ph * (l - lo)) / (hi - lo);
+    }
     var self = this, zero = this.zero;
     // Legend first: it may take more than one row.
     g.font = "11px system-ui, sans-serif";
@@ -103,7 +120,7 @@
     for (var i = 0; i <= ticks; i++) {
       var y = T + ph - (ph * i) / ticks;
       g.beginPath(); g.moveTo(L, Math.round(y) + 0.5); g.lineTo(L + pw, Math.round(y) + 0.5); g.stroke();
-      g.fillText(fmt(step * i), L - 6, y);
+      g.fillText(log ? fmt(Math.pow(10, lo + i)) : fmt(step * i), L - 6, y);
     }
     g.textAlign = "center"; g.textBaseline = "top";
     var step = win <= 60 ? 15 : win <= 120 ? 30 : 60;
@@ -127,7 +144,7 @@
         if ((v === null || v === undefined) && zero) v = 0;
         if (v === null || v === undefined) { started = false; return; }
         var x = L + pw - (pw * (now - s.t)) / win;
-        var y = T + ph - (ph * v) / top;
+        var y = yOf(v);
         if (!started) { g.moveTo(x, y); started = true; } else { g.lineTo(x, y); }
       });
       g.stroke();
@@ -160,7 +177,7 @@
     }),
     new Chart("chart-latency", "ms", function (s) {
       return s.latency_ms && s.latency_ms.p50 !== null ? s.latency_ms : {};
-    }),
+    }, false, true),
     new Chart("chart-errors", "err/s", function (s) { return s.errors_rps || {}; }, true),
     new Chart("chart-quota", "jobs", function (s) {
       var out = {};
@@ -172,8 +189,8 @@
       return out;
     }),
     new Chart("chart-workers", "calls", function (s) {
-      return s.workers ? { busy: s.workers.busy, "in flight": s.workers.in_flight,
-                           queued: s.workers.queued } : {};
+      return s.workers ? { "calls/s": s.workers.calls_rps, busy: s.workers.busy,
+                           "in flight": s.workers.in_flight, queued: s.workers.queued } : {};
     }),
     new Chart("chart-comet", "conn", function (s) {
       return s.comet ? s.comet.connections : {};
