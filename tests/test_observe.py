@@ -186,6 +186,35 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(m['pipecomet_http_requests_total{method="GET",route="/wait",status="499"}'], 1)
         self.assertEqual(m["pipecomet_http_requests_in_flight"], 1)  # the scrape
 
+    def test_thread_pipes_are_timed_on_their_thread_and_counted_later(self):
+        from pipecomet import QuotaPool, SynchronousThreadPool
+
+        clock = make_clock()
+        app = App(reactor=clock)
+
+        def blocking(inp, ctx, res):
+            clock.advance(0.2)  # the "thread" takes 200 ms
+            return "done"
+
+        app.route("/t", [Pipe(blocking, run="thread", category="default")])
+        app.configure(Config.from_dict({"server": {"access_log": "off"}}))
+        app.runtime.quota = QuotaPool(app.config.quota, clock,
+                                      threadpool=SynchronousThreadPool(immediate=True))
+        app.runtime.quota.startService()
+        app.service.startService()
+        self.addCleanup(app.service.stopService)
+        client = MemoryClient(app)
+        self.assertEqual(client.get("/t").json(), "done")
+        times = app.observer.metrics.times
+        key = ("/t", "blocking")
+        # Handed over, not counted yet: counted by the next drain (every second).
+        self.assertEqual(len(times._from_threads), 1)
+        client.advance(1.0)
+        self.assertEqual(times._from_threads, [])
+        self.assertEqual(dict(times.hists[key].buckets())["0.25"], 1)
+        m = scrape(client)
+        self.assertEqual(m['pipecomet_pipe_duration_seconds_count{pipe="blocking",route="/t"}'], 1)
+
     def test_pipe_timing_can_be_turned_off(self):
         app, client, _ = make({"metrics": {"pipe_timing": False}})
         client.get("/hello")

@@ -159,7 +159,9 @@ def install_metrics(app: Any, config: MetricsConfig) -> Metrics | None:
         observer.pipe_times = metrics.times
     if not any(r.path == METRICS_PATH for r in app.routes):
         metrics.add_routes(app)
-    app.add_service(DashboardService(metrics.lag, metrics.dashboard))
+    app.add_service(DashboardService(
+        metrics.lag, metrics.dashboard,
+        metrics.times.drain if metrics.times is not None else None, app.reactor))
     return metrics
 
 
