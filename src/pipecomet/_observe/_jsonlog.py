@@ -70,7 +70,8 @@ class JSONLineObserver:
         if failure is not None:
             record["exception"] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
             record["traceback"] = failure.getTraceback()
-        self.out.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self.out.write(json.dumps(record, ensure_ascii=False, default=str,
+                                  separators=(",", ":")) + "\n")
         self.out.flush()
 
 
