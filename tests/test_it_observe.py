@@ -55,6 +55,9 @@ def make_app(config: Any = None) -> Any:
     app.route("/hello", [Pipe(hello)])
     app.route("/boom", [Pipe(boom)])
     app.route("/slow", [Pipe(slow)])
+    app.route("/upload", [Pipe(lambda inp, ctx, res: inp.body(), name="read"),
+                          Pipe(lambda inp, ctx, res: {"bytes": len(res.last)}, name="size")],
+              methods=("POST",))
     return app
 
 
@@ -88,6 +91,12 @@ def test_json_logs_access_log_and_metrics_under_twistd(tmp_path: Path):
         error_id = json.loads(body)["error"]["id"]
         for _ in range(5):
             assert get(port, "/slow")[0] == 200
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/upload", data=b"z" * 5000,
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "X-Request-Id": "it-upload-1"}, method="POST")
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            assert json.loads(r.read()) == {"bytes": 5000}
+            assert r.headers["X-Request-Id"] == "it-upload-1"
         status, headers, body = get(port, "/_pipecomet/metrics")
         assert status == 200
         assert headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -117,6 +126,8 @@ def test_json_logs_access_log_and_metrics_under_twistd(tmp_path: Path):
     boom = by_id["it-boom-1"]
     assert (boom["status"], boom["error_code"], boom["error_id"]) == (500, "internal_error", error_id)
     assert len([line for line in lines if line["route"] == "/slow"]) == 5
+    upload = by_id["it-upload-1"]
+    assert (upload["method"], upload["route"], upload["status"]) == ("POST", "/upload", 200)
     assert all(line["duration"] >= 0.05 for line in lines if line["route"] == "/slow")
     # The server log: JSON lines, the 500 logged with the ids the client got.
     records = [json.loads(line) for line in server_log.read_text().splitlines()]

@@ -75,6 +75,10 @@ def make(config: dict | None = None, clock: Clock | None = None) -> tuple[App, M
     app.route("/wait", [Pipe(wait)])
     app.route("/boom", [Pipe(boom)])
     app.route("/items/<int:n>", [Pipe(lambda i, c, r: i.path_params["n"], name="item")])
+    # A POST with a body is served lazily (the chain starts before the body is read).
+    app.route("/upload", [Pipe(lambda i, c, r: i.body(), name="read"),
+                          Pipe(lambda i, c, r: {"bytes": len(r.last), "rid": c.request_id},
+                               name="size")], methods=("POST",))
     app.slow = slow  # type: ignore[attr-defined]
     app.configure(Config.from_dict({"server": {"access_log": "off"}, **(config or {})}))
     return app, MemoryClient(app), clock
@@ -159,6 +163,17 @@ class MetricsTests(SynchronousTestCase):
                            'status="404"}'], 1)
         self.assertEqual(m['pipecomet_http_errors_total{code="not_found"}'], 1)
         self.assertEqual(m['pipecomet_http_errors_total{code="method_not_allowed"}'], 1)
+
+    def test_lazily_served_requests_are_counted_too(self):
+        call = self.client.post("/upload", data=b"x" * 1000,
+                                headers={"content-type": "application/octet-stream",
+                                         "x-request-id": "up-1"})
+        self.assertEqual(call.json(), {"bytes": 1000, "rid": "up-1"})
+        self.assertEqual(call.header("x-request-id"), "up-1")
+        m = scrape(self.client)
+        self.assertEqual(m['pipecomet_http_requests_total{method="POST",route="/upload",'
+                           'status="200"}'], 1)
+        self.assertEqual(m['pipecomet_pipe_duration_seconds_count{pipe="read",route="/upload"}'], 1)
 
     def test_latency_histogram_and_pipe_time_follow_the_clock(self):
         call = self.client.get("/wait")
@@ -425,6 +440,15 @@ class AccessLogTests(SynchronousTestCase):
         self.assertRegex(boom["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
         self.assertAlmostEqual(waited["duration"], 0.3)
         self.assertNotIn("error_code", waited)
+
+    def test_lazily_served_posts_are_logged(self):
+        app, client, clock, writer, service = self.make("json")
+        call = client.post("/upload", data=b"abc", headers={"content-type": "text/plain"})
+        self.assertEqual(call.json()["bytes"], 3)
+        service.stopService()
+        (line,) = [json.loads(x) for x in writer.lines()]
+        self.assertEqual((line["method"], line["route"], line["status"]), ("POST", "/upload", 200))
+        self.assertEqual(line["request_id"], call.header("x-request-id"))
 
     def test_a_full_buffer_is_written_at_once(self):
         app, client, clock, writer, service = self.make(access_buffer_bytes=200)

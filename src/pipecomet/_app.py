@@ -59,20 +59,22 @@ class Route:
         self.responders = tuple(responders)
         self._one = RESPONDERS[self.responders[0]] if len(self.responders) == 1 else None
 
-    def serve(self, request: Any, path_params: dict[str, Any] | None = None,
-              request_id: str | None = None) -> ChainRun:
+    def serve(self, request: Any, path_params: dict[str, Any] | None = None) -> ChainRun:
         """
-        Run the chain for ``request``; the responder answers it.
-
-        :param request_id: ``ctx.request_id`` for the pipes.
+        Run the chain for ``request``; the responder answers it.  The app's
+        observer gives the request its id (``ctx.request_id``) and records
+        it (figures, access log).
         """
         factory = self._one
         if factory is None:
             factory = RESPONDERS[choose_responder(request, self.responders)]
+        observer = self.app.observer
+        record = observer.begin(request, self.path)
         ctx = PipeContext(self.app.runtime)
-        ctx.request_id = request_id
+        ctx.request_id = record.request_id
         run = ChainRun(self.chain, PipeInput(request, path_params), ctx, factory(request))
         run.start()
+        observer.follow(request, record)
         return run
 
 
@@ -90,22 +92,18 @@ class PipecometResource(Resource):
 
     def render(self, request: Any) -> Any:
         app = self.app
-        observer = app.observer  # request id, figures, access log
         by_method = app._exact.get(request.path)
         if by_method is not None:
             route = by_method.get(request.method)
             if route is not None:
-                record = observer.begin(request, route.path)
-                route.serve(request, None, record.request_id)
-                observer.follow(request, record)
+                route.serve(request)
                 return NOT_DONE_YET
         found = app._match(request)
         if found is not None:
             route, params = found
-            record = observer.begin(request, route.path)
-            route.serve(request, params, record.request_id)
-            observer.follow(request, record)
+            route.serve(request, params)
             return NOT_DONE_YET
+        observer = app.observer  # request id, figures, access log
         if app._plain_klein_routes:
             record = observer.begin(request, KLEIN)
             if self._klein_resource is None:
