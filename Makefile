@@ -12,7 +12,7 @@ PORT ?= tcp:8080
 LOWEST_PYTEST_ARGS ?= tests --ignore=tests/test_it_packaging.py --ignore=tests/test_it_browser.py
 
 .PHONY: run test test-pytest test-trial test-lowest install bench bench-http bench-quota bench-comet \
-        bench-workers bench-seed000 bench-lazy bench-gateway perf-doc clean
+        bench-workers bench-seed000 bench-lazy bench-gateway bench-accesslog perf-doc clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,7 +69,7 @@ bench: bench-http bench-quota bench-comet bench-workers bench-lazy bench-gateway
 
 # A static pattern rule: make skips implicit-rule search for .PHONY targets,
 # so a plain `bench-%:` rule would never run for them.
-bench-http bench-quota bench-comet bench-workers bench-seed000 bench-lazy bench-gateway: bench-%: $(STAMP)
+bench-http bench-quota bench-comet bench-workers bench-seed000 bench-lazy bench-gateway bench-accesslog: bench-%: $(STAMP)
 	scripts/apt-ensure $(BENCH_APT)
 	$(PY) -m bench.$(subst -,_,$*)
 	$(PY) -m bench.report

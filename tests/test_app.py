@@ -170,7 +170,9 @@ class ConfigTests(SynchronousTestCase):
 
     def test_access_log(self):
         """
-        ``server.access_log``: on by default, off, or a file of its own.
+        ``server.access_log``: on by default (standard output), off, or a
+        file of its own; written by the buffered access log
+        (pipecomet._observe), never by twisted.web's line per request.
         """
         from pipecomet import App
         from pipecomet._app import _no_access_log
@@ -178,13 +180,14 @@ class ConfigTests(SynchronousTestCase):
         off = App(reactor=make_clock()).configure(
             load_config(self.write('[server]\naccess_log = "off"\n')))
         self.assertIs(off.site().log, _no_access_log)
+        self.assertIsNone(off.observer.access)
         path = self.write("")
         to_file = App(reactor=make_clock()).configure(
             load_config(self.write(f'[server]\naccess_log = "{path}"\n')))
-        self.assertEqual(to_file.site().logPath, path)
+        self.assertEqual(to_file.observer.access.writer.path, path)
+        self.assertIs(to_file.site().log, _no_access_log)
         default = App(reactor=make_clock()).configure(load_config(None))
-        self.assertIsNot(default.site().log, _no_access_log)
-        self.assertIsNone(default.site().logPath)
+        self.assertEqual(default.observer.access.writer.path, "-")
 
     def test_missing_file(self):
         with self.assertRaises(ConfigError):

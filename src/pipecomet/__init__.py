@@ -79,6 +79,7 @@ from ._backend import (
     proxy,
 )
 from ._backend import Response as BackendResponse
+from ._observe import LoggingConfig, MetricsConfig, MetricsResource, trace_headers
 
 __version__ = "0.1.0"
 
@@ -160,4 +161,8 @@ __all__ = [
     "ServiceConfig",
     "call",
     "proxy",
+    "LoggingConfig",
+    "MetricsConfig",
+    "MetricsResource",
+    "trace_headers",
 ]

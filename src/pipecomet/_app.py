@@ -26,6 +26,7 @@ from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeInput
 from ._config import Config, ConfigError
 from ._errors import MethodNotAllowed, NotFound, PipecometError, error_body
 from ._responders import RESPONDERS, choose_responder, send_error
+from ._observe import KLEIN, UNMATCHED, RequestObserver
 from ._runtime import Runtime
 
 __all__ = ["App", "Route", "PipecometResource"]
@@ -35,7 +36,8 @@ log = Logger()
 
 def _no_access_log(request: Any) -> None:
     """
-    ``Site.log`` when the access log is off.
+    ``Site.log``: twisted.web's per-request log line is replaced by the
+    buffered access log (``pipecomet._observe``).
     """
 
 
@@ -60,14 +62,20 @@ class Route:
 
     def serve(self, request: Any, path_params: dict[str, Any] | None = None) -> ChainRun:
         """
-        Run the chain for ``request``; the responder answers it.
+        Run the chain for ``request``; the responder answers it.  The app's
+        observer gives the request its id (``ctx.request_id``) and records
+        it (figures, access log).
         """
         factory = self._one
         if factory is None:
             factory = RESPONDERS[choose_responder(request, self.responders)]
-        run = ChainRun(self.chain, PipeInput(request, path_params),
-                       PipeContext(self.app.runtime), factory(request))
+        observer = self.app.observer
+        record = observer.begin(request, self.path)
+        ctx = PipeContext(self.app.runtime)
+        ctx.request_id = record.request_id
+        run = ChainRun(self.chain, PipeInput(request, path_params), ctx, factory(request))
         run.start()
+        observer.follow(request, record)
         return run
 
 
@@ -96,16 +104,22 @@ class PipecometResource(Resource):
             route, params = found
             route.serve(request, params)
             return NOT_DONE_YET
+        observer = app.observer  # request id, figures, access log
         if app._plain_klein_routes:
+            record = observer.begin(request, KLEIN)
             if self._klein_resource is None:
                 self._klein_resource = app.klein.resource()
-            return self._klein_resource.render(request)
+            out = self._klein_resource.render(request)
+            observer.follow(request, record)
+            return out
+        record = observer.begin(request, UNMATCHED)
         error: PipecometError
         if by_method is not None or app._path_exists(request):
             error = MethodNotAllowed(f"method {request.method.decode('ascii', 'replace')} not allowed here")
         else:
             error = NotFound(f"no route for {request.path.decode('utf-8', 'replace')}")
         send_error(request, error)
+        observer.follow(request, record)
         return NOT_DONE_YET
 
 
@@ -130,6 +144,8 @@ class App:
         self._adapter: Any = None
         self._plain_klein_routes = False
         self.runtime = Runtime(reactor)
+        #: Request ids, request figures and the access log (pipecomet._observe).
+        self.observer = RequestObserver()
         self.config = Config()
         self.service = MultiService()
         self.service.setName(name)
@@ -165,6 +181,7 @@ class App:
         """
         if not isinstance(chain, Chain):
             chain = Chain(chain, name=path)
+        chain = self.observer.instrument(chain, path)
         if responders is None:
             responders = ("json", "ndjson", "sse") if chain.has_branches else ("json",)
         route = Route(self, path, chain, methods, responders)
@@ -269,11 +286,9 @@ class App:
                 site = HTTPSite(self.resource(), limits=LimitsConfig(), reactor=self.reactor,
                                 **kwargs)
         site.displayTracebacks = False
-        access_log = getattr(server, "access_log", "on")
-        if access_log == "off":
-            site.log = _no_access_log
-        elif access_log != "on":
-            site.logPath = access_log
+        # The [logging] installer's buffered access log records requests
+        # (server.access_log), not twisted.web's line per request.
+        site.log = _no_access_log
         return site
 
     def _match(self, request: Any) -> tuple[Route, dict[str, Any]] | None:

@@ -604,10 +604,11 @@ class Stream:
 _SPECIAL = (Deferred, CoroutineType, Answer, SkipRest, Stream)
 
 
-def as_pipecomet_error(failure: Failure | BaseException, where: str) -> PipecometError:
+def as_pipecomet_error(failure: Failure | BaseException, where: str,
+                       request_id: str | None = None) -> PipecometError:
     """
     Map an exception to the error the client sees; unexpected ones are
-    logged with the id the client gets.
+    logged with the id the client gets (and the request's id).
     """
     exc = failure.value if isinstance(failure, Failure) else failure
     if isinstance(exc, PipecometError):
@@ -617,7 +618,7 @@ def as_pipecomet_error(failure: Failure | BaseException, where: str) -> Pipecome
     err = InternalError()
     f = failure if isinstance(failure, Failure) else Failure(exc, type(exc), exc.__traceback__)
     log.failure("unexpected error in {where} (error id {error_id})", f, where=where,
-                error_id=err.error_id)
+                error_id=err.error_id, request_id=request_id)
     return err
 
 
@@ -909,7 +910,8 @@ class ChainRun:
             self._fire_done()
 
     def _main_failed(self, failure: Failure | BaseException, name: str) -> None:
-        error = as_pipecomet_error(failure, f"pipe {name!r}")
+        error = as_pipecomet_error(failure, f"pipe {name!r}",
+                                   self.ctx.request_id if self.ctx is not None else None)
         self._main_done = True
         if self.chain.has_branches and self._branches:
             self.sink.part_error("main", error)

@@ -42,9 +42,9 @@ class ServerConfig:
     :ivar app: ``module:attr`` of the app (an ``App`` or a factory).
     :ivar idle_timeout: seconds a connection may stay silent (held comet
         requests are exempt).
-    :ivar access_log: ``"on"`` (one line per request in the server log, as
-        twisted.web does), ``"off"``, or the path of a file to write the
-        combined-format lines to.
+    :ivar access_log: ``"on"`` (one line per request on standard output,
+        buffered; see ``[logging]``), ``"off"``, or the path of a file to
+        append the lines to.
     :ivar protocol: ``"pipecomet"`` (pipecomet's own HTTP/1.1 protocol,
         ``docs/http.md``) or ``"twisted"`` (twisted.web's ``HTTPChannel``
         and a plain ``Site``, for comparison: no lazy bodies, twisted.web's
@@ -79,6 +79,9 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "registration": ("pipecomet._backend._registration:RegistrationConfig",
                      "pipecomet._backend._registration:install"),
     "backends": ("pipecomet._backend:BackendsConfig", "pipecomet._backend:install"),
+    "logging": ("pipecomet._observe:LoggingConfig", "pipecomet._observe:install_logging"),
+    # Last: its collector and dashboard read the status of the parts above.
+    "metrics": ("pipecomet._observe:MetricsConfig", "pipecomet._observe:install_metrics"),
 }
 
 

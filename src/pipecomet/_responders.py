@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ._chain import Answer, ChainSink, as_pipecomet_error
 from ._errors import PipecometError, error_body
 from ._twcompat import request_gone as _gone
+from ._observe._requests import note_error
 
 __all__ = [
     "Responder",
@@ -72,6 +73,7 @@ def send_error(request: Any, error: PipecometError) -> None:
         # Too late for a status: end the stream, the client sees it cut.
         request.finish()
         return
+    note_error(request, error)  # the access log and the figures show code and id
     body = error_body(error)
     request.setResponseCode(error.status)
     for k, v in error.headers.items():

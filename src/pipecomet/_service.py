@@ -39,6 +39,7 @@ class Options(usage.Options):
         ["app", "a", None, "module:attr of an App, or of a factory(config=, reactor=) returning one."],
         ["config", "c", None, "TOML configuration file."],
         ["workers-module", None, None, "Module the worker processes import their functions from."],
+        ["log-format", None, None, "Server log format: text or json (default: [logging].format)."],
     ]
 
     def postOptions(self) -> None:
@@ -91,6 +92,8 @@ def build_app(options: Options) -> Any:
         tables = read_tables(os.path.expanduser(options["config"]))
     if options["workers-module"]:
         tables = merge_tables(tables, {"workers": {"module": options["workers-module"]}})
+    if options["log-format"]:
+        tables = merge_tables(tables, {"logging": {"format": options["log-format"]}})
     config = Config.from_dict(tables)
     spec = spec or config.server.app
     target = load_app(spec)
@@ -163,4 +166,11 @@ def makeService(options: Options) -> IService:
     app = options["app_object"]
     port = options["port"] or app.config.server.port
     # Parts start before the listener; on stop, see _Serving.
-    return _Serving(app, strports.service(port, app.site()))
+    serving = _Serving(app, strports.service(port, app.site()))
+    if app.config.logging.format == "json":
+        from ._observe import json_log_root
+
+        root = json_log_root(app.config.logging)  # sets twistd's log observer
+        serving.setServiceParent(root)
+        return root
+    return serving

@@ -1,0 +1,191 @@
+"""
+Observability: request ids, Prometheus metrics, the buffered access log,
+JSON server logs and the live dashboard.
+
+``[logging]``'s installer (:func:`install_logging`) starts the access log;
+``[metrics]``'s (:func:`install_metrics`) keeps the figures, probes the
+reactor's lag and serves ``/_pipecomet/metrics`` and
+``/_pipecomet/dashboard``.  Both feed on the app's
+:class:`RequestObserver`, which :class:`~pipecomet.PipecometResource` calls
+once per request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._chain import Answer, Pipe
+from ._accesslog import AccessLog, AccessLogService, FileWriter, MemoryWriter
+from ._config import LoggingConfig, MetricsConfig
+from ._dashboard import ASSETS, Dashboard, DashboardService, DashboardStream, asset, asset_answer
+from ._jsonlog import JSONLineObserver, LoggingRoot, open_log_file
+from ._metrics import (
+    CONTENT_TYPE,
+    HTTPStats,
+    LagProbe,
+    MetricsResource,
+    PipecometCollector,
+    PipeTimes,
+    check_access,
+    exposition,
+    make_registry,
+)
+from ._requests import (
+    CLIENT_GONE,
+    KLEIN,
+    UNMATCHED,
+    RequestObserver,
+    RequestRecord,
+    note_error,
+    trace_headers,
+    valid_request_id,
+)
+
+__all__ = [
+    "AccessLog",
+    "AccessLogService",
+    "ASSETS",
+    "CLIENT_GONE",
+    "CONTENT_TYPE",
+    "Dashboard",
+    "DashboardService",
+    "DashboardStream",
+    "FileWriter",
+    "HTTPStats",
+    "JSONLineObserver",
+    "KLEIN",
+    "LagProbe",
+    "LoggingConfig",
+    "LoggingRoot",
+    "MemoryWriter",
+    "Metrics",
+    "MetricsConfig",
+    "MetricsResource",
+    "PipeTimes",
+    "PipecometCollector",
+    "RequestObserver",
+    "RequestRecord",
+    "UNMATCHED",
+    "asset",
+    "check_access",
+    "exposition",
+    "install_logging",
+    "install_metrics",
+    "json_log_root",
+    "make_registry",
+    "note_error",
+    "trace_headers",
+    "valid_request_id",
+]
+
+METRICS_PATH = "/_pipecomet/metrics"
+DASHBOARD_PATH = "/_pipecomet/dashboard"
+STREAM_PATH = "/_pipecomet/dashboard/stream"
+ASSET_PATH = "/_pipecomet/dashboard/assets/<name>"
+
+
+class Metrics:
+    """
+    The ``[metrics]`` part of one app: its figures, registry and dashboard
+    (``app.observer.metrics``).
+    """
+
+    def __init__(self, app: Any, config: MetricsConfig) -> None:
+        reactor = app.reactor
+        runtime = app.runtime
+        self.config = config
+        self.stats = HTTPStats()
+        self.times = PipeTimes(reactor.seconds) if config.pipe_timing else None
+        self.lag = LagProbe(reactor, config.lag_interval)
+
+        def ring_bytes() -> int | None:
+            workers = runtime.workers
+            return 2 * workers.config.ring_bytes if workers is not None else None
+
+        self.collector = PipecometCollector(
+            status_sources=runtime.status_sources, stats=self.stats, times=self.times,
+            lag=self.lag, observer=app.observer, workers=ring_bytes)
+        self.registry = make_registry(self.collector)
+        self.dashboard = Dashboard(
+            reactor, stats=self.stats, lag=self.lag, status=runtime.status,
+            observer=app.observer, interval=config.dashboard_interval,
+            history=config.dashboard_history,
+            max_viewers=config.dashboard_viewers, app_name=app.name) if config.dashboard else None
+        self._assets: dict[str, bytes] = {}
+
+    def _allowed(self, inp: Any, ctx: Any, res: Any) -> None:
+        denied = check_access(inp.request, self.config.allow_loopback, self.config.token,
+                              query_token=True)
+        if denied is not None:
+            raise denied
+
+    def _metrics(self, inp: Any, ctx: Any, res: Any) -> Answer:
+        return Answer(body=exposition(self.registry), content_type=CONTENT_TYPE)
+
+    def _page(self, inp: Any, ctx: Any, res: Any) -> Answer:
+        return asset_answer("dashboard.html", self._assets)
+
+    def _asset(self, inp: Any, ctx: Any, res: Any) -> Answer:
+        return asset_answer(inp.path_params["name"], self._assets)
+
+    def _stream(self, inp: Any, ctx: Any, res: Any) -> DashboardStream:
+        assert self.dashboard is not None
+        return self.dashboard.open_stream()
+
+    def add_routes(self, app: Any) -> None:
+        allowed = Pipe(self._allowed, name="metrics_access")
+        app.route(METRICS_PATH, [allowed, Pipe(self._metrics, name="metrics")])
+        if self.dashboard is not None:
+            app.route(DASHBOARD_PATH, [allowed, Pipe(self._page, name="dashboard")])
+            app.route(STREAM_PATH, [allowed, Pipe(self._stream, name="dashboard_stream")])
+            app.route(ASSET_PATH, [Pipe(self._asset, name="dashboard_asset")])
+
+
+def install_metrics(app: Any, config: MetricsConfig) -> Metrics | None:
+    """
+    ``[metrics]`` installer: keep the request figures, time the pipes of
+    every route, probe the reactor's lag, and serve the metrics and the
+    dashboard.
+    """
+    if not config.enabled:
+        return None
+    metrics = Metrics(app, config)
+    observer: RequestObserver = app.observer
+    observer.metrics = metrics
+    observer.attach(app.reactor, stats=metrics.stats, unobserved=frozenset({STREAM_PATH}))
+    if metrics.times is not None:
+        for route in app.routes:
+            route.chain = metrics.times.instrument(route.chain, route.path)
+        observer.pipe_times = metrics.times
+    if not any(r.path == METRICS_PATH for r in app.routes):
+        metrics.add_routes(app)
+    app.add_service(DashboardService(
+        metrics.lag, metrics.dashboard,
+        metrics.times.drain if metrics.times is not None else None, app.reactor))
+    return metrics
+
+
+def install_logging(app: Any, config: LoggingConfig) -> AccessLog | None:
+    """
+    ``[logging]`` installer: the buffered access log, to where
+    ``server.access_log`` says (``"on"``: standard output; ``"off"``; or a
+    file path).
+    """
+    where = app.config.server.access_log
+    if where == "off":
+        return None
+    reactor = app.reactor
+    writer = FileWriter(reactor, "-" if where == "on" else where, config.access_max_pending_bytes)
+    access = AccessLog(writer, config.access_line_format, config.access_buffer_bytes)
+    app.observer.attach(reactor, access=access)
+    app.runtime.status_sources["access_log"] = access.status
+    app.add_service(AccessLogService(access, reactor, config.access_flush_interval))
+    return access
+
+
+def json_log_root(config: LoggingConfig) -> LoggingRoot:
+    """
+    The root service for ``twistd pipecomet --log-format json``: the server
+    log goes to ``config.file`` (standard output when empty) as JSON lines.
+    """
+    return LoggingRoot(JSONLineObserver(open_log_file(config.file)))

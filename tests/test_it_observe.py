@@ -1,0 +1,241 @@
+"""
+Observability end to end, on 127.0.0.1: ``twistd -n pipecomet`` with JSON
+logs and the access log in a file (request ids, error ids in both, lines
+flushed on stop), a real Prometheus scrape, and the live dashboard in
+headless Chromium (the Debian package ``make test`` installs), read over
+the DevTools protocol while the test sends traffic.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .support import twistd_server
+from .test_it_browser import CHROMIUM, DevTools, wait_for
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 10  # seconds any single HTTP call may take: a bound for a broken setup
+
+
+def make_app(config: Any = None) -> Any:
+    """
+    The app ``twistd`` serves in these tests (``--app tests.test_it_observe:make_app``).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from pipecomet import App, Pipe
+
+    app = App(name="observe-it")
+
+    def hello(inp, ctx, res):
+        return {"request_id": ctx.request_id}
+
+    def boom(inp, ctx, res):
+        raise RuntimeError("kaboom")
+
+    def slow(inp, ctx, res):
+        return deferLater(reactor, 0.05, lambda: "slow")
+
+    app.route("/hello", [Pipe(hello)])
+    app.route("/boom", [Pipe(boom)])
+    app.route("/slow", [Pipe(slow)])
+    app.route("/upload", [Pipe(lambda inp, ctx, res: inp.body(), name="read"),
+                          Pipe(lambda inp, ctx, res: {"bytes": len(res.last)}, name="size")],
+              methods=("POST",))
+    return app
+
+
+def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def test_json_logs_access_log_and_metrics_under_twistd(tmp_path: Path):
+    access = tmp_path / "access.log"
+    server_log = tmp_path / "server.log"
+    config = tmp_path / "observe.toml"
+    config.write_text(f'[server]\naccess_log = "{access}"\n'
+                      f'[logging]\nfile = "{server_log}"\naccess_format = "json"\n'
+                      "access_flush_interval = 60.0\n")
+    with twistd_server(["--app", "tests.test_it_observe:make_app", "--config", str(config),
+                        "--log-format", "json"]) as (port, proc):
+        status, headers, body = get(port, "/hello", {"X-Request-Id": "it-hello-1"})
+        assert status == 200
+        assert headers["x-request-id"] == "it-hello-1"
+        assert json.loads(body) == {"request_id": "it-hello-1"}
+        status, headers, body = get(port, "/hello", {"X-Request-Id": "bad id with spaces"})
+        made = headers["x-request-id"]
+        assert made != "bad id with spaces" and len(made) == 32
+        status, headers, body = get(port, "/boom", {"X-Request-Id": "it-boom-1"})
+        assert status == 500
+        error_id = json.loads(body)["error"]["id"]
+        for _ in range(5):
+            assert get(port, "/slow")[0] == 200
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/upload", data=b"z" * 5000,
+                                     headers={"Content-Type": "application/octet-stream",
+                                              "X-Request-Id": "it-upload-1"}, method="POST")
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            assert json.loads(r.read()) == {"bytes": 5000}
+            assert r.headers["X-Request-Id"] == "it-upload-1"
+        status, headers, body = get(port, "/_pipecomet/metrics")
+        assert status == 200
+        assert headers["content-type"].startswith("text/plain; version=0.0.4")
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+        assert samples[("pipecomet_http_requests_total",
+                        (("method", "GET"), ("route", "/hello"), ("status", "200")))] == 2
+        assert samples[("pipecomet_http_requests_total",
+                        (("method", "GET"), ("route", "/boom"), ("status", "500")))] == 1
+        assert samples[("pipecomet_http_errors_total", (("code", "internal_error"),))] == 1
+        # Five 50 ms pipes: each took at least 50 ms, by the real clock.
+        assert samples[("pipecomet_pipe_duration_seconds_bucket",
+                        (("le", "0.025"), ("pipe", "slow"), ("route", "/slow")))] == 0
+        assert samples[("pipecomet_pipe_duration_seconds_count",
+                        (("pipe", "slow"), ("route", "/slow")))] == 5
+        assert samples[("pipecomet_reactor_lag_seconds_count", ())] >= 0
+        # Buffered: with a 60 s flush interval nothing is written yet.
+        assert not access.exists() or access.read_text() == ""
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(TIMEOUT)
+    # Flushed on stop.
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    by_id = {line["request_id"]: line for line in lines}
+    assert by_id["it-hello-1"]["route"] == "/hello"
+    assert by_id["it-hello-1"]["status"] == 200
+    assert by_id[made]["status"] == 200
+    boom = by_id["it-boom-1"]
+    assert (boom["status"], boom["error_code"], boom["error_id"]) == (500, "internal_error", error_id)
+    assert len([line for line in lines if line["route"] == "/slow"]) == 5
+    upload = by_id["it-upload-1"]
+    assert (upload["method"], upload["route"], upload["status"]) == ("POST", "/upload", 200)
+    assert all(line["duration"] >= 0.05 for line in lines if line["route"] == "/slow")
+    # The server log: JSON lines, the 500 logged with the ids the client got.
+    records = [json.loads(line) for line in server_log.read_text().splitlines()]
+    failures = [r for r in records if r.get("error_id") == error_id]
+    assert len(failures) == 1
+    assert failures[0]["request_id"] == "it-boom-1"
+    assert "RuntimeError: kaboom" in failures[0]["traceback"]
+    assert any("Site starting" in r["message"] or "starting on" in r["message"] for r in records)
+
+
+def test_text_access_log_on_stdout_by_default():
+    with twistd_server() as (port, proc):
+        assert get(port, "/_pipecomet/status", {"X-Request-Id": "it-stdout-1"})[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    text = out.decode()
+    line = next(line for line in text.splitlines() if "it-stdout-1" in line)
+    assert '"GET /_pipecomet/status HTTP/1.1" 200 ' in line
+    assert line.endswith("it-stdout-1 /_pipecomet/status")
+
+
+def test_dashboard_in_headless_chromium(tmp_path: Path):
+    profile = tempfile.mkdtemp(prefix="pipecomet-chromium-")
+    browser = None
+    tools = None
+    try:
+        with twistd_server() as (port, _proc):
+            page = f"http://127.0.0.1:{port}/_pipecomet/dashboard"
+            browser = subprocess.Popen(
+                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 "--window-size=1600,1000", "--hide-scrollbars",
+                 f"--user-data-dir={profile}", "--remote-debugging-port=0",
+                 "--remote-debugging-address=127.0.0.1", page],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            active = Path(profile) / "DevToolsActivePort"
+            wait_for(lambda: active.exists() and active.read_text().count("\n") >= 1,
+                     "DevTools port file")
+            dt_port = int(active.read_text().split("\n")[0])
+
+            def page_target() -> Any:
+                with urllib.request.urlopen(f"http://127.0.0.1:{dt_port}/json/list",
+                                            timeout=5) as r:
+                    targets = json.loads(r.read())
+                return next((t for t in targets if t.get("type") == "page"
+                             and "/_pipecomet/dashboard" in t.get("url", "")), None)
+
+            target = wait_for(page_target, "the dashboard page in the browser")
+            tools = DevTools(target["webSocketDebuggerUrl"])
+            wait_for(lambda: tools.evaluate(
+                "document.getElementById('state') && "
+                "document.getElementById('state').textContent") == "open",
+                "the dashboard's EventSource open")
+            wait_for(lambda: tools.evaluate("window.pipecometDashboard.snapshots.length") >= 1,
+                     "a first snapshot")
+            before = json.loads(tools.evaluate("JSON.stringify(window.pipecometDashboard.charts)"))
+            canvas_before = tools.evaluate(
+                "document.getElementById('chart-requests').toDataURL()")
+            # (The browser's own favicon request may be a not_found already.)
+            assert "invalid_app_key" not in before["errors"]["series"]
+            # Traffic for a few seconds: answers and errors with a code of their own.
+            end = time.monotonic() + 3.5
+            sent = 0
+            while time.monotonic() < end:
+                assert get(port, "/api/time.get?app_key=demo-key")[0] == 200
+                assert get(port, "/api/time.get?app_key=nope")[0] == 403
+                sent += 2
+                time.sleep(0.01)
+
+            def changed() -> Any:
+                charts = json.loads(tools.evaluate(
+                    "JSON.stringify(window.pipecometDashboard.charts)"))
+                if (charts["requests"]["max"] > 0
+                        and "invalid_app_key" in charts["errors"]["series"]):
+                    return charts
+                return None
+
+            after = wait_for(changed, "the charts to show the traffic")
+            assert after["requests"]["max"] > before["requests"]["max"]
+            assert after["latency"]["series"] == ["p50", "p90", "p99"]
+            assert "2xx" in after["requests"]["series"]
+            assert set(after["comet"]["series"]) == {"sse", "ndjson", "longpoll"}
+            assert any(name.startswith("slow") for name in after["quota"]["series"])
+            assert tools.evaluate(
+                "document.getElementById('chart-requests').toDataURL()") != canvas_before
+            assert tools.evaluate("document.getElementById('tile-rps').textContent") != "–"
+            # The page's own stream is not counted as a request in flight.
+            status = json.loads(get(port, "/_pipecomet/status")[2])
+            assert status["comet"]["connections"] == 0
+            shot = tools.call("Page.captureScreenshot", format="png")
+            path = tmp_path / "dashboard.png"
+            path.write_bytes(base64.b64decode(shot["data"]))
+            assert path.stat().st_size > 10_000
+            keep = os.environ.get("PIPECOMET_DASHBOARD_SCREENSHOT")
+            if keep:
+                shutil.copy(path, keep)
+    finally:
+        if tools is not None:
+            tools.close()
+        if browser is not None:
+            try:
+                os.killpg(browser.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                browser.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(browser.pid, signal.SIGKILL)
+                browser.wait(5)
+        shutil.rmtree(profile, ignore_errors=True)
