@@ -281,6 +281,36 @@ class MetricsTests(SynchronousTestCase):
                            'le="0.05",service="users"}'], 10)
         self.assertEqual(m['pipecomet_backend_service_waiters{service="users"}'], 2)
 
+    def test_backends_collector_over_the_backend_clients_own_status(self):
+        """
+        The real backend client's status (endpoints as a list, each with its
+        pool's figures) becomes per-endpoint and per-service series.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        reactor = MemoryReactorClock()
+        app = App(reactor=reactor, name="obs-backends")
+        app.configure(Config.from_dict({
+            "server": {"access_log": "off"},
+            "backends": {"services": {"users": {"discovery": {
+                "endpoints": ["127.0.0.1:9001", "127.0.0.1:9002"]}}}},
+        }))
+        app.service.startService()
+        self.addCleanup(app.service.stopService)
+        m = scrape(MemoryClient(app))
+        for port in (9001, 9002):
+            where = f'endpoint="127.0.0.1:{port}",service="users"'
+            self.assertEqual(m[f"pipecomet_backend_calls_total{{{where}}}"], 0)
+            self.assertEqual(m[f"pipecomet_backend_outstanding{{{where}}}"], 0)
+            self.assertEqual(m[f"pipecomet_backend_pool_busy{{{where}}}"], 0)
+            self.assertEqual(m[f"pipecomet_backend_pool_waiting{{{where}}}"], 0)
+            self.assertEqual(m[f"pipecomet_backend_ejected{{{where}}}"], 0)
+        self.assertEqual(m['pipecomet_backend_service_calls_total{service="users"}'], 0)
+        self.assertEqual(m['pipecomet_backend_service_failures_total{kind="backend_error",'
+                           'service="users"}'], 0)
+        self.assertEqual(m['pipecomet_backend_service_discovery{kind="endpoints",'
+                           'service="users"}'], 2)
+
     def test_workers_figures_from_a_fake_pool_status(self):
         status = {"size": 2, "queued": 3, "queue_limit": 10, "in_flight": 1, "completed": 40,
                   "rejected": 2, "failed": {"crash": 1, "timeout": 2}, "restarts": 3,

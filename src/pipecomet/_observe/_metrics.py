@@ -323,7 +323,10 @@ def _dist_buckets(dist: dict[str, Any]) -> list[tuple[str, float]]:
 
 #: Keys of a backend endpoint's status that count events (exposed as counters).
 BACKEND_COUNTERS = frozenset({"calls", "errors", "ejections", "retries", "timeouts",
-                              "connects", "connect_errors", "requests", "failures"})
+                              "connects", "connect_errors", "requests", "failures",
+                              "safe_retries", "panics", "ejections_refused", "pool_connects",
+                              "pool_connect_failures", "pool_rejected_busy",
+                              "pool_queue_timeouts"})
 
 
 class PipecometCollector:
@@ -542,6 +545,27 @@ def _generic(prefix: str, doc: str, counters: frozenset[str] = frozenset(),
     return mapper
 
 
+def _endpoint_table(svc: dict[str, Any]) -> dict[str, Any]:
+    """
+    A service's endpoints by address: the backend client lists them (active
+    and draining, each with its connection pool's figures under ``pool``);
+    a dict keyed by address is taken as it is.
+    """
+    endpoints = svc.get("endpoints")
+    if isinstance(endpoints, dict):
+        return endpoints
+    table: dict[str, Any] = {}
+    for item in [*(endpoints or []), *(svc.get("draining") or [])]:
+        if not isinstance(item, dict) or "address" not in item:
+            continue
+        flat = {k: v for k, v in item.items() if k != "pool"}
+        pool = item.get("pool")
+        if isinstance(pool, dict):
+            flat.update({f"pool_{k}": v for k, v in pool.items() if _num(v)})
+        table[str(item["address"])] = flat
+    return table
+
+
 def _backends(col: PipecometCollector, s: dict[str, Any]) -> Iterator[Any]:
     """
     ``{service: {"endpoints": {addr: {...}}, ...}}``: each number of an
@@ -571,9 +595,17 @@ def _backends(col: PipecometCollector, s: dict[str, Any]) -> Iterator[Any]:
                 kind = "counter" if key in BACKEND_COUNTERS else "gauge"
                 fam(f"pipecomet_backend_service_{key}", kind, ["service"],
                     f"Backend service figure {key!r}.").add_metric([service], value)
-        endpoints = svc.get("endpoints")
-        if not isinstance(endpoints, dict):
-            continue
+            elif isinstance(value, dict) and key != "endpoints":
+                # failures by kind, the retry budget, discovery's state
+                kind = "counter" if key in BACKEND_COUNTERS else "gauge"
+                numbers = {str(k): int(n) if isinstance(n, bool) else n
+                           for k, n in value.items() if _num(n) or isinstance(n, bool)}
+                if numbers:
+                    f = fam(f"pipecomet_backend_service_{key}", kind, ["service", "kind"],
+                            f"Backend service figure {key!r}, by kind.")
+                    for sub, n in sorted(numbers.items()):
+                        f.add_metric([service, sub], n)
+        endpoints = _endpoint_table(svc)
         for addr, ep in sorted(endpoints.items()):
             if not isinstance(ep, dict):
                 continue
