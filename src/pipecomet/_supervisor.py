@@ -123,6 +123,7 @@ class _Child(ProcessProtocol):
         self.ended: Deferred = Deferred()
         self.when_ready: Deferred = Deferred()
         self.stopping = False
+        self.held = 0
         self._buf = b""
 
     def connectionMade(self) -> None:
@@ -141,8 +142,12 @@ class _Child(ProcessProtocol):
             if msg.get("op") == "ready" and not self.ready:
                 self.ready = True
                 self.when_ready.callback(self)
+                self.supervisor._send_held()
             elif msg.get("op") == "status":
                 self.status = msg.get("status", {})
+            elif msg.get("op") == "held":
+                self.held = int(msg.get("held", 0))
+                self.supervisor._send_held()
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.transport is not None and self.pid is not None:
@@ -263,6 +268,7 @@ class Supervisor(Service):
         if self.children.get(child.index) is not child:
             return  # replaced (reload): its successor is already serving
         del self.children[child.index]
+        self._send_held()
         if self._stopping or child.stopping:
             return
         self.deaths += 1
@@ -348,6 +354,12 @@ class Supervisor(Service):
 
     # -- status
 
+    def _send_held(self) -> None:
+        msg = {"op": "held", "held": {str(c.index): c.held for c in self.children.values()
+                                      if c.ready}}
+        for child in list(self.children.values()):
+            child.send(msg)
+
     def _send_set(self) -> None:
         self._broadcast = self.reactor.callLater(self.status_interval, self._send_set)
         msg = {"op": "set", "set": self.describe()}
@@ -388,6 +400,8 @@ class ChildControl(Protocol):
         self.supervisor_pid = supervisor_pid
         self.interval = interval
         self.set: dict[str, Any] = {}
+        self.held_elsewhere: dict[str, int] = {}
+        self.balancer: Any = None
         self._buf = b""
         self._call: Any = None
 
@@ -416,6 +430,13 @@ class ChildControl(Protocol):
                 continue
             if msg.get("op") == "set":
                 self.set = msg.get("set", {})
+            elif msg.get("op") == "held":
+                held = msg.get("held", {})
+                held.pop(str(self.index), None)
+                self.held_elsewhere = held
+
+    def report_held(self, held: int) -> None:
+        self._write({"op": "held", "held": held})
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._call is not None and self._call.active():
@@ -427,8 +448,12 @@ class ChildControl(Protocol):
             self.reactor.stop()
 
     def status(self) -> dict[str, Any]:
-        return {"answered_by": {"index": self.index, "pid": os.getpid()},
-                "processes": self.total, "supervisor_pid": self.supervisor_pid, **self.set}
+        out = {"answered_by": {"index": self.index, "pid": os.getpid()},
+               "processes": self.total, "supervisor_pid": self.supervisor_pid, **self.set}
+        if self.balancer is not None:
+            out["answered_by"]["accept_paused"] = self.balancer.paused
+            out["answered_by"]["accept_pauses"] = self.balancer.pauses
+        return out
 
 
 class ServingProcess(Service):
@@ -446,6 +471,7 @@ class ServingProcess(Service):
         self.options = options
         self.port: Any = None
         self.control: ChildControl | None = None
+        self.balancer: AcceptBalancer | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -471,12 +497,81 @@ class ServingProcess(Service):
         StandardIO(self.control, stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=self.reactor)
         self.app.runtime.status_sources["processes"] = self.control.status
         self.control.ready()
+        hub = getattr(self.app.runtime.events, "comet", None)
+        if hub is not None and self.control.total > 1:
+            self.balancer = AcceptBalancer(self.reactor, self.port, hub, self.control)
+            self.balancer.start()
+            self.control.balancer = self.balancer
         log.info("serving process {index} (pid {pid}) ready", index=index, pid=os.getpid())
 
     def stopService(self) -> Deferred:
         super().stopService()
         from twisted.internet.task import deferLater
 
+        if self.balancer is not None:
+            self.balancer.stop()
         d = self.port.stopListening() if self.port is not None else succeed(None)
         grace = self.app.config.server.drain_grace
         return d.addCallback(lambda _: deferLater(self.reactor, grace, lambda: None))
+
+
+class AcceptBalancer:
+    """
+    Keeps held (comet) connections even across the serving processes that
+    share one listening socket.
+
+    With one inherited socket the kernel wakes whichever process is
+    waiting and Twisted accepts in batches, so a burst of long-lived
+    connections lands on one process (measured: 554 of 554 in a test).
+    Every ``interval`` seconds each process compares its held connections
+    with the others' (sent through the supervisor as they change) and stops
+    accepting while it holds more than its share plus ``slack``: the
+    connections wait in the shared queue for the others, none is refused.
+    Short requests balance themselves (a busy process does not accept).
+    """
+
+    def __init__(self, reactor: Any, port: Any, hub: Any, control: ChildControl,
+                 interval: float = 0.02, slack: int = 4) -> None:
+        self.reactor = reactor
+        self.port = port
+        self.hub = hub
+        self.control = control
+        self.interval = interval
+        self.slack = slack
+        self.paused = False
+        self.pauses = 0
+        self._reported = -1
+        self._call: Any = None
+
+    def start(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._check)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._resume()
+
+    def _check(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._check)
+        own = self.hub.connections
+        if own != self._reported:
+            self._reported = own
+            self.control.report_held(own)
+        others = self.control.held_elsewhere
+        if not others:
+            self._resume()
+            return
+        mean = (own + sum(others.values())) / (len(others) + 1)
+        slack = max(self.slack, mean * 0.02)
+        if not self.paused and own > mean + slack:
+            self.paused = True
+            self.pauses += 1
+            self.port.stopReading()
+        elif self.paused and own <= mean + slack / 2:
+            self._resume()
+
+    def _resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.port.startReading()
