@@ -90,6 +90,13 @@ class IHistoryBus(IBus):
     again after the bus comes back from a drop.
     """
 
+    def set_limits(limits: object) -> None:
+        """
+        ``limits(topic)`` → ``(history_count, history_age, idempotency_ttl)``:
+        the bounds the bus keeps each topic's history and keys within (the
+        comet installer hands in the ``[comet]`` table's).
+        """
+
     def load(topic: str, count: int) -> object:
         """
         The topic's epoch, last offset and its newest ``count`` messages.
