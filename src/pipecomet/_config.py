@@ -2,7 +2,7 @@
 Configuration: one TOML file, one frozen attrs class per table.
 
 Each part of pipecomet owns a table (``[server]``, ``[quota]``, ``[workers]``,
-``[comet]``, ``[limits]``, ``[demo]``...) and registers its class and its
+``[bus]``, ``[comet]``, ``[limits]``, ``[demo]``...) and registers its class and its
 installer in :data:`SECTIONS`.  Loading rejects unknown tables and keys and
 bad values with a :class:`ConfigError` that names the key, e.g.
 ``quota.categories.slow.reserve: must be >= 0``.

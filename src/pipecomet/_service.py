@@ -200,11 +200,11 @@ def _supervisor_service(options: Options, app: Any, port: str, count: int) -> IS
             if name == "config":
                 value = os.path.abspath(os.path.expanduser(value))
             args += [f"--{name}", value]
-    workers = app.config.workers if "workers" in app.config.present() else None
+    pool = app.runtime.workers
     server = app.config.server
     supervisor = Supervisor(reactor, count, port, args, listen=server.processes_listen,
                             stop_timeout=max(30.0, server.drain_grace + 10.0),
-                            workers_per_process=getattr(workers, "size", None))
+                            workers_per_process=app.config.workers.size if pool else 0)
     if server.processes_listen == "inherit":
         # Bound now, before the reactor runs: a port in use fails the start.
         from ._supervisor import bind_listener

@@ -188,12 +188,13 @@ class Supervisor(Service):
     """
 
     name = "supervisor"
+    install_sighup = True
 
     def __init__(self, reactor: Any, count: int, port: str, child_args: Sequence[str],
                  listen: str = "inherit", restart_min: float = 0.1,
                  restart_max: float = 5.0, stop_timeout: float = 30.0,
                  status_interval: float = 1.0, workers_per_process: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, kill: Any = os.kill) -> None:
         self.reactor = reactor
         self.count = count
         self.port = port
@@ -205,6 +206,7 @@ class Supervisor(Service):
         self.status_interval = status_interval
         self.workers_per_process = workers_per_process
         self.env = env
+        self._kill_pid = kill
         self.socket: socket.socket | None = None
         self.children: dict[int, _Child] = {}
         self.backoff: dict[int, float] = {}
@@ -226,7 +228,8 @@ class Supervisor(Service):
         for i in range(self.count):
             self._spawn(i)
         self._broadcast = self.reactor.callLater(self.status_interval, self._send_set)
-        signal.signal(signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload))
+        if self.install_sighup:
+            signal.signal(signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload))
         log.info("pipecomet supervisor {pid}: {n} serving processes on {port} ({listen})",
                  pid=os.getpid(), n=self.count, port=self.port, listen=self.listen)
 
@@ -292,7 +295,7 @@ class Supervisor(Service):
         if child.ended.called:
             return succeed(None)
         try:
-            os.kill(child.pid, signal.SIGTERM)  # type: ignore[arg-type]
+            self._kill_pid(child.pid, signal.SIGTERM)
         except (OSError, TypeError):
             pass
         timer = self.reactor.callLater(self.stop_timeout, self._kill, child)
@@ -309,7 +312,7 @@ class Supervisor(Service):
         log.warn("serving process {index} did not stop in {t}s: killed", index=child.index,
                  t=self.stop_timeout)
         try:
-            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            self._kill_pid(child.pid, signal.SIGKILL)
         except (OSError, TypeError):
             pass
 
@@ -336,7 +339,14 @@ class Supervisor(Service):
                 try:
                     await new.when_ready
                 except Exception as e:
-                    log.error("reload: {error}", error=e)
+                    # The new one did not come up: keep the old one serving.
+                    log.error("reload: {error}; process {index} keeps running", error=e,
+                              index=index)
+                    call = self._respawn.pop(index, None)
+                    if call is not None and call.active():
+                        call.cancel()
+                    if old is not None and not old.ended.called:
+                        self.children[index] = old
                     continue
                 if old is not None:
                     await self._stop_child(old)
@@ -371,8 +381,10 @@ class Supervisor(Service):
             "supervisor_pid": os.getpid(),
             "processes": self.count,
             "listen": self.listen,
-            "workers": ("per process" if self.workers_per_process is None
-                        else f"per process: {self.workers_per_process} each"),
+            # Each serving process has its own worker pool (its rings belong
+            # to one reactor): N x size worker processes in all.
+            "workers": {"pool": "per process",
+                        "size_per_process": self.workers_per_process or 0},
             "restarts": self.restarts,
             "deaths": self.deaths,
             "reloads": self.reloads,
@@ -402,6 +414,7 @@ class ChildControl(Protocol):
         self.set: dict[str, Any] = {}
         self.held_elsewhere: dict[str, int] = {}
         self.balancer: Any = None
+        self.stopping = False
         self._buf = b""
         self._call: Any = None
 
@@ -443,9 +456,14 @@ class ChildControl(Protocol):
             self._call.cancel()
         self._call = None
         # The supervisor is gone: a serving process does not outlive it.
-        if self.reactor.running:
+        if not self.stopping and self.reactor.running:
+            from twisted.internet.error import ReactorNotRunning
+
             log.warn("supervisor gone: stopping")
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:
+                pass
 
     def status(self) -> dict[str, Any]:
         out = {"answered_by": {"index": self.index, "pid": os.getpid()},
@@ -508,6 +526,8 @@ class ServingProcess(Service):
         super().stopService()
         from twisted.internet.task import deferLater
 
+        if self.control is not None:
+            self.control.stopping = True
         if self.balancer is not None:
             self.balancer.stop()
         d = self.port.stopListening() if self.port is not None else succeed(None)
