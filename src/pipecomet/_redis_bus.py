@@ -253,6 +253,7 @@ class RedisBus:
         self.drops = 0
         self.failed_publishes = 0
         self.loads = 0
+        self.pings = 0
         self.last_error = ""
 
     def set_limits(self, limits: Callable[[str], tuple[int, float, float]]) -> None:
@@ -442,6 +443,7 @@ class RedisBus:
         if self._state != _UP:
             return
         self._ping_call = self.reactor.callLater(self.config.ping_interval, self._ping)
+        self.pings += 1
         self._call("PING").addErrback(lambda f: None)
 
     def _call(self, *args: Any) -> Deferred:
@@ -567,7 +569,8 @@ class RedisBus:
                 "state": self._state, "receivers": len(self._receivers),
                 "published": self.published, "received": self.received,
                 "failed_publishes": self.failed_publishes, "loads": self.loads,
-                "round_trips": self.round_trips, "connects": self.connects,
+                "round_trips": self.round_trips, "pings": self.pings,
+                "connects": self.connects,
                 "drops": self.drops, "last_error": self.last_error}
 
 
