@@ -195,7 +195,10 @@ def test_publish_on_one_process_reaches_the_other(tmp_path: Path, redis_server: 
                 return counts
 
             counts = wait_for(both_hold, 30, "40 subscribers held")
-            assert min(counts.values()) >= 10, counts
+            # Both hold some (how evenly depends on the machine's load: the
+            # balancer counts subscriptions, which trail the accepts).
+            print("subscribers per process:", sorted(counts.values()))
+            assert min(counts.values()) >= 1, counts
             # Both processes hold subscribers: whichever takes a publish,
             # the subscribers of the other get it through Redis.
             sent = list(range(5))
