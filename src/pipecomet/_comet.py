@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.tcp import Server as _TCPServer
 from twisted.logger import Logger
@@ -1248,8 +1248,6 @@ class CometHub:
         waits = [self._load(t) for t in topics if not t.loaded or t.waiting is not None]
         if not waits:
             return None
-        from twisted.internet.defer import gatherResults
-
         return gatherResults(waits, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
 
     def _load(self, t: Topic) -> Deferred:

@@ -27,9 +27,9 @@ from importlib import resources
 from typing import Any, Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -290,14 +290,13 @@ class RedisBus:
             if call is not None and call.active():
                 call.cancel()
         self._retry_call = self._watchdog = self._ping_call = None
-        done = []
         for conn in (self._cmd, self._sub):
             if conn is not None and conn.transport is not None:
                 conn.on_lost = None
                 conn.transport.loseConnection()
         self._cmd = self._sub = None
         self._state = _DOWN
-        return succeed(done)
+        return succeed(None)
 
     def _endpoint(self) -> Any:
         timeout = self.config.connect_timeout
@@ -314,7 +313,6 @@ class RedisBus:
         ep = self._endpoint()
         cmd = RespProtocol(on_lost=self._lost)
         sub = RespProtocol(on_message=self._message, on_lost=self._lost)
-        from twisted.internet.endpoints import connectProtocol
 
         def both(_: Any) -> Deferred:
             return connectProtocol(ep, sub)
@@ -335,7 +333,6 @@ class RedisBus:
         load = cmd.command("SCRIPT", "LOAD", self._script)
         subscribed = sub.command("SUBSCRIBE", self.channel)
         self._arm_watchdog()
-        from twisted.internet.defer import gatherResults
 
         def up(results: list[Any]) -> None:
             self._sha = results[-2] if isinstance(results[-2], bytes) else b""
@@ -503,7 +500,7 @@ class RedisBus:
             self.failed_publishes += 1
             if isinstance(f.value, RedisError):
                 log.error("comet bus: publish script failed: {error}", error=f.value)
-                return fail(_unavailable(f"the comet bus (Redis) refused the publish",
+                return fail(_unavailable("the comet bus (Redis) refused the publish",
                                          self.config.retry_after))
             return f
 
