@@ -11,7 +11,7 @@ PORT ?= tcp:8080
 # are about the install and the page, not the dependency versions.
 LOWEST_PYTEST_ARGS ?= tests --ignore=tests/test_it_packaging.py --ignore=tests/test_it_browser.py
 
-.PHONY: run test test-pytest test-trial test-lowest install bench bench-http bench-quota bench-comet \
+.PHONY: run test test-pytest test-trial test-lowest install bench bench-http bench-quota bench-comet bench-scale \
         bench-workers bench-seed000 bench-lazy bench-gateway bench-accesslog perf-doc clean
 
 $(STAMP): pyproject.toml
@@ -72,6 +72,13 @@ bench: bench-http bench-quota bench-comet bench-workers bench-lazy bench-gateway
 bench-http bench-quota bench-comet bench-workers bench-seed000 bench-lazy bench-gateway bench-accesslog: bench-%: $(STAMP)
 	scripts/apt-ensure $(BENCH_APT)
 	$(PY) -m bench.$(subst -,_,$*)
+	$(PY) -m bench.report
+
+# --processes and the Redis bus (bench/scale.py); run it under the shared lock:
+# flock /tmp/pipecomet-bench.lock make bench-scale
+bench-scale: $(STAMP)
+	scripts/apt-ensure $(BENCH_APT) redis-server
+	$(PY) -m bench.scale
 	$(PY) -m bench.report
 
 perf-doc: $(STAMP)

@@ -170,8 +170,8 @@ class CometTransportTests(SynchronousTestCase):
         self.assertEqual(call.header("cache-control"), "no-cache")
         self.assertEqual(call.header("x-accel-buffering"), "no")
         hub = hub_of(app)
-        p1 = hub.publish("news", {"n": 1})
-        p2 = hub.publish("news", {"n": 2}, event="update")
+        p1 = self.successResultOf(hub.publish("news", {"n": 1}))
+        p2 = self.successResultOf(hub.publish("news", {"n": 2}, event="update"))
         self.assertEqual(p1.delivered, 1)
         c.flush()
         evs = call.events()
@@ -325,7 +325,7 @@ class CometTransportTests(SynchronousTestCase):
     def test_gap_and_reset_are_explicit(self) -> None:
         app, c = make({"history_count": 3})
         hub = hub_of(app)
-        ids = [hub.publish("news", n).id for n in range(10)]
+        ids = [self.successResultOf(hub.publish("news", n)).id for n in range(10)]
         old = c.get("/sub/news", headers={"last-event-id": ids[1]})
         evs = old.events()
         gap = [e for e in evs if e.get("event") == "gap"]

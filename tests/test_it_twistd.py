@@ -180,9 +180,11 @@ def test_pipecomet_check_version_and_processes(tmp_path):
     from pipecomet import __version__
     result = run_cli("--version")
     assert (result.returncode, result.stdout.strip()) == (0, f"pipecomet {__version__}")
+    # --processes reaches the service: the demo has comet routes, so two
+    # processes on the in-memory bus are refused, naming [bus].
     result = run_cli("serve", "--processes", "2", "--port", f"tcp:{free_port()}")
     assert result.returncode != 0
-    assert "--processes 2" in result.stderr and "not available yet" in result.stderr
+    assert "--processes 2" in result.stderr and "[bus]" in result.stderr
 
 
 def test_landing_page():

@@ -36,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                        "the keys it names")
     serve.add_argument("--port", "-p", help="Twisted endpoint to listen on, e.g. tcp:8080 "
                        "or tcp:9000:interface=127.0.0.1 (default: [server] port)")
-    serve.add_argument("--processes", type=int, default=1, metavar="N",
-                       help="serving processes (only 1 for now)")
+    serve.add_argument("--processes", metavar="N",
+                       help="serving processes on one socket: a number or 'auto' "
+                       "(default: [server] processes, 1; docs/scaling.md)")
     serve.add_argument("--workers-module", help="module the worker processes import their "
                        "functions from")
 
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plugin_args(args: argparse.Namespace) -> list[str]:
     out = []
-    for name in ("app", "config", "port", "workers_module"):
+    for name in ("app", "config", "port", "workers_module", "processes"):
         value = getattr(args, name, None)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", value]
@@ -77,11 +78,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.processes != 1:
-        print(f"pipecomet serve: --processes {args.processes}: serving from more than one "
-              "process is not available yet; run with --processes 1 (the default)",
-              file=sys.stderr)
-        return 2
     from twisted.scripts.twistd import run
 
     # The working directory first, as twistd would not (and as uvicorn and

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -55,7 +55,7 @@ from ._errors import (
     Unauthorized,
 )
 from ._events import Event, EventKeeper, EventListener
-from ._interfaces import IBusReceiver
+from ._interfaces import IBusReceiver, IHistoryBus
 from ._lazy._parsers import decode_json
 from ._responders import dumps, send_error
 from ._twcompat import request_gone, transport_pending
@@ -281,9 +281,10 @@ class Topic:
     """
 
     __slots__ = ("hub", "name", "key", "epoch", "last_offset", "history", "bytes",
-                 "subscribers", "timer", "idle", "limits", "evicted")
+                 "subscribers", "timer", "idle", "limits", "evicted", "loaded", "waiting",
+                 "early")
 
-    def __init__(self, hub: CometHub, name: str, limits: _Limits) -> None:
+    def __init__(self, hub: CometHub, name: str, limits: _Limits, loaded: bool = True) -> None:
         self.hub = hub
         self.name = name
         # The topic's key in the EventKeeper, shared by all its waiters.
@@ -297,6 +298,12 @@ class Topic:
         self.idle: Any = None
         self.limits = limits
         self.evicted = 0
+        # With a bus that keeps the history (Redis), a topic is loaded from
+        # it before it serves; ``waiting`` holds the Deferreds of a load in
+        # progress and ``early`` the messages that arrived meanwhile.
+        self.loaded = loaded
+        self.waiting: list[Deferred] | None = None
+        self.early: list[tuple[str, int, str, bytes]] = []
 
     @property
     def first_offset(self) -> int:
@@ -308,9 +315,9 @@ class Topic:
     def id_at(self, offset: int) -> str:
         return f"{self.epoch}:{offset}"
 
-    def append(self, event: str, data: bytes, now: float) -> Message:
+    def append(self, event: str, data: bytes, now: float, offset: int | None = None) -> Message:
         self.busy()
-        self.last_offset += 1
+        self.last_offset = self.last_offset + 1 if offset is None else offset
         msg = Message(self.name, self.last_offset, f"{self.epoch}:{self.last_offset}", event,
                       data, now)
         lim = self.limits
@@ -485,6 +492,19 @@ class Subscription(Stream, EventListener):
         self.open = True
         self.hub._opened(self)
         try:
+            loading = self.hub.load_topics(self.objs)
+        except Exception as e:
+            self._serve_error(e)
+            return
+        if loading is not None:
+            loading.addCallbacks(lambda _: self._serve_now() if self.open else None,
+                                 lambda f: self._serve_error(f.value) if self.open else None)
+            return
+        self._serve_now()
+
+    def _serve_now(self) -> None:
+        kind = self.kind
+        try:
             replay, control = self._resolve()
             if kind == "longpoll":
                 self._serve_longpoll(replay, control)
@@ -492,13 +512,16 @@ class Subscription(Stream, EventListener):
                 self._serve_stream(replay, control)
             self.cursors = None  # resolved: the positions are in ``pos`` now
         except Exception as e:
-            error = as_pipecomet_error(e, "comet subscription")
-            self._close(None)
-            if not self._gone():
-                if self.request.startedWriting:
-                    self.request.finish()
-                else:
-                    send_error(self.request, error)
+            self._serve_error(e)
+
+    def _serve_error(self, e: BaseException) -> None:
+        error = as_pipecomet_error(e, "comet subscription")
+        self._close(None)
+        if not self._gone():
+            if self.request.startedWriting:
+                self.request.finish()
+            else:
+                send_error(self.request, error)
 
     # -- resolving the cursor against the histories
 
@@ -987,7 +1010,9 @@ class CometHub:
         self._polls: dict[Subscription, None] = {}
         self._idem: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
         self._heartbeat: Any = None
-        self._last_publish: Published | None = None
+        # A bus that keeps the history (Redis) numbers the messages; the
+        # topics here are then a cache of it, loaded before they serve.
+        self.history_bus = IHistoryBus.providedBy(bus)
         self.closing = False
         self.bus_ok = True
         self.bus_drops = 0
@@ -1041,7 +1066,8 @@ class CometHub:
     def _topic(self, name: str) -> Topic:
         t = self.topics.get(name)
         if t is None:
-            t = self.topics[name] = Topic(self, name, _limits_for(self.config, name))
+            t = self.topics[name] = Topic(self, name, _limits_for(self.config, name),
+                                          loaded=not self.history_bus)
         return t
 
     def _maybe_forget(self, t: Topic) -> None:
@@ -1071,19 +1097,23 @@ class CometHub:
     # -- publishing
 
     def publish(self, topic: str, data: Any, event: str = "message",
-                key: str | None = None) -> Published:
+                key: str | None = None) -> Deferred:
         """
-        Publish ``data`` (JSON-able) on ``topic``.  With the in-memory bus
-        the result says how many subscribers of this process it reached.
+        Publish ``data`` (JSON-able) on ``topic``: a Deferred of
+        :class:`Published` (see :meth:`publish_json`).
         """
         return self.publish_json(topic, dumps(data), event, key)
 
     def publish_json(self, topic: str, data: bytes, event: str = "message",
-                     key: str | None = None) -> Published:
+                     key: str | None = None) -> Deferred:
         """
-        Publish ``data``, already compact JSON text.  Errors: 400 for a bad
+        Publish ``data``, already compact JSON text.  Returns a Deferred of
+        :class:`Published` as the bus reports it: with the in-memory bus
+        ``delivered`` counts the subscribers reached (it fires at once),
+        with Redis the serving processes reached.  Raises 400 for a bad
         topic or event name, 413 past ``max_message_bytes``, 503 when a new
-        topic would pass ``max_topics`` or the hub is closing.
+        topic would pass ``max_topics``; the Deferred fails with 503
+        ``bus_unavailable`` when the bus cannot take the message.
         """
         self.check_topic(topic)
         if event != "message" and (not EVENT_RE.match(event) or event in RESERVED_EVENTS
@@ -1094,21 +1124,28 @@ class CometHub:
             raise self._reject(PayloadTooLarge(
                 f"message of {len(data)} bytes; the limit is {self.config.max_message_bytes}",
                 code="message_too_large"))
-        if key is not None:
+        if key is not None and not self.history_bus:
             seen = self._seen(topic, key)
             if seen is not None:
                 self.duplicates += 1
-                return Published(topic, seen, 0, True)
-        if topic not in self.topics and len(self.topics) >= self.config.max_topics:
+                return succeed(Published(topic, seen, 0, True))
+        if topic not in self.topics and len(self.topics) >= self.config.max_topics \
+                and not self.history_bus:
             raise self._reject(ServiceUnavailable(
                 f"{len(self.topics)} topics are alive; the limit is {self.config.max_topics}",
                 code="too_many_topics", retry_after=self.config.retry))
-        self._last_publish = None
-        self.bus.publish(topic, event, data, key)
-        done, self._last_publish = self._last_publish, None
-        if done is not None and done.topic == topic:
-            return done
-        return Published(topic, None, 0)
+
+        def done(result: Any) -> Published:
+            if result.duplicate and self.history_bus:
+                self.duplicates += 1
+            return Published(topic, result.id, result.delivered, result.duplicate)
+
+        def failed(f: Any) -> Any:
+            if isinstance(f.value, PipecometError):
+                self._reject(f.value)
+            return f
+
+        return self.bus.publish(topic, event, data, key).addCallbacks(done, failed)
 
     def complete(self, topic: str, data: Any = None) -> int:
         """
@@ -1117,7 +1154,9 @@ class CometHub:
         """
         self.check_topic(topic)
         before = self.keeper.completed
-        self.bus.publish(topic, _END_EVENT, dumps(data))
+        self.bus.publish(topic, _END_EVENT, dumps(data)).addErrback(
+            lambda f: log.warn("comet end of {topic} not published: {error}", topic=topic,
+                               error=f.value))
         return self.keeper.completed - before
 
     def _seen(self, topic: str, key: str) -> str | None:
@@ -1134,20 +1173,23 @@ class CometHub:
 
     # -- IBusReceiver
 
-    def bus_message(self, topic: str, event: str, data: bytes, key: str | None) -> None:
+    def bus_message(self, topic: str, event: str, data: bytes, key: str | None,
+                    id: str | None = None) -> Published | None:
         if event == _END_EVENT:
             try:
                 value = json.loads(data)
             except ValueError:
                 value = None
             self.keeper.complete(("comet", topic), _End(topic=topic, data=value))
-            return
+            return None
+        if id is not None:
+            self._numbered(topic, id, event, data)
+            return None
         if key is not None:
             seen = self._seen(topic, key)
             if seen is not None:
                 self.duplicates += 1
-                self._last_publish = Published(topic, seen, 0, True)
-                return
+                return Published(topic, seen, 0, True)
         t = self._topic(topic)
         msg = t.append(event, data, self.reactor.seconds())
         self.published += 1
@@ -1158,11 +1200,13 @@ class CometHub:
                 idem.popitem(last=False)
         reached = self.keeper.fire(t.key, msg)
         self.delivered += reached
-        self._last_publish = Published(topic, msg.id, reached)
         if t.subscribers == 0 and not t.history:
             self._maybe_forget(t)
+        return Published(topic, msg.id, reached)
 
     def bus_down(self, reason: str) -> None:
+        if not self.bus_ok:
+            return
         self.bus_ok = False
         self.bus_drops += 1
         log.warn("comet bus down: {reason}", reason=reason)
@@ -1171,6 +1215,14 @@ class CometHub:
         if self.bus_ok:
             return
         self.bus_ok = True
+        if self.history_bus:
+            # The bus kept what was published meanwhile: each topic held
+            # here catches up from it (missed messages, or a gap/reset
+            # event for what it no longer has).
+            for t in list(self.topics.values()):
+                if t.loaded and t.waiting is None:
+                    self._load(t).addErrback(lambda f: None)
+            return
         # Messages published elsewhere while the broker was away never
         # reached this process: say so to every subscriber, never silently.
         for sub in list(self._streams):
@@ -1180,6 +1232,139 @@ class CometHub:
         for sub in list(self._polls):
             sub._answer_poll(sub._poll_body([], [{"topic": t.name, "reason": "bus",
                                                   "missed": None} for t in sub.objs]))
+
+    # -- a bus that keeps the history (Redis)
+
+    def load_topics(self, topics: Sequence[Topic]) -> Deferred | None:
+        """
+        None when every topic can serve now; else a Deferred that fires
+        when they are loaded from the bus.  Raises 503 ``bus_unavailable``
+        while the bus is down (subscribers already held stay).
+        """
+        if not self.history_bus:
+            return None
+        if not self.bus_ok:
+            raise self._reject(ServiceUnavailable("the comet bus is unavailable",
+                                                  code="bus_unavailable",
+                                                  retry_after=self.config.retry))
+        waits = [self._load(t) for t in topics if not t.loaded or t.waiting is not None]
+        if not waits:
+            return None
+        return gatherResults(waits, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+
+    def _load(self, t: Topic) -> Deferred:
+        d: Deferred = Deferred()
+        if t.waiting is not None:
+            t.waiting.append(d)
+            return d
+        t.waiting = [d]
+
+        def loaded(history: Any) -> None:
+            waiting, t.waiting = t.waiting or [], None
+            self._sync(t, history)
+            for w in waiting:
+                w.callback(None)
+
+        def failed(f: Any) -> None:
+            waiting, t.waiting = t.waiting or [], None
+            t.early = []
+            for w in waiting:
+                w.errback(f)
+
+        self.bus.load(t.name, t.limits.history_count).addCallbacks(loaded, failed)
+        return d
+
+    def _sync(self, t: Topic, history: Any) -> None:
+        """
+        Bring ``t`` in line with the bus's copy: the first load takes it
+        as is; a later one (after a drop) delivers what was missed, or
+        says what is gone (``gap``) or that the epoch changed (``reset``).
+        """
+        msgs = history.messages
+        if not t.loaded:
+            t.loaded = True
+            t.epoch = history.epoch
+            t.history.clear()
+            t.bytes = 0
+            first = msgs[0].offset if msgs else history.last_offset + 1
+            t.last_offset = first - 1
+            for m in msgs:
+                t.append(m.event, m.data, m.time, m.offset)
+            t.last_offset = history.last_offset
+        else:
+            if history.epoch != t.epoch and not msgs:
+                self._reset(t, history.epoch, history.last_offset)
+            for m in msgs:
+                self._receive(t, history.epoch, m.offset, m.event, m.data, m.time)
+            if history.last_offset > t.last_offset:
+                self._gap(t, history.last_offset)
+        early, t.early = t.early, []
+        for epoch, offset, event, data in early:
+            self._receive(t, epoch, offset, event, data, self.reactor.seconds())
+
+    def _numbered(self, topic: str, id: str, event: str, data: bytes) -> None:
+        t = self.topics.get(topic)
+        if t is None:
+            return  # not held here: the bus keeps its history
+        epoch, _, offset = id.partition(":")
+        if not t.loaded or t.waiting is not None:
+            t.early.append((epoch, int(offset), event, data))
+            return
+        off = int(offset)
+        if epoch == t.epoch and off > t.last_offset + 1:
+            # Messages between went past us: the bus may still have them.
+            t.early.append((epoch, off, event, data))
+            self._load(t).addErrback(lambda f: None)
+            return
+        self._receive(t, epoch, off, event, data, self.reactor.seconds())
+
+    def _receive(self, t: Topic, epoch: str, offset: int, event: str, data: bytes,
+                 now: float) -> None:
+        if epoch != t.epoch:
+            self._reset(t, epoch, offset - 1)
+        elif offset <= t.last_offset:
+            return  # already here (replayed and live both)
+        elif offset > t.last_offset + 1:
+            self._gap(t, offset - 1)
+        msg = t.append(event, data, now, offset)
+        self.published += 1
+        self.delivered += self.keeper.fire(t.key, msg)
+
+    def _reset(self, t: Topic, epoch: str, last: int) -> None:
+        """
+        The bus lost the topic's history and started a new epoch: say so.
+        """
+        old = t.id_at(t.last_offset)
+        t.epoch = epoch
+        t.history.clear()
+        t.bytes = 0
+        t.last_offset = last
+        self.resets += 1
+        self._tell(t, "reset", {"topic": t.name, "reason": "reset", "from": old,
+                                "resumed_from": t.id_at(last), "epoch": epoch}, last)
+
+    def _gap(self, t: Topic, upto: int) -> None:
+        """
+        Offsets ``t.last_offset + 1 .. upto`` are gone for good: say so.
+        """
+        missed = upto - t.last_offset
+        self.gaps += 1
+        self._tell(t, "gap", {"topic": t.name, "reason": "bus", "from": t.id_at(t.last_offset),
+                              "resumed_from": t.id_at(upto), "missed": missed}, upto)
+        # The local history stays contiguous: it restarts after the gap.
+        t.history.clear()
+        t.bytes = 0
+        t.last_offset = upto
+
+    def _tell(self, t: Topic, name: str, fields: dict[str, Any], pos: int) -> None:
+        for sub in list(self._streams):
+            if t in sub.objs:
+                sub._set_pos(t.name, pos)
+                sub.send(sub._control(name, fields))
+        for sub in list(self._polls):
+            if t in sub.objs and sub.event is not None:
+                sub._set_pos(t.name, pos)
+                sub._answer_poll(sub._poll_body([], [fields]))
 
     # -- subscribing
 
@@ -1391,9 +1576,9 @@ def _publish_send(inp: Any, ctx: Any, res: Any) -> Any:
     if key is not None and not (0 < len(key) <= 200):
         raise hub._reject(BadRequest("idempotency key must be 1-200 characters",
                                      code="bad_idempotency_key"))
-    done = hub.publish_json(inp.path_params["topic"], data, event, key)
-    return {"topic": done.topic, "id": done.id, "delivered": done.delivered,
-            "duplicate": done.duplicate}
+    return hub.publish_json(inp.path_params["topic"], data, event, key).addCallback(
+        lambda done: {"topic": done.topic, "id": done.id, "delivered": done.delivered,
+                      "duplicate": done.duplicate})
 
 
 def publish_pipes() -> list[Pipe]:
@@ -1403,6 +1588,11 @@ def publish_pipes() -> list[Pipe]:
     """
     return [Pipe(_publish_auth, name="publish_auth"), Pipe(_publish_body, name="publish_body"),
             Pipe(_publish_send, name="publish")]
+
+
+def _bus_limits(config: CometConfig, name: str) -> tuple[int, float, float]:
+    lim = _limits_for(config, name)
+    return lim.history_count, lim.history_age, config.idempotency_ttl
 
 
 def install(app: Any, config: CometConfig) -> None:
@@ -1415,6 +1605,8 @@ def install(app: Any, config: CometConfig) -> None:
     keeper = runtime.events if runtime.events is not None else EventKeeper(app.reactor)
     if runtime.bus is None:
         runtime.bus = MemoryBus()
+    if IHistoryBus.providedBy(runtime.bus):
+        runtime.bus.set_limits(lambda name: _bus_limits(config, name))
     hub = CometHub(app.reactor, keeper, runtime.bus, config)
     keeper.comet = hub
     runtime.events = keeper

@@ -2,7 +2,7 @@
 Configuration: one TOML file, one frozen attrs class per table.
 
 Each part of pipecomet owns a table (``[server]``, ``[quota]``, ``[workers]``,
-``[comet]``, ``[limits]``, ``[demo]``...) and registers its class and its
+``[bus]``, ``[comet]``, ``[limits]``, ``[demo]``...) and registers its class and its
 installer in :data:`SECTIONS`.  Loading rejects unknown tables and keys and
 bad values with a :class:`ConfigError` that names the key, e.g.
 ``quota.categories.slow.reserve: must be >= 0``.
@@ -52,6 +52,16 @@ class ServerConfig:
     :ivar drain_timeout: seconds a stopping server waits, after its parts
         have stopped, for the responses already written to leave before
         it drops the connections.
+    :ivar processes: serving processes (``--processes``): a number, or
+        ``"auto"`` for the cores this process may use.  Above 1 a
+        supervisor keeps them running on one listening socket
+        (docs/scaling.md); apps with comet routes need ``[bus] kind =
+        "redis"``.
+    :ivar processes_listen: ``"inherit"`` (one socket bound by the
+        supervisor, adopted by every serving process; measured best) or
+        ``"reuseport"`` (each binds its own with SO_REUSEPORT).
+    :ivar drain_grace: seconds a stopping serving process goes on serving
+        the connections it accepted after it stopped listening.
     """
 
     port: str = attrs.field(default="tcp:8080", validator=attrs.validators.instance_of(str))
@@ -65,6 +75,18 @@ class ServerConfig:
                                 validator=attrs.validators.in_(("pipecomet", "twisted")))
     drain_timeout: float = attrs.field(default=5.0, converter=float,
                                        validator=attrs.validators.ge(0))
+    processes: int | str = attrs.field(default=1)
+    processes_listen: str = attrs.field(default="inherit",
+                                        validator=attrs.validators.in_(("inherit", "reuseport")))
+    drain_grace: float = attrs.field(default=1.0, converter=float,
+                                     validator=attrs.validators.ge(0))
+
+    @processes.validator
+    def _check_processes(self, attribute: Any, value: Any) -> None:
+        if value == "auto":
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"processes: must be a number >= 1 or \"auto\", not {value!r}")
 
 
 #: table name → (``module:Class`` of its config, ``module:function`` that
@@ -72,6 +94,7 @@ class ServerConfig:
 SECTIONS: dict[str, tuple[str, str | None]] = {
     "server": ("pipecomet._config:ServerConfig", None),
     "demo": ("pipecomet.demo._config:DemoConfig", None),
+    "bus": ("pipecomet._bus:BusConfig", "pipecomet._bus:install"),
     "comet": ("pipecomet._comet:CometConfig", "pipecomet._comet:install"),
     "quota": ("pipecomet._quota:QuotaConfig", "pipecomet._quota:install"),
     "limits": ("pipecomet._lazy:LimitsConfig", "pipecomet._lazy:install"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IBus", "IBusReceiver"]
+__all__ = ["IBus", "IBusReceiver", "IHistoryBus"]
 
 
 class IBusReceiver(Interface):
@@ -15,13 +15,19 @@ class IBusReceiver(Interface):
     What a bus delivers to: in pipecomet, the comet hub of one process.
     """
 
-    def bus_message(topic: str, event: str, data: bytes, key: str | None) -> None:
+    def bus_message(topic: str, event: str, data: bytes, key: str | None,
+                    id: str | None = None) -> object:
         """
         A message published on ``topic`` reached this process.
 
         :param event: the event name (``"message"`` by default).
         :param data: the payload as JSON text (UTF-8).
         :param key: the publisher's idempotency key, or None.
+        :param id: ``epoch:offset`` when the bus numbers the messages
+            itself (a bus that holds the history, :class:`IHistoryBus`);
+            None when the receiver numbers them.
+        :return: what the publish did in this process (the in-memory bus
+            passes it back to the publisher), or None.
         """
 
     def bus_down(reason: str) -> None:
@@ -52,9 +58,12 @@ class IBus(Interface):
         """
         Send a message to every receiver (this process included).
 
-        :return: a Deferred that fires once the bus accepted the message
+        :return: a Deferred of a :class:`pipecomet._bus.BusDelivery` (the
+            message's id, how many it reached, whether it was a retry
+            already stored) that fires once the bus accepted the message
             (the in-memory bus delivers before it returns and fires at once);
-            it fails when the bus cannot take it (e.g. broker down).
+            it fails with a 503 ``bus_unavailable`` when the bus cannot take
+            it (broker down).
         """
 
     def add_receiver(receiver: IBusReceiver) -> None:
@@ -70,4 +79,27 @@ class IBus(Interface):
     def status() -> dict:
         """
         Live figures for ``/_pipecomet/status``.
+        """
+
+
+class IHistoryBus(IBus):
+    """
+    A bus that numbers the messages and keeps each topic's history itself
+    (Redis), so that a client resumes on any process or host.  A receiver
+    loads a topic from it before serving the topic's first subscriber, and
+    again after the bus comes back from a drop.
+    """
+
+    def set_limits(limits: object) -> None:
+        """
+        ``limits(topic)`` → ``(history_count, history_age, idempotency_ttl)``:
+        the bounds the bus keeps each topic's history and keys within (the
+        comet installer hands in the ``[comet]`` table's).
+        """
+
+    def load(topic: str, count: int) -> object:
+        """
+        The topic's epoch, last offset and its newest ``count`` messages.
+
+        :return: a Deferred of a :class:`pipecomet._bus.TopicHistory`.
         """

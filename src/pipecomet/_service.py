@@ -40,6 +40,16 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file."],
         ["workers-module", None, None, "Module the worker processes import their functions from."],
         ["log-format", None, None, "Server log format: text or json (default: [logging].format)."],
+        ["processes", None, None,
+         "Serving processes on one socket: a number or 'auto' (default: [server].processes, 1)."],
+        # Set by the supervisor for the serving processes it starts.
+        ["listen-fd", None, None, "(internal) the inherited listening socket's descriptor."],
+        ["process-index", None, None, "(internal) this serving process's index."],
+        ["processes-total", None, None, "(internal) how many serving processes there are."],
+        ["supervisor-pid", None, None, "(internal) the supervisor's pid."],
+    ]
+    optFlags = [
+        ["reuseport", None, "(internal) bind the --port socket with SO_REUSEPORT."],
     ]
 
     def postOptions(self) -> None:
@@ -48,6 +58,7 @@ class Options(usage.Options):
             sys.path.insert(0, cwd)
         try:
             self["app_object"] = build_app(self)
+            self["processes_count"] = _processes(self, self["app_object"])
         except ConfigError as e:
             # Not a UsageError: older twistd (24.7 among them) printed those and exited 0,
             # and a bad configuration must fail the start on every version.
@@ -158,6 +169,58 @@ class _Serving(MultiService):
 
         check()
         return done
+def _processes(options: Options, app: Any) -> int:
+    """
+    How many serving processes: ``--processes`` over ``[server] processes``;
+    more than one with comet routes needs a bus between them.
+    """
+    from ._supervisor import usable_cores
+
+    value = options["processes"]
+    if value is None:
+        value = app.config.server.processes
+    if value == "auto":
+        count = usable_cores()
+    else:
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--processes {value!r}: expected a number >= 1 or 'auto'") from None
+        if count < 1:
+            raise ConfigError(f"--processes {value!r}: expected a number >= 1 or 'auto'")
+    if count > 1 and options["process-index"] is None and app.config.bus.kind == "memory" \
+            and _has_comet_routes(app):
+        raise ConfigError(
+            f"--processes {count}: the app has comet routes and [bus] kind is \"memory\": "
+            "a publish would reach only the subscribers of the process that took it; "
+            "set [bus] kind = \"redis\" (and url) in the config file, or serve one process")
+    return count
+
+
+def _has_comet_routes(app: Any) -> bool:
+    for route in app.routes:
+        for p in route.chain.walk():
+            if getattr(getattr(p, "func", None), "mode", None) == "many":
+                return True
+    return False
+
+
+def _probe_bus(app: Any) -> None:
+    """
+    With ``[bus] kind = "redis"`` and ``on_unavailable = "fail"``, a start
+    with Redis unreachable fails at once, naming it.  (Run before the
+    reactor runs: a blocking probe blocks nothing.)
+    """
+    bus = app.config.bus
+    if bus.kind != "redis" or bus.on_unavailable != "fail":
+        return
+    from ._redis_bus import probe
+
+    error = probe(bus.url, bus.connect_timeout)
+    if error is not None:
+        sys.stderr.write(f"pipecomet: [bus] cannot reach Redis at {bus.url}: {error} "
+                         "(set [bus] on_unavailable = \"serve\" to start anyway and answer 503)\n")
+        raise SystemExit(1)
 
 
 def makeService(options: Options) -> IService:
@@ -165,12 +228,60 @@ def makeService(options: Options) -> IService:
 
     app = options["app_object"]
     port = options["port"] or app.config.server.port
-    # Parts start before the listener; on stop, see _Serving.
-    serving = _Serving(app, strports.service(port, app.site()))
+    count = options["processes_count"]
+    _probe_bus(app)
+    if count > 1 and options["process-index"] is None:
+        return _supervisor_service(options, app, port, count)
+    root: IService
+    if options["process-index"] is not None:
+        root = _serving_process_service(options, app, port)
+    else:
+        # Parts start before the listener; on stop, see _Serving.
+        root = _Serving(app, strports.service(port, app.site()))
     if app.config.logging.format == "json":
         from ._observe import json_log_root
 
-        root = json_log_root(app.config.logging)  # sets twistd's log observer
-        serving.setServiceParent(root)
-        return root
-    return serving
+        log_root = json_log_root(app.config.logging)  # sets twistd's log observer
+        root.setServiceParent(log_root)
+        return log_root
+    return root
+
+
+def _supervisor_service(options: Options, app: Any, port: str, count: int) -> IService:
+    from twisted.internet import reactor
+
+    from ._supervisor import Supervisor
+
+    args: list[str] = []
+    for name in ("app", "config", "workers-module", "log-format"):
+        if options[name]:
+            value = options[name]
+            if name == "config":
+                value = os.path.abspath(os.path.expanduser(value))
+            args += [f"--{name}", value]
+    pool = app.runtime.workers
+    server = app.config.server
+    supervisor = Supervisor(reactor, count, port, args, listen=server.processes_listen,
+                            stop_timeout=max(30.0, server.drain_grace + 10.0),
+                            workers_per_process=app.config.workers.size if pool else 0)
+    if server.processes_listen == "inherit":
+        # Bound now, before the reactor runs: a port in use fails the start.
+        from ._supervisor import bind_listener
+
+        try:
+            supervisor.socket = bind_listener(port)
+        except ConfigError as e:
+            sys.stderr.write(f"pipecomet: {e}\n")
+            raise SystemExit(1) from None
+    return supervisor
+
+
+def _serving_process_service(options: Options, app: Any, port: str) -> IService:
+    from twisted.internet import reactor
+
+    from ._supervisor import ServingProcess
+
+    root = MultiService()
+    app.service.setServiceParent(root)
+    ServingProcess(reactor, app, options).setServiceParent(root)
+    return root

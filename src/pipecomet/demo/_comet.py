@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.logger import Logger
 
 from .._chain import Answer, Pipe
 from .._errors import BadRequest, Forbidden
@@ -115,6 +116,9 @@ def _start_job(inp: Any, ctx: Any, res: Any) -> str:
     return job
 
 
+log = Logger()
+
+
 class TickerService(Service):
     """
     Publishes ``{"n", "price"}`` on ``ticker`` every ``period`` seconds.
@@ -135,7 +139,9 @@ class TickerService(Service):
         self.n += 1
         hub = self.app.runtime.events.comet
         price = round(100 + 10 * math.sin(self.n / 10), 2)
-        hub.publish("ticker", {"n": self.n, "price": price}, event="ticker")
+        d = hub.publish("ticker", {"n": self.n, "price": price}, event="ticker")
+        # With a networked bus a tick can fail (bus down): the next one tries again.
+        d.addErrback(lambda f: log.info("ticker: publish failed: {e}", e=f.value))
 
     def stopService(self) -> None:
         super().stopService()

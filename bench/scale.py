@@ -1,0 +1,324 @@
+"""
+``make bench-scale``: what ``--processes`` and the Redis bus buy on this
+machine.
+
+(a) Throughput with wrk of a CPU-bound route (about 1 ms of pure-Python
+work per request) and of the hello route, served by ``twistd pipecomet``
+with one process and with ``--processes 2`` (target: ≥ 1.8× for the
+CPU-bound route; the hello route is reported, wrk needs a core too).
+
+(b) SSE subscribers (``SCALE_SUBS``, default 10,000) held over
+``--processes 2`` with the Redis bus, against one process with the memory
+bus in the same run: publish → last subscriber latency (p50, target ≤ 1.2×
+the one-process figure), fan-out messages/s for a burst of publishes, and
+Redis round trips per publish (from the bus's own counters).
+
+Everything runs on 127.0.0.1, bounded in count and time; run it under
+``flock /tmp/pipecomet-bench.lock`` (the make target does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ._common import ROOT, free_port, tool_version, write_result
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+APP = "tests.scale_app:make_app"
+TOKEN = "bench-token"
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):
+        return soft
+
+
+@contextmanager
+def redis_server(directory: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def server(directory: Path, processes: int, bus_url: str | None) -> Iterator[int]:
+    port = free_port()
+    cfg = directory / f"scale-{processes}-{'redis' if bus_url else 'memory'}.toml"
+    text = (f'[server]\naccess_log = "off"\nprocesses = {processes}\n'
+            f'[comet]\npublish_token = "{TOKEN}"\nmax_connections = 20000\n'
+            'max_connections_per_topic = 20000\nheartbeat = 60\nmax_lifetime = 0\n')
+    if bus_url:
+        text += f'[bus]\nkind = "redis"\nurl = "{bus_url}"\n'
+    cfg.write_text(text)
+    cmd = [*TWISTD, "-n", "--pidfile=", "pipecomet", "--app", APP, "--config", str(cfg),
+           "--port", f"tcp:{port}:interface=127.0.0.1:backlog=4096"]
+    log = open(directory / f"server-{port}.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        end = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(directory / f'server-{port}.log').read_text()[-3000:]}")
+            try:
+                st = status(port)
+                ready = st.get("processes", {}).get("set")
+                if processes == 1 or (ready and sum(1 for c in ready if c["ready"]) == processes):
+                    if not bus_url or st["bus"]["connected"]:
+                        break
+            except (OSError, ValueError, KeyError):
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError("server not ready in 60 s")
+            time.sleep(0.2)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+
+
+def http(port: int, method: str, path: str, body: bytes = b"",
+         headers: dict[str, str] | None = None) -> bytes:
+    head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close",
+            f"Content-Length: {len(body)}", *[f"{k}: {v}" for k, v in (headers or {}).items()]]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall("\r\n".join(head).encode() + b"\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1]
+
+
+def status(port: int) -> dict[str, Any]:
+    return json.loads(http(port, "GET", "/_pipecomet/status"))
+
+
+def wrk(port: int, path: str, seconds: int, connections: int) -> float:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+                          f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise RuntimeError("wrk gave no Requests/sec:\n" + out)
+
+
+def throughput(directory: Path, seconds: int, url: str) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {"/cpu": {}, "/hello": {}}
+    for n in (1, 2):
+        # The app has comet routes: two processes need the Redis bus.
+        with server(directory, n, None if n == 1 else url) as port:
+            for path in out:
+                wrk(port, path, 2, 32)  # warm-up
+                out[path][n] = wrk(port, path, seconds, 32)
+    return out
+
+
+# -- (b) fan-out
+
+
+class Subscribers:
+    """
+    ``n`` SSE connections on one selector; records when each saw a marker.
+    """
+
+    def __init__(self, port: int, n: int, topic: str) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.socks: list[socket.socket] = []
+        self.tail: dict[int, bytes] = {}
+        req = (f"GET /comet/{topic} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+               ).encode()
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(req)
+            s.setblocking(False)
+            self.sel.register(s, selectors.EVENT_READ, i)
+            self.socks.append(s)
+            self.tail[i] = b""
+            if i % 500 == 499:
+                self.pump(0.05)
+
+    def pump(self, seconds: float, marker: bytes | None = None,
+             seen: dict[int, float] | None = None) -> None:
+        end = time.perf_counter() + seconds
+        while True:
+            left = end - time.perf_counter()
+            if left <= 0:
+                return
+            for key, _ in self.sel.select(min(left, 0.05)):
+                i = key.data
+                try:
+                    data = key.fileobj.recv(262144)
+                except BlockingIOError:
+                    continue
+                if marker is not None and seen is not None and i not in seen:
+                    buf = self.tail[i] + data
+                    if marker in buf:
+                        seen[i] = time.perf_counter()
+                    self.tail[i] = buf[-64:]
+            if seen is not None and len(seen) == len(self.socks):
+                return
+
+    def close(self) -> None:
+        for s in self.socks:
+            self.sel.unregister(s)
+            s.close()
+
+
+def fanout(port: int, subs: int, publishes: int, burst: int) -> dict[str, Any]:
+    topic = f"fan{os.getpid()}"
+    clients = Subscribers(port, subs, topic)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            st = status(port)
+            held = (sum(c["status"]["comet"]["connections"] for c in st["processes"]["set"])
+                    if "processes" in st else st["comet"]["connections"])
+            if held >= subs:
+                break
+            if time.monotonic() > end:
+                raise TimeoutError(f"only {held} of {subs} subscribers held")
+            clients.pump(0.5)
+        clients.pump(2.5)  # the other processes' counters arrive every second
+        before = _bus_counts(port)
+        lat = []
+        for k in range(publishes):
+            marker = b'"seq":%d}' % k
+            seen: dict[int, float] = {}
+            t0 = time.perf_counter()
+            http(port, "POST", f"/_pipecomet/publish/{topic}", b'{"seq":%d}' % k,
+                 {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+            clients.pump(30, marker, seen)
+            if len(seen) < subs:
+                raise TimeoutError(f"publish {k}: {len(seen)} of {subs} subscribers got it")
+            lat.append((max(seen.values()) - t0) * 1000)
+            clients.pump(0.2)
+        clients.pump(2.5)
+        after = _bus_counts(port)
+        # A burst: `burst` publishes back to back, until every subscriber has the last.
+        t0 = time.perf_counter()
+        last = publishes + burst - 1
+        for k in range(publishes, publishes + burst):
+            http(port, "POST", f"/_pipecomet/publish/{topic}", b'{"seq":%d}' % k,
+                 {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        seen = {}
+        clients.pump(120, b'"seq":%d}' % last, seen)
+        elapsed = time.perf_counter() - t0
+        trips = (after[0] - before[0]) / max(1, after[1] - before[1]) if after[1] > before[1] \
+            else None
+        return {"p50_ms": statistics.median(lat), "max_ms": max(lat),
+                "fanout_msgs_per_s": subs * burst / elapsed if len(seen) == subs else None,
+                "round_trips_per_publish": trips}
+    finally:
+        clients.close()
+
+
+def _bus_counts(port: int) -> tuple[int, int]:
+    """
+    (Redis round trips, publishes) summed over the serving processes.
+    """
+    st = status(port)
+    parts = ([c["status"]["bus"] for c in st["processes"]["set"]] if "processes" in st
+             else [st["bus"]])
+    # Round trips of publishing and loading: the keep-alive PINGs left out.
+    return (sum(b.get("round_trips", 0) - b.get("pings", 0) for b in parts),
+            sum(b.get("published", 0) for b in parts))
+
+
+def main() -> None:
+    if shutil.which("wrk") is None or shutil.which("redis-server") is None:
+        raise SystemExit("wrk and redis-server are needed (scripts/apt-ensure wrk redis-server)")
+    limit = raise_fd_limit()
+    subs = min(_env_int("SCALE_SUBS", 10_000), max(100, limit // 2 - 200))
+    seconds = _env_int("SCALE_SECONDS", 10)
+    publishes = _env_int("SCALE_PUBLISHES", 20)
+    burst = _env_int("SCALE_BURST", 20)
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with redis_server(d) as url:
+            tp = throughput(d, seconds, url)
+            with server(d, 1, None) as port:
+                mem = fanout(port, subs, publishes, burst)
+            with server(d, 2, url) as port:
+                red = fanout(port, subs, publishes, burst)
+    cpu_ratio = tp["/cpu"][2] / tp["/cpu"][1]
+    hello_ratio = tp["/hello"][2] / tp["/hello"][1]
+    lat_ratio = red["p50_ms"] / mem["p50_ms"]
+    if subs < 10_000:
+        notes.append(f"{subs} subscribers, not 10,000: the file descriptor limit is {limit}")
+    notes.append("one client process holds every subscriber and shares the 2 cores with the "
+                 "servers and Redis; wrk runs with 1 thread, 32 connections")
+    write_result(
+        "scale",
+        title="Scale-out: --processes and the Redis bus",
+        command="make bench-scale",
+        tables=[
+            {"title": "Throughput (req/s, wrk)", "columns": ["route", "1 process", "2 processes", "ratio"],
+             "rows": [[p, round(tp[p][1]), round(tp[p][2]), round(tp[p][2] / tp[p][1], 2)]
+                      for p in ("/cpu", "/hello")]},
+            {"title": f"{subs} SSE subscribers: publish → last subscriber",
+             "columns": ["setup", "p50 ms", "max ms", "fan-out msg/s", "Redis round trips / publish"],
+             "rows": [["1 process, memory bus", round(mem["p50_ms"], 1), round(mem["max_ms"], 1),
+                       round(mem["fanout_msgs_per_s"] or 0), "-"],
+                      ["2 processes, Redis bus", round(red["p50_ms"], 1), round(red["max_ms"], 1),
+                       round(red["fanout_msgs_per_s"] or 0),
+                       round(red["round_trips_per_publish"] or 0, 2)]]},
+        ],
+        ratios={"cpu route 2/1 processes": cpu_ratio, "hello route 2/1 processes": hello_ratio,
+                "p50 Redis 2 processes / memory 1 process": lat_ratio},
+        targets=[{"what": "CPU-bound route, 2 processes vs 1", "target": ">= 1.8x",
+                  "value": round(cpu_ratio, 2), "met": cpu_ratio >= 1.8},
+                 {"what": "publish → last subscriber p50, Redis 2 processes vs memory 1",
+                  "target": "<= 1.2x", "value": round(lat_ratio, 2), "met": lat_ratio <= 1.2}],
+        notes=notes,
+        raw={"wrk": tool_version(["wrk", "--version"]), "throughput": tp, "memory": mem,
+             "redis": red, "subscribers": subs},
+    )
+
+
+if __name__ == "__main__":
+    main()

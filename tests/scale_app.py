@@ -1,0 +1,40 @@
+"""
+The app the ``--processes`` tests and ``bench/scale.py`` serve: a hello
+route, a CPU-bound route (about 1 ms of pure-Python work), the serving
+process's pid, and comet subscriptions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipecomet import App, Pipe
+from pipecomet._events import Condition
+
+
+def _hello(inp: Any, ctx: Any, res: Any) -> Any:
+    return {"hello": "world"}
+
+
+def _cpu(inp: Any, ctx: Any, res: Any) -> Any:
+    n = int(inp.query.get("n", "2500"))
+    total = 0
+    for i in range(n):
+        total += i * i % 7
+    return {"total": total}
+
+
+def _pid(inp: Any, ctx: Any, res: Any) -> Any:
+    return {"pid": os.getpid()}
+
+
+def make_app(config: Any = None, reactor: Any = None) -> App:
+    app = App(reactor=reactor)
+    app.route("/hello", [Pipe(_hello, name="hello")])
+    app.route("/cpu", [Pipe(_cpu, name="cpu")])
+    app.route("/pid", [Pipe(_pid, name="pid")])
+    app.route("/comet/<topic>", [Condition(lambda i, c, r: i.path_params["topic"].split(","),
+                                           mode="many")],
+              responders=("sse", "json", "ndjson", "longpoll"))
+    return app

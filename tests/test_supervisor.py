@@ -1,0 +1,220 @@
+"""
+The ``--processes`` supervisor and accept balancer on a fake clock with a
+fake process launcher: restart with backoff, SIGHUP one at a time (the new
+one ready before the old one is stopped, the old one kept when the new one
+fails), SIGTERM to all, the set every process is sent, and the balancer
+pausing the most loaded process.  Real ``twistd --processes 2`` runs are in
+``test_it_processes``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.internet.error import ProcessTerminated
+from twisted.trial.unittest import SynchronousTestCase
+
+from pipecomet._supervisor import (
+    AcceptBalancer,
+    ChildControl,
+    Supervisor,
+    parse_tcp_endpoint,
+)
+from pipecomet._config import ConfigError
+
+
+class FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.sent: list[bytes] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.sent.append(data)
+
+
+class Launcher(Clock):
+    """
+    A clock that records spawnProcess calls and hands out fake pids.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+        self.next_pid = 1000
+
+    def spawnProcess(self, proto: Any, exe: str, args: Any, env: Any = None,
+                     childFDs: Any = None) -> Any:
+        self.next_pid += 1
+        t = FakeTransport(self.next_pid)
+        proto.makeConnection(t)
+        self.spawned.append((proto, args, childFDs))
+        return t
+
+
+def ready(child: Any) -> None:
+    child.childDataReceived(4, json.dumps({"op": "ready"}).encode() + b"\n")
+
+
+def end(child: Any, code: int = 1) -> None:
+    child.processEnded(Failure(ProcessTerminated(exitCode=code)))
+
+
+def make(count: int = 2) -> tuple[Supervisor, Launcher, list[Any]]:
+    reactor = Launcher()
+    killed: list[Any] = []
+    sup = Supervisor(reactor, count, "tcp:0:interface=127.0.0.1", ["--app", "x:y"],
+                     kill=lambda pid, sig: killed.append((pid, sig)))
+    sup.install_sighup = False
+    sup.socket = socket.socket()
+    sup.startService()
+    return sup, reactor, killed
+
+
+class SupervisorTests(SynchronousTestCase):
+    def test_children_get_the_socket_and_their_index(self) -> None:
+        sup, reactor, _ = make()
+        self.addCleanup(sup.socket.close)
+        self.assertEqual(len(reactor.spawned), 2)
+        for i, (proto, args, fds) in enumerate(reactor.spawned):
+            self.assertEqual(fds[3], sup.socket.fileno())
+            self.assertEqual(fds[4], "r")
+            self.assertEqual(fds[5], "w")
+            self.assertIn("--listen-fd", args)
+            self.assertEqual(args[args.index("--process-index") + 1], str(i))
+
+    def test_a_dead_child_is_restarted_with_backoff(self) -> None:
+        sup, reactor, _ = make()
+        self.addCleanup(sup.socket.close)
+        first = sup.children[0]
+        ready(first)
+        end(first)
+        self.assertNotIn(0, sup.children)
+        self.assertIn(1, sup.children)  # the other one is untouched
+        reactor.advance(0.1)
+        second = sup.children[0]
+        self.assertIsNot(second, first)
+        end(second)  # dies at once again: the delay doubles
+        reactor.advance(0.1)
+        self.assertNotIn(0, sup.children)
+        reactor.advance(0.1)
+        self.assertIn(0, sup.children)
+        self.assertEqual((sup.restarts, sup.deaths), (2, 2))
+        # Having lived long, the next death restarts after the shortest delay again.
+        third = sup.children[0]
+        reactor.advance(60)
+        end(third)
+        reactor.advance(0.1)
+        self.assertIn(0, sup.children)
+
+    def test_sighup_replaces_one_at_a_time_new_ready_before_old_stops(self) -> None:
+        sup, reactor, killed = make()
+        self.addCleanup(sup.socket.close)
+        old0, old1 = sup.children[0], sup.children[1]
+        ready(old0)
+        ready(old1)
+        d = sup.reload()
+        new0 = sup.children[0]
+        self.assertIsNot(new0, old0)
+        self.assertEqual(killed, [])  # nothing stopped before the new one is ready
+        ready(new0)
+        self.assertEqual(killed, [(old0.pid, signal.SIGTERM)])
+        self.assertIs(sup.children[1], old1)  # the second waits its turn
+        end(old0, 0)
+        new1 = sup.children[1]
+        self.assertIsNot(new1, old1)
+        ready(new1)
+        self.assertEqual(killed[-1], (old1.pid, signal.SIGTERM))
+        end(old1, 0)
+        self.successResultOf(d)
+        self.assertEqual((sup.reloads, sup.deaths, sup.restarts), (1, 0, 0))
+
+    def test_sighup_keeps_the_old_one_when_the_new_one_fails(self) -> None:
+        sup, reactor, killed = make(count=1)
+        self.addCleanup(sup.socket.close)
+        old = sup.children[0]
+        ready(old)
+        d = sup.reload()
+        end(sup.children[0])  # the new one dies before it is ready
+        self.successResultOf(d)
+        self.assertIs(sup.children[0], old)
+        self.assertEqual(killed, [])
+        reactor.advance(10)
+        self.assertIs(sup.children[0], old)  # and no stray restart
+
+    def test_sigterm_stops_all_and_kills_the_stubborn(self) -> None:
+        sup, reactor, killed = make()
+        a, b = sup.children[0], sup.children[1]
+        d = sup.stopService()
+        self.assertEqual(sorted(killed), sorted([(a.pid, signal.SIGTERM),
+                                                 (b.pid, signal.SIGTERM)]))
+        end(a, 0)
+        self.assertNoResult(d)
+        reactor.advance(sup.stop_timeout)
+        self.assertIn((b.pid, signal.SIGKILL), killed)
+        end(b, -9)
+        self.successResultOf(d)
+        self.assertIsNone(sup.socket)
+        reactor.advance(10)
+        self.assertEqual(sup.children, {})  # nothing restarted while stopping
+
+    def test_every_child_is_sent_the_set(self) -> None:
+        sup, reactor, _ = make()
+        self.addCleanup(sup.socket.close)
+        for c in sup.children.values():
+            ready(c)
+            c.childDataReceived(4, b'{"op": "status", "status": {"comet": {"connections": 3}}}\n')
+        reactor.advance(sup.status_interval)
+        msg = json.loads(sup.children[1].transport.sent[-1])
+        self.assertEqual(msg["op"], "set")
+        self.assertEqual([c["status"]["comet"]["connections"] for c in msg["set"]["set"]], [3, 3])
+        self.assertEqual(msg["set"]["workers"]["pool"], "per process")
+
+    def test_endpoint_parsing(self) -> None:
+        self.assertEqual(parse_tcp_endpoint("tcp:8080:interface=127.0.0.1"),
+                         ("127.0.0.1", 8080, 1024))
+        self.assertEqual(parse_tcp_endpoint("8080"), ("0.0.0.0", 8080, 1024))
+        self.assertRaises(ConfigError, parse_tcp_endpoint, "unix:/tmp/x")
+
+
+class FakePort:
+    def __init__(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class FakeHub:
+    connections = 0
+
+
+class BalancerTests(SynchronousTestCase):
+    def test_the_most_loaded_process_stops_accepting_until_even(self) -> None:
+        clock = Clock()
+        control = ChildControl(clock, None, 0, 2, 1)
+        sent: list[Any] = []
+        control._write = sent.append  # type: ignore[method-assign]
+        hub, port = FakeHub(), FakePort()
+        b = AcceptBalancer(clock, port, hub, control)
+        b.start()
+        hub.connections = 50
+        clock.advance(b.interval)
+        self.assertTrue(port.reading)  # nothing known of the others yet
+        self.assertEqual(sent[-1], {"op": "held", "held": 50})
+        control.dataReceived(b'{"op": "held", "held": {"0": 50, "1": 10}}\n')
+        clock.advance(b.interval)
+        self.assertFalse(port.reading)
+        control.dataReceived(b'{"op": "held", "held": {"0": 50, "1": 48}}\n')
+        clock.advance(b.interval)
+        self.assertTrue(port.reading)
+        self.assertEqual(b.pauses, 1)
+        b.stop()
+        self.assertTrue(port.reading)
