@@ -573,9 +573,15 @@ class JSONLogTests(SynchronousTestCase):
         root = makeService(opts)
         self.assertIsInstance(root, LoggingRoot)
         root.observer.out.close()
-        with self.assertRaises(usage.UsageError) as e:
+        # A bad value stops the start (exit 1, the key named on stderr).
+        import contextlib
+        import io as _io
+
+        err = _io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as e:
             Options().parseOptions(["--log-format", "xml"])
-        self.assertIn("logging", str(e.exception))
+        self.assertEqual(e.exception.code, 1)
+        self.assertIn("logging", err.getvalue())
         plain = Options()
         plain.parseOptions([])
         self.assertNotIsInstance(makeService(plain), LoggingRoot)

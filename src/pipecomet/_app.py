@@ -11,6 +11,7 @@ a chain below Klein's own routing.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.application.service import IService, MultiService
@@ -252,12 +253,13 @@ class App:
                 elif p.run == "process" and self.runtime.workers is None:
                     raise ConfigError(f"route {route.path}: pipe {p.name!r} runs in a worker "
                                       "process but no worker pool is configured")
-                if isinstance(p.func, BackendPipe):
+                func = inspect.unwrap(p.func)  # metrics may time the pipe
+                if isinstance(func, BackendPipe):
                     backends = self.runtime.backends
-                    if backends is None or p.func.service not in backends:
+                    if backends is None or func.service not in backends:
                         known = backends.names() if backends is not None else []
                         raise ConfigError(f"route {route.path}: pipe {p.name!r} calls unknown "
-                                          f"backend service {p.func.service!r}; known: {known}")
+                                          f"backend service {func.service!r}; known: {known}")
 
     # -- serving
 

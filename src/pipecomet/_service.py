@@ -12,6 +12,7 @@ hello:app`` finds ``hello.py`` where the command runs.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from typing import Any
@@ -200,7 +201,7 @@ def _processes(options: Options, app: Any) -> int:
 def _has_comet_routes(app: Any) -> bool:
     for route in app.routes:
         for p in route.chain.walk():
-            if getattr(getattr(p, "func", None), "mode", None) == "many":
+            if getattr(inspect.unwrap(p.func), "mode", None) == "many":
                 return True
     return False
 

@@ -23,7 +23,7 @@ from twisted.internet.task import LoopingCall
 
 from .._chain import Answer, Stream
 from .._errors import NotFound, ServiceUnavailable
-from ._metrics import BUCKETS, HTTPStats, LagProbe, quantile
+from ._metrics import BUCKETS, HTTPStats, LagProbe, _endpoint_table, quantile
 
 __all__ = ["Dashboard", "DashboardStream", "DashboardService", "ASSETS", "asset"]
 
@@ -207,16 +207,18 @@ class Dashboard:
     @staticmethod
     def _backend(svc: dict[str, Any], old: dict[str, Any], dt: float) -> dict[str, Any]:
         def total(s: dict[str, Any], key: str) -> float:
-            eps = s.get("endpoints") or {}
+            eps = _endpoint_table(s)
             return sum(_count(ep.get(key)) for ep in eps.values() if isinstance(ep, dict))
 
-        eps = svc.get("endpoints") or {}
+        eps = _endpoint_table(svc)
         return {
             "endpoints": len(eps),
             "ejected": sum(1 for ep in eps.values() if isinstance(ep, dict) and ep.get("ejected")),
             "calls_rps": _rate(total(svc, "calls"), total(old, "calls"), dt),
             "errors_rps": _rate(total(svc, "errors"), total(old, "errors"), dt),
-            "waiters": total(svc, "waiters") + _count(svc.get("waiters")),
+            # the backend client's pools say "pool_waiting"; other sources "waiters"
+            "waiters": total(svc, "waiters") + total(svc, "pool_waiting")
+                       + _count(svc.get("waiters")),
         }
 
     # -- viewers
