@@ -142,9 +142,17 @@ def test_text_access_log_on_stdout_by_default():
     with twistd_server() as (port, proc):
         assert get(port, "/_pipecomet/status", {"X-Request-Id": "it-stdout-1"})[0] == 200
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    text = out.decode()
-    line = next(line for line in text.splitlines() if "it-stdout-1" in line)
+        proc.wait(timeout=TIMEOUT)
+        # support.twistd_server reads the output in a thread: give it the
+        # last lines (a bounded wait that ends as soon as the line is there).
+        for _ in range(100):
+            if any(b"it-stdout-1" in chunk for chunk in proc.output_tail):
+                break
+            time.sleep(0.1)
+        text = b"".join(proc.output_tail).decode()
+    lines = [line for line in text.splitlines() if "it-stdout-1" in line]
+    assert lines, text[-2000:]
+    line = lines[0]
     assert '"GET /_pipecomet/status HTTP/1.1" 200 ' in line
     assert line.endswith("it-stdout-1 /_pipecomet/status")
 
