@@ -100,7 +100,7 @@ def wait_for(pred: Any, deadline: float = 30.0, what: str = "condition") -> Any:
 def ready_set(port: int, n: int = 2) -> Any:
     def check() -> Any:
         s = status(port)["processes"]
-        ready = [c for c in s["set"] if c["ready"] and c["status"]]
+        ready = [c for c in s.get("set", []) if c["ready"] and c["status"]]
         return s if len(ready) == n else None
 
     return wait_for(check, 60, f"{n} ready serving processes")
