@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -30,6 +30,7 @@ from pipecomet._lazy import (
     parse_content_type,
 )
 from pipecomet._lazy._http import Phase
+from tests.conftest import examples
 
 FORM = b"application/x-www-form-urlencoded"
 
@@ -180,7 +181,8 @@ _values = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 
 
 class FormParserTests(SynchronousTestCase):
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"), deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(pairs=st.lists(st.tuples(_names, _values), max_size=12),
            cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8))
     def test_split_equals_whole(self, pairs, cuts):
@@ -254,7 +256,8 @@ _parts = st.lists(
 
 
 class MultipartParserTests(SynchronousTestCase):
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"), deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(parts=_parts, boundary=_boundaries,
            cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=10))
     def test_split_equals_whole(self, parts, boundary, cuts):
@@ -344,11 +347,31 @@ class LazyBodyTests(SynchronousTestCase):
                          "bad_percent_encoding")
 
     def test_cancelled_waiter_is_forgotten(self):
+        """
+        A cancelled waiter (a field, the whole body, the first field) is
+        dropped by the body at once: nothing keeps it alive, and the field
+        arriving later neither fires it again nor fails.
+        """
+        import gc
+        import weakref
+
         body = LazyBody(LimitsConfig(), FORM)
-        d = body.param("a")
-        d.cancel()
-        self.failureResultOf(d)
-        body.feed(b"a=1&")  # must not fire the cancelled Deferred again
+        waiters = [body.param("a"), body.param("a", "dflt"), body.form(), body.body(),
+                   body.first_field()]
+        kept = body.param("b")
+        refs = []
+        for d in waiters:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            refs.append(weakref.ref(d))
+        del waiters, d
+        gc.collect()
+        self.assertEqual([r() for r in refs], [None] * len(refs),
+                         "the body still holds a cancelled waiter")
+        body.feed(b"a=1&b=2&")
+        self.assertEqual(self.successResultOf(kept), "2")
+        body.finish()
+        self.assertEqual(self.successResultOf(body.param("a")), "1")
 
     def test_file_spooled_above_threshold(self):
         limits = LimitsConfig(file_memory_bytes=1024)
@@ -430,7 +453,8 @@ _json_values = st.recursive(
 
 
 class JSONParserTests(SynchronousTestCase):
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"), deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(doc=st.dictionaries(st.text(max_size=10), _json_values, max_size=8),
            indent=st.sampled_from([None, 0, 2]), ascii=st.booleans(),
            cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=10))

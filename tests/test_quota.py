@@ -27,6 +27,7 @@ from pipecomet._quota import (
     SynchronousThreadPool,
 )
 from pipecomet.testing import MemoryClient, make_clock
+from tests.conftest import examples
 
 
 def make_pool(size: int, immediate: bool = False, **categories: dict[str, Any]) -> tuple[QuotaPool, SynchronousThreadPool, Any]:
@@ -383,6 +384,41 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(done, [None])
 
 
+class DemoIsolationTests(SynchronousTestCase):
+    def test_slow_flood_never_queues_fast_calls(self) -> None:
+        """
+        The demo's own ``[quota]`` (demo.toml): 120 slow calls that never
+        return hold ``slow``'s limit of threads and fill its queue, and fast
+        calls still start at once, up to ``fast``'s limit, without one of
+        them waiting in a queue.
+        """
+        from pipecomet import load_config
+        from pipecomet.demo import DEMO_CONFIG
+
+        config = load_config(DEMO_CONFIG).quota
+        tp = SynchronousThreadPool()
+        pool = QuotaPool(config, make_clock(), tp)
+        pool.startService()
+        slow = [pool.run("slow", lambda: None) for _ in range(120)]
+        figures = pool.category_status("slow")
+        limit, queue = figures["limit"], figures["queue_limit"]
+        self.assertEqual((figures["running"], figures["queued"], figures["rejected"]),
+                         (limit, queue, 120 - limit - queue))
+        for d in slow[limit + queue:]:
+            self.failureResultOf(d, QueueFull)
+        fast_limit = pool.category_status("fast")["limit"]
+        fast = [pool.run("fast", lambda: None) for _ in range(fast_limit)]
+        figures = pool.category_status("fast")
+        self.assertEqual((figures["running"], figures["queued"], figures["started"]),
+                         (fast_limit, 0, fast_limit))
+        self.assertEqual(figures["queue_wait"]["count"], fast_limit)
+        self.assertEqual(figures["queue_wait"]["max"], 0)
+        self.assertEqual(len(tp.running), limit + fast_limit)
+        tp.finish_all()
+        for d in fast + slow[: limit + queue]:
+            self.successResultOf(d)
+
+
 class ChainTests(SynchronousTestCase):
     """
     Thread stages of a chain served through an in-memory HTTP client.
@@ -644,7 +680,8 @@ class Model:
 
 
 class ModelTests(SynchronousTestCase):
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("quota"), deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(config=pool_configs(), ops=operations)
     def test_rules_hold_for_any_sequence(self, config: QuotaConfig, ops: list[tuple[Any, ...]]) -> None:
         model = Model(config)

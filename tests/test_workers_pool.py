@@ -218,6 +218,33 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(pool.status()["workers"][0]["state"], "broken")
         self.assertEqual(self.failureResultOf(spared).value.code, "workers_down")
 
+    def test_breaker_tries_again_after_the_cooldown(self) -> None:
+        """
+        An open breaker leaves the slot down for ``crash_loop_cooldown``
+        seconds exactly, then starts a worker again, which serves calls.
+        """
+        pool = self.pool(size=1, crash_loop_crashes=2, crash_loop_window=60.0,
+                         crash_loop_cooldown=40.0, restart_backoff=0.5)
+        self.worker(0).hello()
+        self.worker(0).dies(ProcessTerminated(exitCode=1))
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.worker(1).dies(ProcessTerminated(exitCode=1))
+        self.assertEqual(pool.status()["workers"][0]["state"], "broken")
+        self.assertEqual(self.failureResultOf(pool.call("echo", 0)).value.code, "workers_down")
+        self.reactor.advance(39.9)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(pool.status()["workers"][0]["state"], "broken")
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        fresh = self.worker(2)
+        fresh.hello()
+        self.assertEqual(pool.status()["workers"][0]["state"], "ready")
+        d = pool.call("echo", "back")
+        [(call_id, _, value)] = fresh.calls()
+        fresh.send(KIND_RESULT, call_id, value)
+        self.assertEqual(self.successResultOf(d), "back")
+
     def test_stale_replies_and_cancelled_calls_are_dropped(self) -> None:
         pool = self.pool(size=1)
         w = self.worker(0)
