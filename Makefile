@@ -9,7 +9,7 @@ BENCH_APT := wrk util-linux
 PORT ?= tcp:8080
 
 .PHONY: run test test-pytest test-trial install bench bench-http bench-quota bench-comet \
-        bench-workers bench-seed000 bench-lazy perf-doc clean
+        bench-workers bench-seed000 bench-lazy perf-doc clean mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test-pytest: $(STAMP)
 # The unit tests are trial TestCases too; trial finds the tests package on PYTHONPATH.
 test-trial: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/trial tests
+
+# Mutation testing of the core modules (slow, CPU-heavy: not part of `make test`;
+# docs/testing.md).  Runs in a temporary copy of the checkout.
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutation]'
+	flock /tmp/pipecomet-bench.lock scripts/mutation
 
 bench: bench-http bench-quota bench-comet bench-workers bench-lazy
 
