@@ -6,6 +6,7 @@ clock (no reactor, no sockets).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from urllib.parse import parse_qsl, urlencode
 
@@ -372,6 +373,72 @@ class LazyBodyTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(kept), "2")
         body.finish()
         self.assertEqual(self.successResultOf(body.param("a")), "1")
+
+    def test_asked_after_the_end(self):
+        """
+        Asked once the body is complete: present fields and files at once,
+        missing ones a 400 naming the parameter, defaults as given.
+        """
+        raw = multipart_body([("field", "k", "v"), ("file", "f", "one.txt", "text/plain", b"1"),
+                              ("file", "f", "two.txt", "text/plain", b"22")], "bnd")
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=bnd")
+        waiting_for_absent_file = body.file("nope")
+        body.feed(raw)
+        body.finish()
+        self.assertEqual(body.received, len(raw))
+        self.assertEqual(self.successResultOf(body.param("k")), "v")
+        self.assertEqual(self.successResultOf(body.param("absent", "dflt")), "dflt")
+        self.assertIsNone(self.successResultOf(body.param("absent", None)))
+        for d in (body.param("absent"), body.file("absent"), waiting_for_absent_file):
+            err = self.failureResultOf(d, BadRequest).value
+            name = "nope" if d is waiting_for_absent_file else "absent"
+            self.assertEqual((err.code, err.details), ("missing_parameter", {"param": name}))
+            self.assertIn(repr(name), err.message)
+        first = self.successResultOf(body.file("f"))
+        self.assertEqual((first.filename, first.complete), ("one.txt", True))
+        self.assertEqual(first.file.read(), b"1")  # spooled and rewound
+        self.assertEqual(first.read(), first.read())
+        files = self.successResultOf(body.files())
+        self.assertEqual([u.filename for u in files["f"]], ["one.txt", "two.txt"])
+        self.assertEqual(files["f"][1].describe(), {
+            "name": "f", "filename": "two.txt", "content_type": "text/plain", "size": 2,
+            "sha256": hashlib.sha256(b"22").hexdigest()})
+        self.assertEqual(self.successResultOf(body.first_field()), "k")
+        self.assertIsNone(self.successResultOf(body.json()))
+        self.assertEqual(self.successResultOf(body.body()), raw)
+        body.close()
+        self.assertTrue(first.file.closed)
+
+    def test_first_field_of_a_form_while_receiving(self):
+        body = LazyBody(LimitsConfig(), FORM)
+        body.feed(b"a=1&b=")
+        self.assertEqual(self.successResultOf(body.first_field()), "a")
+        body.feed(b"2&")
+        self.assertEqual(self.successResultOf(body.first_field()), "a")
+
+    def test_a_failed_body_fails_waiters_and_later_questions_alike(self):
+        """
+        The error a malformed body raises reaches everything waiting on it
+        and everything asked later, as the same error object.
+        """
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")
+        waiting = [body.param("a"), body.form(), body.body(), body.first_field(), body.file("f")]
+        with self.assertRaises(BadRequest) as cm:
+            body.feed(b"this is not multipart\r\n--x\r\n\r\n" * 4)
+            body.finish()
+        error = cm.exception
+        self.assertIs(body.error, error)
+        later = [body.param("a"), body.form(), body.first_field(), body.file("f")]
+        for d in waiting + later:
+            self.assertIs(self.failureResultOf(d, BadRequest).value, error)
+
+    def test_streamed_file_has_nothing_to_read(self):
+        raw = multipart_body([("file", "f", "a", "text/plain", b"data")], "b")
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")
+        d = body.stream_file("f", lambda chunk: None)
+        body.feed(raw)
+        up = self.successResultOf(d)
+        self.assertEqual((up.read(), up.size, up.complete), (b"", 4, True))
 
     def test_file_spooled_above_threshold(self):
         limits = LimitsConfig(file_memory_bytes=1024)
