@@ -26,3 +26,21 @@ def wait_for_file(path: Any) -> int:
             raise TimeoutError(f"{path} did not appear")
         time.sleep(0.005)
     return os.getpid()
+
+
+def refuse(*_: Any) -> None:
+    raise ValueError("this value cannot be unpickled")
+
+
+class Undecodable:
+    """
+    Pickles fine, fails to unpickle (wherever that is).
+    """
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return refuse, ()
+
+
+@worker_function
+def undecodable_result(_: Any = None) -> Undecodable:
+    return Undecodable()

@@ -468,7 +468,16 @@ class DemoCometTests(SynchronousTestCase):
         self.assertFalse(call.done)
         self.client.advance(0.2)
         self.assertEqual(call.json()["result"], "done")
-        self.assertEqual(self.client.get("/demo/job?seconds=99").status, 400)
+        bad = self.client.get("/demo/job?seconds=99")
+        self.assertEqual((bad.status, bad.json()["error"]["code"]), (400, "bad_seconds"))
+
+    def test_private_topics_need_a_known_app_key(self) -> None:
+        call = self.client.get("/comet/private.x?transport=longpoll")
+        self.assertEqual((call.status, call.json()["error"]["code"]), (400, "missing_app_key"))
+        call = self.client.get("/comet/private.x?transport=longpoll&app_key=nobody")
+        self.assertEqual((call.status, call.json()["error"]["code"]), (403, "bad_app_key"))
+        call = self.client.get("/comet/private.x?transport=longpoll&app_key=demo-key&since=0")
+        self.assertFalse(call.done)  # subscribed: held until a message or its timeout
 
     def test_ticker_and_page(self) -> None:
         call = self.client.get("/comet/ticker")
@@ -570,6 +579,13 @@ class CometLimitTests(SynchronousTestCase):
                    "invalid_json")
         self.error(c.post("/_pipecomet/publish/news?event=gap", data=b"1", headers=auth), 400,
                    "bad_event")
+        text = {"authorization": f"Bearer {TOKEN}", "content-type": "text/plain"}
+        self.error(c.post("/_pipecomet/publish/news", data=b"caf\xe9", headers=text), 400,
+                   "bad_encoding")
+        self.error(c.post("/_pipecomet/publish/news", data=b"1",
+                          headers={**auth, "idempotency-key": "k" * 201}), 400,
+                   "bad_idempotency_key")
+        self.assertEqual(hub.published, 0)
         sub = c.get("/sub/news", headers={"accept": "application/x-ndjson"})
         keyed = {**auth, "idempotency-key": "abc"}
         first = c.post("/_pipecomet/publish/news", data=b'{"v":1}', headers=keyed)

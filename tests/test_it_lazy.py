@@ -65,6 +65,7 @@ max_headers = 30
 header_timeout = 1.0
 body_timeout = 4.0
 file_memory_bytes = 262144
+max_part_header_bytes = 1024
 linger = 2.0
 """
 
@@ -432,6 +433,26 @@ def test_malformed_multipart_boundary(server):
     body = b'--other\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--other--\r\n'
     resp = request(server[0], post(ECHO, body, "multipart/form-data; boundary=mine"))
     assert error_of(resp) == (400, "bad_multipart")
+
+
+def test_limit_part_header_size(server):
+    """
+    A multipart part whose header block is larger than
+    ``max_part_header_bytes`` (1024 here) is a malformed body; one just
+    under it is read.
+    """
+    def body(pad: int) -> bytes:
+        return (b'--bnd\r\nContent-Disposition: form-data; name="a"\r\nX-Pad: ' + b"p" * pad
+                + b'\r\n\r\n1\r\n--bnd--\r\n')
+
+    ctype = "multipart/form-data; boundary=bnd"
+    assert error_of(request(server[0], post(ECHO, body(1100), ctype))) == (400, "bad_multipart")
+    status, _, out, _ = request(server[0], post(ECHO, body(900), ctype))
+    assert status == 200 and json.loads(out)["form"] == {"a": ["1"]}
+
+
+def test_malformed_request_line(server):
+    assert error_of(request(server[0], b"NOT-HTTP\r\n\r\n")) == (400, "bad_request")
 
 
 def test_malformed_chunked_encoding(server):

@@ -296,6 +296,14 @@ def test_unpicklable_argument_and_result_and_unknown_function_are_clear_errors()
         assert err["code"] == "unpicklable_result" and "cannot be pickled" in err["message"]
         f = yield caught(server.pool.call("no_such_function", 1))
         assert f.code == "unknown_function"
+        # Pickled fine, but cannot be unpickled: by the worker, by the server.
+        from tests.it_worker_functions import Undecodable
+
+        f = yield caught(server.pool.call("echo", Undecodable()).addTimeout(30, reactor))
+        assert isinstance(f, WorkerCallError) and (f.code, f.status) == ("undecodable", 500)
+        f = yield caught(server.pool.call("undecodable_result").addTimeout(30, reactor))
+        assert isinstance(f, WorkerCallError)
+        assert (f.code, f.status) == ("undecodable_result", 500)
         r = yield server.post("/echo?v=fine")
         assert r.code == 200
     finally:
@@ -594,6 +602,8 @@ def test_demo_gateway_serves_cpu_burn_and_image_resize_from_its_pool() -> Any:
         assert r.headers.getRawHeaders("x-image-size") == ["64x48"]
         small = Image.open(io.BytesIO((yield r.content())))
         assert (small.format, small.size) == ("JPEG", (64, 48))
+        r = yield treq.post(base + "/api/image.resize", pool=http)
+        assert r.code == 400 and (yield error_of(r))["code"] == "missing_body"
         r = yield treq.post(base + "/api/image.resize", data=b"not an image",
                             headers={"Content-Type": "image/png"}, pool=http)
         assert r.code == 400 and (yield error_of(r))["code"] == "not_an_image"
