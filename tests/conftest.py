@@ -27,8 +27,10 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The properties are trial TestCase methods, which hypothesis may see called
+# on more than one instance (differing_executors): harmless here.
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-             HealthCheck.data_too_large]
+             HealthCheck.data_too_large, HealthCheck.differing_executors]
 
 settings.register_profile("dev", deadline=None, database=None, suppress_health_check=_SUPPRESS)
 settings.register_profile("ci", deadline=None, database=None, derandomize=True,
@@ -48,6 +50,8 @@ PROFILE = _profile()
 settings.load_profile(PROFILE)
 
 #: Examples per model and profile: the resume and quota models get more on CI.
+#: (Deadlines and health checks come from the profile: the tests set only
+#: ``max_examples``.)
 _EXAMPLES = {
     "dev": {"resume": 300, "quota": 300, "parser": 150},
     "ci": {"resume": 1000, "quota": 1000, "parser": 300},

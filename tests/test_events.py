@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
@@ -634,8 +634,7 @@ OPS = st.lists(st.one_of(st.tuples(st.just("publish"), st.integers(1, 4)),
 
 
 class ResumeProperties(SynchronousTestCase):
-    @settings(max_examples=examples("resume"), deadline=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(max_examples=examples("resume"))
     # Small histories make the one-message gap (the cursor's next message
     # just expired) a common case rather than a lucky one.
     @given(ops=OPS, history=st.sampled_from([1, 2, 4, 1000]),

@@ -10,7 +10,7 @@ import hashlib
 import json
 from urllib.parse import parse_qsl, urlencode
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
@@ -182,8 +182,7 @@ _values = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 
 
 class FormParserTests(SynchronousTestCase):
-    @settings(max_examples=examples("parser"), deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"))
     @given(pairs=st.lists(st.tuples(_names, _values), max_size=12),
            cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8))
     def test_split_equals_whole(self, pairs, cuts):
@@ -257,8 +256,7 @@ _parts = st.lists(
 
 
 class MultipartParserTests(SynchronousTestCase):
-    @settings(max_examples=examples("parser"), deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"))
     @given(parts=_parts, boundary=_boundaries,
            cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=10))
     def test_split_equals_whole(self, parts, boundary, cuts):
@@ -520,8 +518,7 @@ _json_values = st.recursive(
 
 
 class JSONParserTests(SynchronousTestCase):
-    @settings(max_examples=examples("parser"), deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"))
     @given(doc=st.dictionaries(st.text(max_size=10), _json_values, max_size=8),
            indent=st.sampled_from([None, 0, 2]), ascii=st.booleans(),
            cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=10))

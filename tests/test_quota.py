@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
@@ -680,8 +680,7 @@ class Model:
 
 
 class ModelTests(SynchronousTestCase):
-    @settings(max_examples=examples("quota"), deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("quota"))
     @given(config=pool_configs(), ops=operations)
     def test_rules_hold_for_any_sequence(self, config: QuotaConfig, ops: list[tuple[Any, ...]]) -> None:
         model = Model(config)
