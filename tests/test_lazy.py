@@ -381,9 +381,11 @@ class LazyBodyTests(SynchronousTestCase):
                               ("file", "f", "two.txt", "text/plain", b"22")], "bnd")
         body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=bnd")
         waiting_for_absent_file = body.file("nope")
-        body.feed(raw)
+        body.feed(raw[:10])
+        body.feed(raw[10:])
         body.finish()
         self.assertEqual(body.received, len(raw))
+        self.assertEqual(body.raw.read(), raw)  # rewound for whoever reads it next
         self.assertEqual(self.successResultOf(body.param("k")), "v")
         self.assertEqual(self.successResultOf(body.param("absent", "dflt")), "dflt")
         self.assertIsNone(self.successResultOf(body.param("absent", None)))
@@ -395,7 +397,8 @@ class LazyBodyTests(SynchronousTestCase):
         first = self.successResultOf(body.file("f"))
         self.assertEqual((first.filename, first.complete), ("one.txt", True))
         self.assertEqual(first.file.read(), b"1")  # spooled and rewound
-        self.assertEqual(first.read(), first.read())
+        self.assertEqual(first.read(), b"1")
+        self.assertEqual(first.read(), b"1")
         files = self.successResultOf(body.files())
         self.assertEqual([u.filename for u in files["f"]], ["one.txt", "two.txt"])
         self.assertEqual(files["f"][1].describe(), {
