@@ -626,6 +626,110 @@ class CursorTests(SynchronousTestCase):
             self.assertRaises(BadRequest, parse_cursor, bad, ["a"])
 
 
+class CursorEdgeTests(SynchronousTestCase):
+    def test_parse_edges(self) -> None:
+        self.assertEqual(parse_cursor(" 0 ", ["a", "b"]), {"a": ("", 0), "b": ("", 0)})
+        self.assertEqual(parse_cursor("", ["a"]), {"a": ("", 0)})
+        self.assertEqual(parse_cursor(" a:ab12:3 , b:cd34:4 ", ["a", "b"]),
+                         {"a": ("ab12", 3), "b": ("cd34", 4)})
+        self.assertEqual(parse_cursor("z:ab12:1", ["a"]), {})  # other topics are ignored
+        self.assertEqual(parse_cursor("ab12:" + "9" * 18, ["a"]), {"a": ("ab12", 10**18 - 1)})
+        for bad in ("ab12:" + "9" * 19, "ab12:3", "a:" + "f" * 33 + ":1", "a:ab12:x"):
+            with self.assertRaises(BadRequest) as cm:
+                parse_cursor(bad, ["a", "b"])
+            self.assertEqual(cm.exception.code, "bad_cursor")
+            self.assertIn(repr(bad[:80]), cm.exception.message)
+        self.assertEqual(parse_cursor("a:" + "f" * 32 + ":1", ["a"]), {"a": ("f" * 32, 1)})
+
+    def test_format(self) -> None:
+        self.assertEqual(format_cursor([("a", "ab12", 3)], True), "ab12:3")
+        self.assertEqual(format_cursor([("a", "ab12", 3), ("b", "cd", 0)], False),
+                         "a:ab12:3,b:cd:0")
+
+
+class HistoryTests(SynchronousTestCase):
+    def test_after_slices_the_history(self) -> None:
+        app, c = make({"history_count": 5})
+        hub = hub_of(app)
+        for n in range(1, 9):  # offsets 1..8, 4..8 kept
+            hub.publish("news", n)
+        topic = hub.topics["news"]
+        self.assertEqual((topic.first_offset, topic.last_offset, topic.evicted), (4, 8, 3))
+        offsets = lambda ms: [m.offset for m in ms]  # noqa: E731
+        self.assertEqual(offsets(topic.after(0)), [4, 5, 6, 7, 8])
+        self.assertEqual(offsets(topic.after(3)), [4, 5, 6, 7, 8])
+        self.assertEqual(offsets(topic.after(5)), [6, 7, 8])
+        self.assertEqual(offsets(topic.after(5, limit=2)), [6, 7])
+        self.assertEqual(offsets(topic.after(0, limit=1)), [4])
+        self.assertEqual(topic.after(8), [])
+        self.assertEqual(topic.after(9), [])
+        self.assertEqual(topic.id_at(6), f"{topic.epoch}:6")
+
+    def test_bytes_bound_and_oversized_messages(self) -> None:
+        app, c = make({"history_bytes": 300})
+        hub = hub_of(app)
+        hub.publish("news", "x" * 100)
+        topic = hub.topics["news"]
+        size = topic.bytes
+        self.assertGreater(size, 100)
+        hub.publish("news", "y" * 1000)  # larger than the whole bound: not kept
+        self.assertEqual((len(topic.history), topic.bytes, topic.last_offset), (1, size, 2))
+        hub.publish("news", "z" * 100)
+        hub.publish("news", "w" * 100)
+        self.assertLessEqual(topic.bytes, 300)
+        kept = [m.offset for m in topic.history]
+        self.assertEqual(kept, list(range(5 - len(kept), 5)))  # the newest, oldest dropped
+        self.assertEqual(topic.evicted, 4 - len(kept) - 1)  # the oversized one never counted
+        self.assertEqual(topic.bytes, sum(m.size for m in topic.history))
+        self.assertEqual(hub.status()["history_bytes"], topic.bytes)
+
+    def test_expiry_follows_each_message_age(self) -> None:
+        app, c = make({"history_age": 10.0})
+        hub = hub_of(app)
+        hub.publish("news", 1)
+        c.advance(4)
+        hub.publish("news", 2)
+        topic = hub.topics["news"]
+        c.advance(5.9)
+        self.assertEqual([m.offset for m in topic.history], [1, 2])
+        c.advance(0.1)  # message 1 is 10 s old
+        self.assertEqual([m.offset for m in topic.history], [2])
+        self.assertEqual(topic.bytes, topic.history[0].size)
+        c.advance(3.9)
+        self.assertEqual(len(topic.history), 1)
+        c.advance(0.1)
+        self.assertEqual((len(topic.history), topic.bytes, topic.first_offset), (0, 0, 3))
+        self.assertIn("news", hub.topics)  # kept while idle, its epoch with it
+        c.advance(10)
+        self.assertNotIn("news", hub.topics)
+
+    def test_resume_figures_and_control_events(self) -> None:
+        app, c = make({"history_count": 2})
+        hub = hub_of(app)
+        ids = [hub.publish("news", n).id for n in range(1, 6)]  # 4, 5 kept
+        epoch = hub.topics["news"].epoch
+        ok = c.get("/sub/news?transport=longpoll", headers={"last-event-id": ids[3]})
+        self.assertEqual(ok.json()["messages"][0]["data"], 5)
+        gap = c.get("/sub/news?transport=longpoll", headers={"last-event-id": ids[0]})
+        self.assertEqual(gap.json()["events"], [{
+            "topic": "news", "reason": "expired", "from": f"{epoch}:1",
+            "resumed_from": f"{epoch}:3", "missed": 2}])
+        self.assertEqual(gap.json()["cursor"], f"{epoch}:5")
+        reset = c.get("/sub/news?transport=longpoll&since=beef:2")
+        self.assertEqual(reset.json()["events"], [{
+            "topic": "news", "reason": "reset", "from": "beef:2", "resumed_from": f"{epoch}:3",
+            "epoch": epoch}])
+        ahead = c.get("/sub/news?transport=longpoll", headers={"last-event-id": f"{epoch}:9"})
+        self.assertEqual(ahead.json()["events"][0]["reason"], "reset")
+        self.assertEqual([m["data"] for m in ahead.json()["messages"]], [4, 5])
+        status = hub.status()
+        self.assertEqual((status["resume_hits"], status["gaps"], status["resets"]), (1, 1, 2))
+        several = c.get("/sub/news,other?transport=longpoll&since=0")
+        self.assertEqual([m["data"] for m in several.json()["messages"]], [4, 5])
+        self.assertEqual(parse_cursor(several.json()["cursor"], ["news", "other"])["news"],
+                         (epoch, 5))
+
+
 # -- random interleavings of publish / disconnect / reconnect
 
 OPS = st.lists(st.one_of(st.tuples(st.just("publish"), st.integers(1, 4)),
