@@ -205,6 +205,35 @@ class AdmissionTests(SynchronousTestCase):
         s = pool.category_status("a")
         self.assertEqual((s["zombies"], s["zombies_returned"], s["execution_timeouts"]), (0, 1, 1))
 
+    def test_timeout_errors_name_the_category(self) -> None:
+        """
+        Queue and execution timeouts: 503 / 504 naming the category and the
+        limit, each timed-out running job a zombie of its own.
+        """
+        pool, tp, clock = make_pool(2, a={"limit": 2, "timeout": 1.5, "queue_timeout": 0.5,
+                                          "retry_after": 4})
+        out = Outcomes()
+        for i in range(3):
+            out.watch(i, pool.run("a", lambda i=i: i))
+        clock.advance(0.5)
+        err = error_of(out.one(2))
+        self.assertIsInstance(err, QueueTimeout)
+        self.assertEqual((err.status, err.details, err.headers["Retry-After"]),
+                         (503, {"category": "a"}, "4"))
+        self.assertEqual(err.message, "category 'a': no thread within 0.5s")
+        clock.advance(1.0)
+        for i in (0, 1):
+            err = error_of(out.one(i))
+            self.assertIsInstance(err, ExecutionTimeout)
+            self.assertEqual((err.status, err.details), (504, {"category": "a"}))
+            self.assertEqual(err.message, "category 'a': the job ran longer than 1.5s")
+        s = pool.category_status("a")
+        self.assertEqual((s["zombies"], s["threads"], s["execution_timeouts"],
+                          s["queue_timeouts"]), (2, 2, 2, 1))
+        tp.finish_all()
+        s = pool.category_status("a")
+        self.assertEqual((s["zombies"], s["zombies_returned"]), (0, 2))
+
     def test_zombie_then_waiting_job_starts(self) -> None:
         pool, tp, clock = make_pool(1, a={"timeout": 1.0, "queue_timeout": 100.0})
         out = Outcomes()
