@@ -433,6 +433,34 @@ class LazyBodyTests(SynchronousTestCase):
         for d in waiting + later:
             self.assertIs(self.failureResultOf(d, BadRequest).value, error)
 
+    def test_cancelling_one_waiter_keeps_the_others(self):
+        body = LazyBody(LimitsConfig(), FORM)
+        gone, kept = body.param("a"), body.param("a")
+        gone_end, kept_end = body.form(), body.form()
+        gone.cancel()
+        gone_end.cancel()
+        self.failureResultOf(gone, CancelledError)
+        self.failureResultOf(gone_end, CancelledError)
+        body.feed(b"a=1&")
+        self.assertEqual(self.successResultOf(kept), "1")
+        body.finish()
+        self.assertEqual(self.successResultOf(kept_end), {"a": ["1"]})
+
+    def test_a_body_cut_short_fails_at_finish(self):
+        """
+        A multipart body that ends without its closing boundary: finish()
+        raises, and the waiters get that same error.
+        """
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")
+        waiting = body.param("x")
+        body.feed(b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\n1')
+        with self.assertRaises(BadRequest) as cm:
+            body.finish()
+        self.assertEqual(cm.exception.code, "bad_multipart")
+        self.assertIs(body.error, cm.exception)
+        self.assertIs(self.failureResultOf(waiting, BadRequest).value, cm.exception)
+        self.assertIs(self.failureResultOf(body.form(), BadRequest).value, cm.exception)
+
     def test_streamed_file_has_nothing_to_read(self):
         raw = multipart_body([("file", "f", "a", "text/plain", b"data")], "b")
         body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")
