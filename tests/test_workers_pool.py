@@ -320,18 +320,19 @@ class PoolTests(SynchronousTestCase):
         w.hello()
         running = pool.call("slow", 0)
         first = pool.call("echo", 1)
-        self.reactor.advance(2.0)
+        self.reactor.advance(0.5)
         second, third = pool.call("echo", 2), pool.call("echo", 3)
         self.assertEqual(pool.status()["queued"], 3)
         third.cancel()
         self.failureResultOf(third, CancelledError)
         self.assertEqual(pool.status()["queued"], 2)
-        self.reactor.advance(2.9)
+        self.reactor.advance(4.4)
         self.assertNoResult(first)
         self.reactor.advance(0.1)
-        self.assertEqual(self.failureResultOf(first).value.code, "queue_timeout")
+        err = self.failureResultOf(first).value
+        self.assertEqual((err.code, err.message), ("queue_timeout", "no worker was free within 5s"))
         self.assertEqual(pool.status()["queued"], 1)
-        self.reactor.advance(1.9)
+        self.reactor.advance(0.4)
         self.assertNoResult(second)
         self.reactor.advance(0.1)
         self.assertEqual(self.failureResultOf(second).value.code, "queue_timeout")
@@ -340,6 +341,36 @@ class PoolTests(SynchronousTestCase):
         [(call_id, _, _)] = w.calls()
         w.send(KIND_RESULT, call_id, 0)
         self.assertEqual(self.successResultOf(running), 0)
+
+    def test_stop_fails_what_is_left_at_the_deadline(self) -> None:
+        """
+        Stopping: queued calls are turned away at once; at
+        ``shutdown_timeout`` the worker is killed and the calls it still
+        had (running or only sent) fail with ``pool_closing``.
+        """
+        pool = self.pool(size=1, max_in_flight=2, shutdown_timeout=3.0)
+        w = self.worker(0)
+        w.hello()
+        running, sent, queued = pool.call("slow", 1), pool.call("echo", 2), pool.call("echo", 3)
+        calls = w.calls()
+        self.assertEqual(len(calls), 2)
+        w.running(calls[0][0])
+        stopped = pool.stopService()
+        err = self.failureResultOf(queued, WorkersUnavailable).value
+        self.assertEqual(err.code, "pool_closing")
+        self.reactor.advance(2.9)
+        self.assertNoResult(running)
+        self.assertEqual(w.transport.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(w.transport.signals, ["KILL"])
+        w.dies(ProcessTerminated(signal=9))
+        for d in (running, sent):
+            err = self.failureResultOf(d, WorkersUnavailable).value
+            self.assertEqual((err.code, err.message),
+                             ("pool_closing", "the worker pool stopped before the call finished"))
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(sum(pool.status()["failed"].values()), 3)
+        self.assertEqual(os.listdir(self.dir), [])
 
     def test_stale_replies_and_cancelled_calls_are_dropped(self) -> None:
         pool = self.pool(size=1)
