@@ -12,7 +12,7 @@ PORT ?= tcp:8080
 LOWEST_PYTEST_ARGS ?= tests --ignore=tests/test_it_packaging.py --ignore=tests/test_it_browser.py
 
 .PHONY: run test test-pytest test-trial test-lowest install bench bench-http bench-quota bench-comet bench-scale \
-        bench-workers bench-seed000 bench-lazy bench-gateway bench-accesslog perf-doc clean
+        bench-workers bench-seed000 bench-lazy bench-gateway bench-accesslog perf-doc clean mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ test-lowest: $(LOWEST)/.installed
 # The unit tests are trial TestCases too; trial finds the tests package on PYTHONPATH.
 test-trial: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(VENV)/bin/trial tests
+
+# Mutation testing of the core modules (slow, CPU-heavy: not part of `make test`;
+# docs/testing.md).  Runs in a temporary copy of the checkout.
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutation]'
+	flock /tmp/pipecomet-bench.lock scripts/mutation
 
 bench: bench-http bench-quota bench-comet bench-workers bench-lazy bench-gateway
 

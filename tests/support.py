@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -140,3 +140,80 @@ def stop_process(proc: subprocess.Popen) -> None:
     if proc.stdout:
         proc.stdout.close()
 
+
+class TwistdProcess:
+    """
+    A ``twistd -n pipecomet`` subprocess for tests that run on the reactor
+    (pytest-twisted): :meth:`start` and :meth:`stop` return Deferreds and
+    never block the reactor thread.  The server's output goes to a
+    temporary file (a pipe nobody reads would fill up and stall it).
+    """
+
+    def __init__(self, args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        import tempfile
+
+        self.port = free_port()
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.output = tempfile.TemporaryFile()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, deadline: float = 30.0) -> Any:
+        """
+        Start the server; fires with ``self`` once its port accepts, fails
+        if it exits or ``deadline`` seconds pass.
+        """
+        from twisted.internet import defer, reactor, task
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        cmd = [*TWISTD, "-n", "--pidfile=", "pipecomet",
+               "--port", f"tcp:{self.port}:interface=127.0.0.1", *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=self.output, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=self.env, start_new_session=True)
+
+        @defer.inlineCallbacks
+        def wait() -> Any:
+            end = reactor.seconds() + deadline
+            while reactor.seconds() < end:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
+                                       f"{self.log()}")
+                endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=2)
+                try:
+                    probe = yield connectProtocol(endpoint, Protocol())
+                except Exception:
+                    yield task.deferLater(reactor, 0.05, lambda: None)
+                    continue
+                probe.transport.loseConnection()
+                return self
+            yield self.stop()
+            raise TimeoutError(f"nothing listening on 127.0.0.1:{self.port} after {deadline}s")
+
+        return wait()
+
+    def log(self) -> str:
+        self.output.seek(0)
+        return self.output.read().decode("utf-8", "replace")
+
+    def stop(self, grace: float = 10.0) -> Any:
+        """
+        SIGTERM, then SIGKILL after ``grace`` seconds; fires once it exited.
+        """
+        from twisted.internet import defer, reactor, task
+
+        @defer.inlineCallbacks
+        def stop() -> Any:
+            proc = self.proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                end = reactor.seconds() + grace
+                while proc.poll() is None and reactor.seconds() < end:
+                    yield task.deferLater(reactor, 0.05, lambda: None)
+                if proc.poll() is None:
+                    proc.kill()
+                    while proc.poll() is None:
+                        yield task.deferLater(reactor, 0.05, lambda: None)
+            self.output.close()
+
+        return stop()

@@ -241,6 +241,16 @@ class DemoTests(SynchronousTestCase):
         self.clock.advance(1.0)
         self.assertEqual(self.client.get("/api/time.get?app_key=demo-limited").status, 200)
 
+    def test_rate_limit_burst_after_idle_is_the_capacity(self):
+        """
+        A key idle for an hour gets its configured burst (5), then 429: the
+        bucket does not bank the idle hour.
+        """
+        self.assertEqual(self.client.get("/api/time.get?app_key=demo-limited").status, 200)
+        self.clock.advance(3600.0)
+        codes = [self.client.get("/api/time.get?app_key=demo-limited").status for _ in range(8)]
+        self.assertEqual(codes, [200] * 5 + [429] * 3)
+
     def test_echo(self):
         call = self.client.post("/api/echo?app_key=demo-key&x=1", data={"y": "2"})
         self.assertEqual(call.json(), {"method": "POST", "query": {"app_key": ["demo-key"], "x": ["1"]},
@@ -268,6 +278,17 @@ class PieceTests(SynchronousTestCase):
         self.assertEqual([bucket.take(0.0), bucket.take(0.0)], [0.0, 0.0])
         self.assertAlmostEqual(bucket.take(0.0), 0.5)
         self.assertEqual(bucket.take(0.5), 0.0)
+
+    def test_token_bucket_is_capped_while_idle(self):
+        """
+        An idle bucket saves up at most ``capacity`` tokens: after an hour
+        without calls the burst is ``capacity``, not an hour's worth.
+        """
+        bucket = TokenBucket(rate=2.0, capacity=3.0, now=0.0)
+        grants = [bucket.take(3600.0) for _ in range(5)]
+        self.assertEqual(grants[:3], [0.0, 0.0, 0.0])
+        self.assertAlmostEqual(grants[3], 0.5)
+        self.assertAlmostEqual(grants[4], 0.5)
 
     def test_to_xml(self):
         self.assertEqual(to_xml({"a": [1, "<b>"], "n": None}),

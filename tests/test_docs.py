@@ -1,12 +1,17 @@
 """
-Documentation that must stay in step with the code.
+Documentation that must stay in step with the code: the configuration
+reference and the table of error codes.
 """
 
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from pipecomet._config import SECTIONS, reference_markdown
+from tests.error_codes import MARKER, collect, parse_table, regenerate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,3 +40,83 @@ class ConfigurationDocTests(SynchronousTestCase):
         config = load_config(DEMO_CONFIG)
         self.assertEqual(config.comet.publish_token, "demo-publish-token")
         self.assertIn("demo-limited", config.demo.keys)
+
+
+class ErrorsDocTests(SynchronousTestCase):
+    """
+    docs/errors.md lists exactly the codes the source can send (collected
+    by tests/error_codes.py; rebuild the table with scripts/errors-doc).
+    """
+
+    #: Codes no test produces, and why that is right.
+    NOT_PRODUCED = {
+        "client_gone": "fails the body's waiters after the client left: nobody receives it",
+        "worker_call_error": "the fallback for a worker refusal without a code; "
+                             "the worker always sends one",
+    }
+
+    def setUp(self) -> None:
+        self.doc = (ROOT / "docs" / "errors.md").read_text()
+        self.codes = collect()
+
+    def test_table_matches_the_source(self) -> None:
+        self.assertIn(MARKER, self.doc)
+        self.assertEqual(regenerate(self.doc, self.codes), self.doc,
+                         "docs/errors.md is stale: run scripts/errors-doc")
+
+    def test_every_code_has_a_status_and_a_meaning(self) -> None:
+        rows = parse_table(self.doc)
+        self.assertEqual(set(rows), set(self.codes))
+        for code, (status, meaning) in rows.items():
+            self.assertRegex(status, r"^[1-5]\d\d( / [1-5]\d\d)*$", f"{code}: no status")
+            self.assertTrue(meaning, f"{code}: write its meaning in docs/errors.md")
+
+    def test_no_code_the_server_never_sends(self) -> None:
+        """
+        The codes the doc once listed but the server never sent are gone.
+        """
+        rows = parse_table(self.doc)
+        for code in ("request_timeout", "payload_too_large", "headers_too_large",
+                     "malformed_body"):
+            self.assertNotIn(code, rows)
+        for code in ("header_timeout", "body_timeout", "body_too_large", "header_too_large"):
+            self.assertIn(code, rows)
+
+    def test_every_code_is_produced_by_a_test(self) -> None:
+        """
+        Each code appears, quoted, in a test module (the test that makes the
+        server send it), unless NOT_PRODUCED says why not.
+        """
+        text = "\n".join(p.read_text() for p in sorted((ROOT / "tests").glob("test_*.py"))
+                         if p.name != "test_docs.py")
+        missing = sorted(c for c in self.codes
+                         if c not in self.NOT_PRODUCED
+                         and not re.search(rf"""["']{re.escape(c)}["']""", text))
+        self.assertEqual(missing, [], "no test produces these error codes")
+        self.assertLessEqual(set(self.NOT_PRODUCED), set(self.codes))
+
+    def test_collector_finds_new_codes(self) -> None:
+        """
+        The collector picks up the ways a new code can be written, so a code
+        added anywhere under src/ shows up as a missing row.
+        """
+        src = Path(tempfile.mkdtemp()) / "pipecomet"
+        self.addCleanup(shutil.rmtree, src.parent)
+        src.mkdir()
+        (src / "_errors.py").write_text(
+            "class PipecometError(Exception):\n    status, code = 500, 'internal_error'\n"
+            "class BadGateway(PipecometError):\n    status, code = 502, 'bad_gateway'\n"
+            "class RequestTimeout(PipecometError):\n    status, code = 408, 'request_timeout'\n")
+        (src / "_backend.py").write_text(
+            "from ._errors import BadGateway, RequestTimeout\n"
+            "class NoBackend(BadGateway):\n    status = 503\n    code: str = 'no_backend'\n"
+            "def f(reply):\n"
+            "    raise BadGateway('x', code='backend_error')\n"
+            "def g():\n    raise NoBackend('none')\n"
+            "def h():\n    raise RequestTimeout('slow', code='header_timeout', status=499)\n"
+            "def relay(info):\n    raise BadGateway('y', code=info.get('code', 'backend_busy'))\n"
+            "def worker():\n    return {'error': 'image_too_large'}\n")
+        found = {c.code: sorted(c.statuses) for c in collect(src).values()}
+        self.assertEqual(found, {"backend_error": [502], "no_backend": [503],
+                                 "header_timeout": [499], "backend_busy": [502],
+                                 "image_too_large": []})

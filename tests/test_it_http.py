@@ -1,7 +1,8 @@
 """
 Integration tests over real sockets on 127.0.0.1: partial results read
 incrementally by a real HTTP client, and a real TCP client that hangs up
-mid-chain cancelling the chain.
+mid-chain cancelling the chain.  Every wait has a generous timeout
+(``WAIT``) that fails its test instead of hanging the suite.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from pipecomet import App, Parallel, Pipe
+
+#: Seconds any one wait may take before it fails the test.
+WAIT = 30
 
 
 def listen(app):
@@ -40,7 +44,8 @@ def test_partial_results_before_slowest_branch():
     port, number = listen(app)
     try:
         response = yield treq.get(f"http://127.0.0.1:{number}/p",
-                                  headers={"accept": "application/x-ndjson"}, unbuffered=True)
+                                  headers={"accept": "application/x-ndjson"},
+                                  unbuffered=True).addTimeout(WAIT, reactor)
         assert response.code == 200
         received = []
         two_lines = defer.Deferred()
@@ -51,13 +56,13 @@ def test_partial_results_before_slowest_branch():
                 two_lines.callback(None)
 
         finished = treq.collect(response, chunk)
-        yield two_lines
+        yield two_lines.addTimeout(WAIT, reactor)
         assert not gate.called
         assert not finished.called
         lines = [json.loads(l) for l in b"".join(received).splitlines()]
         assert {l["name"] for l in lines} == {"main", "fast"}
         gate.callback("slow-value")
-        yield finished
+        yield finished.addTimeout(WAIT, reactor)
         lines = [json.loads(l) for l in b"".join(received).splitlines()]
         assert lines[-1] == {"name": "slow", "result": "slow-value"}
         assert len(lines) == 3
@@ -97,10 +102,11 @@ def test_client_disconnect_cancels_chain(lazy):
     configured(app, lazy)
     port, number = listen(app)
     try:
-        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number), HangUp())
-        yield entered
+        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", number, timeout=WAIT),
+                                       HangUp())
+        yield entered.addTimeout(WAIT, reactor)
         client.transport.loseConnection()
-        outcome = yield cancelled
+        outcome = yield cancelled.addTimeout(WAIT, reactor)
         assert outcome == "cancelled"
         # Give the reactor a few turns: nothing else may run.
         for _ in range(3):
@@ -127,8 +133,8 @@ def test_error_over_http():
     app.route("/busy", [Pipe(busy)])
     port, number = listen(app)
     try:
-        response = yield treq.get(f"http://127.0.0.1:{number}/busy")
-        body = yield response.json()
+        response = yield treq.get(f"http://127.0.0.1:{number}/busy").addTimeout(WAIT, reactor)
+        body = yield response.json().addTimeout(WAIT, reactor)
         assert response.code == 503
         assert response.headers.getRawHeaders("retry-after") == ["3"]
         assert body["error"]["code"] == "queue_full"

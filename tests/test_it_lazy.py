@@ -65,6 +65,7 @@ max_headers = 30
 header_timeout = 1.0
 body_timeout = 4.0
 file_memory_bytes = 262144
+max_part_header_bytes = 1024
 linger = 2.0
 """
 
@@ -158,28 +159,44 @@ JSON_BODY = json.dumps({"a": "first", "b": [2, {"n": "}"}], "c": "x" * 2000, "d"
                         "e": "last"}, ensure_ascii=False).encode("utf-8")
 
 
+def wait_for_body_bytes(port: int, want: int, polls: int = 1500) -> int:
+    """
+    Poll the server's ``body_bytes_read`` figure until it reaches ``want``
+    (bounded: 1500 polls of 20 ms, then the test fails).
+    """
+    seen = 0
+    for _ in range(polls):
+        seen = status_of(port)["body_bytes_read"]
+        if seen >= want:
+            return seen
+        time.sleep(0.02)
+    raise AssertionError(f"the server read {seen} body bytes, wanted {want}")
+
+
 @pytest.mark.parametrize("ctype, body", [("application/x-www-form-urlencoded", FORM_BODY),
                                          ("application/json", JSON_BODY)], ids=["form", "json"])
 def test_slow_body_first_pipe_runs_before_body_end(server, ctype, body):
     """
-    A body sent in pieces over 2 s: the first pipe ran when only part of
-    the body was in, and the answer is the one the whole body gets.
+    A body whose last bytes are held back until the server has read the
+    rest: the first pipe ran when only part of the body was in, and the
+    answer is the one the whole body gets.
     """
     port, _ = server
     data = post("/it/order", body, ctype)
     head = len(data) - len(body)
+    before = status_of(port)["body_bytes_read"]
     with connect(port) as s:
-        s.sendall(data[:head])
-        pieces = [body[i:i + 220] for i in range(0, len(body), 220)]
-        for piece in pieces:
-            s.sendall(piece)
-            time.sleep(2.0 / len(pieces))
+        s.sendall(data[:-5])
+        # The server has the body but its last 5 bytes: "a" is complete
+        # and the first pipe has run; the body cannot be complete yet.
+        wait_for_body_bytes(port, before + len(body) - 5)
+        s.sendall(data[-5:])
         slow = read_response(s)
     whole = request(port, data)
     assert slow[0] == whole[0] == 200
     slow_out, whole_out = json.loads(slow[2]), json.loads(whole[2])
     assert slow_out["first"]["complete_then"] is False
-    assert slow_out["first"]["body_bytes_then"] < len(body)
+    assert slow_out["first"]["body_bytes_then"] <= len(body) - 5
     assert slow_out["body_bytes"] == len(body)
     assert slow_out["form"] == whole_out["form"]
     assert slow_out["first"]["a"] == whole_out["first"]["a"] == "first"
@@ -188,41 +205,48 @@ def test_slow_body_first_pipe_runs_before_body_end(server, ctype, body):
 
 def test_100mb_post_with_invalid_first_field(server):
     """
-    100 MB whose first field is invalid: 400 after at most 1 MB of the
-    body was read by the server, whose RSS grows by at most 10 MB.
+    100 MB whose first field is invalid: 400, and the rest of the body is
+    never read.  The client goes on sending after the answer, as a client
+    that does not read it would; the server's socket-level figure
+    ``bytes_received`` (every byte read from the socket, parsed or not)
+    stays under 1 MB, the connection is cut long before the 100 MB went
+    through, and the server's RSS grows by at most 10 MB.
     """
     port, pid = server
-    before = status_of(port)["body_bytes_read"]
+    stats_before = status_of(port)
     rss_before = rss_bytes(pid)
     total = 100 * 10**6
     first = b"app_key=not+a+valid+key!&data="
     head = post("/api/upload", b"")[:-2].replace(b"Content-Length: 0",
                                                 b"Content-Length: %d" % total) + b"\r\n"
     block = b"y" * 65536
-    sent = 0
     raw = b""
+    cut = ""
+    eof = False
     with connect(port) as s:
         s.sendall(head + first)
         sent = len(first)
         s.setblocking(False)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            readable, writable, _ = select.select([s], [s] if sent < total else [], [], 1.0)
+        while sent < total and not cut:
+            assert time.monotonic() < deadline, f"still sending after 60 s ({sent} bytes sent)"
+            # An EOF is only the server's half-close after its answer: the
+            # client keeps sending until the connection itself is cut.
+            readable, writable, _ = select.select([] if eof else [s], [s], [], 1.0)
             if readable:
                 try:
                     chunk = s.recv(65536)
                 except ConnectionResetError:
-                    chunk = b""
+                    chunk, cut = b"", "reset"
                 raw += chunk
-                if not chunk or b"\r\n\r\n" in raw:
-                    break
-            if writable:
+                eof = not chunk
+            if writable and not cut:
                 try:
                     sent += s.send(block[:total - sent])
                 except (BlockingIOError, InterruptedError):
                     pass
-                except (BrokenPipeError, ConnectionResetError):
-                    break
+                except (BrokenPipeError, ConnectionResetError) as e:
+                    cut = type(e).__name__
         s.setblocking(True)
         s.settimeout(5)
         try:
@@ -237,12 +261,17 @@ def test_100mb_post_with_invalid_first_field(server):
     assert head_part.startswith(b"HTTP/1.1 400 "), raw[:300]
     assert b"connection: close" in head_part.lower()
     assert json.loads(body)["error"]["code"] == "invalid_parameter"
-    read = status_of(port)["body_bytes_read"] - before
-    assert read <= 1 * MiB, f"server read {read} body bytes"
-    assert sent < total, "the client could send the whole body: nothing stopped it"
+    assert cut, "the client sent all 100 MB: the server took the whole body"
+    stats = status_of(port)
+    received = stats["bytes_received"] - stats_before["bytes_received"]
+    read = stats["body_bytes_read"] - stats_before["body_bytes_read"]
     grown = rss_bytes(pid) - rss_before
-    print(f"100 MB invalid upload: server read {read} body bytes, client sent {sent}, "
-          f"server RSS grew {grown} bytes")
+    print(f"100 MB invalid upload: the server's socket gave it {received} bytes "
+          f"({read} parsed as body), the client sent {sent} before the connection was cut "
+          f"({cut}), server RSS grew {grown} bytes")
+    assert received <= len(head) + 1 * MiB, f"the server read {received} bytes from the socket"
+    assert read <= 1 * MiB
+    assert sent < total
     assert grown <= 10 * MiB, f"server RSS grew by {grown} bytes"
 
 
@@ -404,6 +433,26 @@ def test_malformed_multipart_boundary(server):
     body = b'--other\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--other--\r\n'
     resp = request(server[0], post(ECHO, body, "multipart/form-data; boundary=mine"))
     assert error_of(resp) == (400, "bad_multipart")
+
+
+def test_limit_part_header_size(server):
+    """
+    A multipart part whose header block is larger than
+    ``max_part_header_bytes`` (1024 here) is a malformed body; one just
+    under it is read.
+    """
+    def body(pad: int) -> bytes:
+        return (b'--bnd\r\nContent-Disposition: form-data; name="a"\r\nX-Pad: ' + b"p" * pad
+                + b'\r\n\r\n1\r\n--bnd--\r\n')
+
+    ctype = "multipart/form-data; boundary=bnd"
+    assert error_of(request(server[0], post(ECHO, body(1100), ctype))) == (400, "bad_multipart")
+    status, _, out, _ = request(server[0], post(ECHO, body(900), ctype))
+    assert status == 200 and json.loads(out)["form"] == {"a": ["1"]}
+
+
+def test_malformed_request_line(server):
+    assert error_of(request(server[0], b"NOT-HTTP\r\n\r\n")) == (400, "bad_request")
 
 
 def test_malformed_chunked_encoding(server):

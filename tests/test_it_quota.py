@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import HTTPConnectionPool
 
 from pipecomet import App, Config, Pipe
-from .support import twistd_server
+from .support import TwistdProcess
 
 GATES: dict[str, threading.Event] = {}
 
@@ -236,35 +236,65 @@ def test_async_mode_runs_thread_pipes_as_one_job_then_returns_to_the_reactor() -
 @pytest_twisted.inlineCallbacks
 def test_demo_flood_of_slow_calls_gets_503_while_fast_answers() -> Any:
     """
-    The demo gateway under ``twistd -n pipecomet`` (demo.toml: ``slow`` limit
-    4, queue 8): 120 concurrent slow calls, and fast calls beside them.
+    The demo gateway under ``twistd -n pipecomet`` (demo.toml: ``slow``
+    limit 4, queue 8; ``fast`` reserve 4): 120 concurrent slow calls fill
+    ``slow``'s threads and queue, the rest get 503 at once, and fast calls
+    are served from their own threads while every slow thread is still
+    held — shown by the server's figures, not by timing.
     """
     pool = HTTPConnectionPool(reactor, persistent=False)
-    with twistd_server() as (port, proc):
-        base = f"http://127.0.0.1:{port}"
-        try:
-            slow = [treq.get(f"{base}/api/slow.get?app_key=demo-key&ms=1000", pool=pool) for _ in range(120)]
-            fast = []
-            for _ in range(5):
-                fast.append((yield treq.get(f"{base}/api/fast.get?app_key=demo-key", pool=pool)))
-            responses = yield defer.gatherResults(slow)
-            codes = [r.code for r in responses]
-            bodies = yield defer.gatherResults([r.json() for r in responses])
-            assert set(codes) <= {200, 503}
-            rejected = [b for c, b in zip(codes, bodies) if c == 503]
-            assert rejected, "a flood of 120 calls over limit 4 + queue 8 got no 503"
-            assert {b["error"]["code"] for b in rejected} <= {"queue_full", "queue_timeout"}
-            assert all(r.headers.hasHeader("retry-after") for r in responses if r.code == 503)
-            assert codes.count(200) >= 12  # 4 running + 8 queued made it
-            for r in fast:
-                assert r.code == 200
-                body = yield r.json()
-                assert body["category"] == "fast"
-            r = yield treq.get(f"{base}/_pipecomet/status", pool=pool)
-            status = json.loads((yield r.content()))
-            slow_figures = status["quota"]["categories"]["slow"]
-            assert slow_figures["rejected"] == codes.count(503) - slow_figures["queue_timeouts"]
-            assert slow_figures["completed"] == codes.count(200)
-            assert status["quota"]["categories"]["fast"]["completed"] == 5
-        finally:
-            yield pool.closeCachedConnections()
+    server = yield TwistdProcess().start()
+    base = f"http://127.0.0.1:{server.port}"
+
+    @defer.inlineCallbacks
+    def status() -> Any:
+        r = yield treq.get(f"{base}/_pipecomet/status", pool=pool).addTimeout(30, reactor)
+        return (yield r.json())["quota"]["categories"]
+
+    slow: list[defer.Deferred] = []
+    try:
+        # ms=10000 (the most the demo allows): no slow call ends while the
+        # test looks, so "all slow threads held" is a state, not a race.
+        answered: list[Any] = []
+
+        def arrived(r: Any) -> Any:
+            answered.append(r)
+            return r
+
+        slow = [treq.get(f"{base}/api/slow.get?app_key=demo-key&ms=10000", pool=pool).addCallback(arrived)
+                for _ in range(120)]
+        figures = None
+        for _ in range(1500):
+            figures = (yield status())["slow"]
+            if figures["submitted"] == 120:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        assert figures["submitted"] == 120, figures
+        limit, queue = figures["limit"], figures["queue_limit"]
+        assert (figures["running"], figures["queued"], figures["rejected"]) == \
+            (limit, queue, 120 - limit - queue), figures
+        for _ in range(1500):
+            if len(answered) >= 120 - limit - queue:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        assert len(answered) == 120 - limit - queue
+        for r in list(answered):
+            assert r.code == 503 and r.headers.hasHeader("retry-after")
+            assert (yield r.json())["error"]["code"] == "queue_full"
+        fast = yield defer.gatherResults(
+            [treq.get(f"{base}/api/fast.get?app_key=demo-key", pool=pool).addTimeout(30, reactor)
+             for _ in range(8)])
+        for r in fast:
+            assert r.code == 200, (yield r.text())
+            assert (yield r.json())["category"] == "fast"
+        after = yield status()
+        # Every slow thread is still held and no slow call has ended: the
+        # fast calls did not wait for one.
+        assert (after["slow"]["threads"], after["slow"]["completed"]) == (limit, 0), after["slow"]
+        assert after["slow"]["zombies_returned"] == 0
+        f = after["fast"]
+        assert (f["started"], f["completed"], f["queue_timeouts"], f["rejected"]) == (8, 8, 0, 0), f
+    finally:
+        yield server.stop()
+        yield defer.DeferredList(slow, consumeErrors=True)
+        yield pool.closeCachedConnections()

@@ -6,12 +6,13 @@ clock (no reactor, no sockets).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from urllib.parse import parse_qsl, urlencode
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -30,6 +31,7 @@ from pipecomet._lazy import (
     parse_content_type,
 )
 from pipecomet._lazy._http import Phase
+from tests.conftest import examples
 
 FORM = b"application/x-www-form-urlencoded"
 
@@ -180,7 +182,7 @@ _values = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)
 
 
 class FormParserTests(SynchronousTestCase):
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"))
     @given(pairs=st.lists(st.tuples(_names, _values), max_size=12),
            cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8))
     def test_split_equals_whole(self, pairs, cuts):
@@ -254,7 +256,7 @@ _parts = st.lists(
 
 
 class MultipartParserTests(SynchronousTestCase):
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"))
     @given(parts=_parts, boundary=_boundaries,
            cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=10))
     def test_split_equals_whole(self, parts, boundary, cuts):
@@ -344,11 +346,128 @@ class LazyBodyTests(SynchronousTestCase):
                          "bad_percent_encoding")
 
     def test_cancelled_waiter_is_forgotten(self):
+        """
+        A cancelled waiter (a field, the whole body, the first field) is
+        dropped by the body at once: nothing keeps it alive, and the field
+        arriving later neither fires it again nor fails.
+        """
+        import gc
+        import weakref
+
         body = LazyBody(LimitsConfig(), FORM)
-        d = body.param("a")
-        d.cancel()
-        self.failureResultOf(d)
-        body.feed(b"a=1&")  # must not fire the cancelled Deferred again
+        waiters = [body.param("a"), body.param("a", "dflt"), body.form(), body.body(),
+                   body.first_field()]
+        kept = body.param("b")
+        refs = []
+        for d in waiters:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            refs.append(weakref.ref(d))
+        del waiters, d
+        gc.collect()
+        self.assertEqual([r() for r in refs], [None] * len(refs),
+                         "the body still holds a cancelled waiter")
+        body.feed(b"a=1&b=2&")
+        self.assertEqual(self.successResultOf(kept), "2")
+        body.finish()
+        self.assertEqual(self.successResultOf(body.param("a")), "1")
+
+    def test_asked_after_the_end(self):
+        """
+        Asked once the body is complete: present fields and files at once,
+        missing ones a 400 naming the parameter, defaults as given.
+        """
+        raw = multipart_body([("field", "k", "v"), ("file", "f", "one.txt", "text/plain", b"1"),
+                              ("file", "f", "two.txt", "text/plain", b"22")], "bnd")
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=bnd")
+        waiting_for_absent_file = body.file("nope")
+        body.feed(raw[:10])
+        body.feed(raw[10:])
+        body.finish()
+        self.assertEqual(body.received, len(raw))
+        self.assertEqual(body.raw.read(), raw)  # rewound for whoever reads it next
+        self.assertEqual(self.successResultOf(body.param("k")), "v")
+        self.assertEqual(self.successResultOf(body.param("absent", "dflt")), "dflt")
+        self.assertIsNone(self.successResultOf(body.param("absent", None)))
+        for d in (body.param("absent"), body.file("absent"), waiting_for_absent_file):
+            err = self.failureResultOf(d, BadRequest).value
+            name = "nope" if d is waiting_for_absent_file else "absent"
+            self.assertEqual((err.code, err.details), ("missing_parameter", {"param": name}))
+            self.assertIn(repr(name), err.message)
+        first = self.successResultOf(body.file("f"))
+        self.assertEqual((first.filename, first.complete), ("one.txt", True))
+        self.assertEqual(first.file.read(), b"1")  # spooled and rewound
+        self.assertEqual(first.read(), b"1")
+        self.assertEqual(first.read(), b"1")
+        files = self.successResultOf(body.files())
+        self.assertEqual([u.filename for u in files["f"]], ["one.txt", "two.txt"])
+        self.assertEqual(files["f"][1].describe(), {
+            "name": "f", "filename": "two.txt", "content_type": "text/plain", "size": 2,
+            "sha256": hashlib.sha256(b"22").hexdigest()})
+        self.assertEqual(self.successResultOf(body.first_field()), "k")
+        self.assertIsNone(self.successResultOf(body.json()))
+        self.assertEqual(self.successResultOf(body.body()), raw)
+        body.close()
+        self.assertTrue(first.file.closed)
+
+    def test_first_field_of_a_form_while_receiving(self):
+        body = LazyBody(LimitsConfig(), FORM)
+        body.feed(b"a=1&b=")
+        self.assertEqual(self.successResultOf(body.first_field()), "a")
+        body.feed(b"2&")
+        self.assertEqual(self.successResultOf(body.first_field()), "a")
+
+    def test_a_failed_body_fails_waiters_and_later_questions_alike(self):
+        """
+        The error a malformed body raises reaches everything waiting on it
+        and everything asked later, as the same error object.
+        """
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")
+        waiting = [body.param("a"), body.form(), body.body(), body.first_field(), body.file("f")]
+        with self.assertRaises(BadRequest) as cm:
+            body.feed(b"this is not multipart\r\n--x\r\n\r\n" * 4)
+            body.finish()
+        error = cm.exception
+        self.assertIs(body.error, error)
+        later = [body.param("a"), body.form(), body.first_field(), body.file("f")]
+        for d in waiting + later:
+            self.assertIs(self.failureResultOf(d, BadRequest).value, error)
+
+    def test_cancelling_one_waiter_keeps_the_others(self):
+        body = LazyBody(LimitsConfig(), FORM)
+        gone, kept = body.param("a"), body.param("a")
+        gone_end, kept_end = body.form(), body.form()
+        gone.cancel()
+        gone_end.cancel()
+        self.failureResultOf(gone, CancelledError)
+        self.failureResultOf(gone_end, CancelledError)
+        body.feed(b"a=1&")
+        self.assertEqual(self.successResultOf(kept), "1")
+        body.finish()
+        self.assertEqual(self.successResultOf(kept_end), {"a": ["1"]})
+
+    def test_a_body_cut_short_fails_at_finish(self):
+        """
+        A multipart body that ends without its closing boundary: finish()
+        raises, and the waiters get that same error.
+        """
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")
+        waiting = body.param("x")
+        body.feed(b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\n1')
+        with self.assertRaises(BadRequest) as cm:
+            body.finish()
+        self.assertEqual(cm.exception.code, "bad_multipart")
+        self.assertIs(body.error, cm.exception)
+        self.assertIs(self.failureResultOf(waiting, BadRequest).value, cm.exception)
+        self.assertIs(self.failureResultOf(body.form(), BadRequest).value, cm.exception)
+
+    def test_streamed_file_has_nothing_to_read(self):
+        raw = multipart_body([("file", "f", "a", "text/plain", b"data")], "b")
+        body = LazyBody(LimitsConfig(), b"multipart/form-data; boundary=b")
+        d = body.stream_file("f", lambda chunk: None)
+        body.feed(raw)
+        up = self.successResultOf(d)
+        self.assertEqual((up.read(), up.size, up.complete), (b"", 4, True))
 
     def test_file_spooled_above_threshold(self):
         limits = LimitsConfig(file_memory_bytes=1024)
@@ -430,7 +549,7 @@ _json_values = st.recursive(
 
 
 class JSONParserTests(SynchronousTestCase):
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"))
     @given(doc=st.dictionaries(st.text(max_size=10), _json_values, max_size=8),
            indent=st.sampled_from([None, 0, 2]), ascii=st.booleans(),
            cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=10))

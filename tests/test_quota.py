@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
@@ -27,6 +27,7 @@ from pipecomet._quota import (
     SynchronousThreadPool,
 )
 from pipecomet.testing import MemoryClient, make_clock
+from tests.conftest import examples
 
 
 def make_pool(size: int, immediate: bool = False, **categories: dict[str, Any]) -> tuple[QuotaPool, SynchronousThreadPool, Any]:
@@ -203,6 +204,35 @@ class AdmissionTests(SynchronousTestCase):
         self.assertEqual(len(out.by_key[0]), 1)  # the late result is not delivered again
         s = pool.category_status("a")
         self.assertEqual((s["zombies"], s["zombies_returned"], s["execution_timeouts"]), (0, 1, 1))
+
+    def test_timeout_errors_name_the_category(self) -> None:
+        """
+        Queue and execution timeouts: 503 / 504 naming the category and the
+        limit, each timed-out running job a zombie of its own.
+        """
+        pool, tp, clock = make_pool(2, a={"limit": 2, "timeout": 1.5, "queue_timeout": 0.5,
+                                          "retry_after": 4})
+        out = Outcomes()
+        for i in range(3):
+            out.watch(i, pool.run("a", lambda i=i: i))
+        clock.advance(0.5)
+        err = error_of(out.one(2))
+        self.assertIsInstance(err, QueueTimeout)
+        self.assertEqual((err.status, err.details, err.headers["Retry-After"]),
+                         (503, {"category": "a"}, "4"))
+        self.assertEqual(err.message, "category 'a': no thread within 0.5s")
+        clock.advance(1.0)
+        for i in (0, 1):
+            err = error_of(out.one(i))
+            self.assertIsInstance(err, ExecutionTimeout)
+            self.assertEqual((err.status, err.details), (504, {"category": "a"}))
+            self.assertEqual(err.message, "category 'a': the job ran longer than 1.5s")
+        s = pool.category_status("a")
+        self.assertEqual((s["zombies"], s["threads"], s["execution_timeouts"],
+                          s["queue_timeouts"]), (2, 2, 2, 1))
+        tp.finish_all()
+        s = pool.category_status("a")
+        self.assertEqual((s["zombies"], s["zombies_returned"]), (0, 2))
 
     def test_zombie_then_waiting_job_starts(self) -> None:
         pool, tp, clock = make_pool(1, a={"timeout": 1.0, "queue_timeout": 100.0})
@@ -381,6 +411,41 @@ class AdmissionTests(SynchronousTestCase):
         pool.stopService().addCallback(done.append)
         clock.advance(pool.config.stop_timeout)
         self.assertEqual(done, [None])
+
+
+class DemoIsolationTests(SynchronousTestCase):
+    def test_slow_flood_never_queues_fast_calls(self) -> None:
+        """
+        The demo's own ``[quota]`` (demo.toml): 120 slow calls that never
+        return hold ``slow``'s limit of threads and fill its queue, and fast
+        calls still start at once, up to ``fast``'s limit, without one of
+        them waiting in a queue.
+        """
+        from pipecomet import load_config
+        from pipecomet.demo import DEMO_CONFIG
+
+        config = load_config(DEMO_CONFIG).quota
+        tp = SynchronousThreadPool()
+        pool = QuotaPool(config, make_clock(), tp)
+        pool.startService()
+        slow = [pool.run("slow", lambda: None) for _ in range(120)]
+        figures = pool.category_status("slow")
+        limit, queue = figures["limit"], figures["queue_limit"]
+        self.assertEqual((figures["running"], figures["queued"], figures["rejected"]),
+                         (limit, queue, 120 - limit - queue))
+        for d in slow[limit + queue:]:
+            self.failureResultOf(d, QueueFull)
+        fast_limit = pool.category_status("fast")["limit"]
+        fast = [pool.run("fast", lambda: None) for _ in range(fast_limit)]
+        figures = pool.category_status("fast")
+        self.assertEqual((figures["running"], figures["queued"], figures["started"]),
+                         (fast_limit, 0, fast_limit))
+        self.assertEqual(figures["queue_wait"]["count"], fast_limit)
+        self.assertEqual(figures["queue_wait"]["max"], 0)
+        self.assertEqual(len(tp.running), limit + fast_limit)
+        tp.finish_all()
+        for d in fast + slow[: limit + queue]:
+            self.successResultOf(d)
 
 
 class ChainTests(SynchronousTestCase):
@@ -644,7 +709,7 @@ class Model:
 
 
 class ModelTests(SynchronousTestCase):
-    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("quota"))
     @given(config=pool_configs(), ops=operations)
     def test_rules_hold_for_any_sequence(self, config: QuotaConfig, ops: list[tuple[Any, ...]]) -> None:
         model = Model(config)

@@ -23,6 +23,7 @@ from pipecomet._workers import (
     WorkerTimeout,
 )
 from pipecomet._workers._codec import decode, encode
+from pipecomet._workers._exits import EXIT_OUT_OF_MEMORY
 from pipecomet._workers._pool import WorkerState
 from pipecomet._workers._ring import (
     KIND_ERROR, KIND_HELLO, KIND_RESULT, KIND_STOP, OFF_BASELINE_RSS,
@@ -206,7 +207,9 @@ class PoolTests(SynchronousTestCase):
         self.assertIn("SIGKILL", err.message)
         self.assertNoResult(spared)
         self.assertEqual(len(self.reactor.spawned), 1)  # backoff first
-        self.reactor.advance(0.5)
+        self.reactor.advance(0.49)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.reactor.advance(0.01)
         self.assertEqual(len(self.reactor.spawned), 2)
         # A second crash in a row waits twice as long; the third opens the breaker.
         self.worker(1).dies(ProcessTerminated(exitCode=1))
@@ -217,6 +220,157 @@ class PoolTests(SynchronousTestCase):
         self.worker(2).dies(ProcessTerminated(exitCode=1))
         self.assertEqual(pool.status()["workers"][0]["state"], "broken")
         self.assertEqual(self.failureResultOf(spared).value.code, "workers_down")
+
+    def test_breaker_tries_again_after_the_cooldown(self) -> None:
+        """
+        An open breaker leaves the slot down for ``crash_loop_cooldown``
+        seconds exactly, then starts a worker again, which serves calls.
+        """
+        pool = self.pool(size=1, crash_loop_crashes=2, crash_loop_window=60.0,
+                         crash_loop_cooldown=40.0, restart_backoff=0.5)
+        self.worker(0).hello()
+        self.worker(0).dies(ProcessTerminated(exitCode=1))
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.worker(1).dies(ProcessTerminated(exitCode=1))
+        self.assertEqual(pool.status()["workers"][0]["state"], "broken")
+        self.assertEqual(self.failureResultOf(pool.call("echo", 0)).value.code, "workers_down")
+        self.reactor.advance(39.9)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(pool.status()["workers"][0]["state"], "broken")
+        self.reactor.advance(0.1)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        fresh = self.worker(2)
+        fresh.hello()
+        self.assertEqual(pool.status()["workers"][0]["state"], "ready")
+        d = pool.call("echo", "back")
+        [(call_id, _, value)] = fresh.calls()
+        fresh.send(KIND_RESULT, call_id, value)
+        self.assertEqual(self.successResultOf(d), "back")
+
+    def test_books_after_each_way_a_call_ends(self) -> None:
+        """
+        The pool's and the slot's figures after a result, a memory-limit
+        exit, a crash by signal and a timeout kill: each counted under its
+        own kind, the calls not yet started moved to the new worker.
+        """
+        pool = self.pool(size=1, max_in_flight=4, crash_loop_crashes=10)
+        w = self.worker(0)
+        w.hello()
+        for n in range(2):
+            d = pool.call("echo", "ok")
+            [(call_id, _, _)] = w.calls()
+            self.assertEqual(pool.status()["workers"][0]["state"], "busy")
+            w.send(KIND_RESULT, call_id, "ok")
+            self.successResultOf(d)
+        s = pool.status()
+        self.assertEqual((s["completed"], s["in_flight"], s["failed"]), (2, 0, {}))
+        self.assertEqual((s["workers"][0]["completed"], s["workers"][0]["calls_this_process"],
+                          s["workers"][0]["state"]), (2, 2, "ready"))
+        # Memory: the running call fails as "memory", the one behind it moves on.
+        running, behind = pool.call("slow", 1), pool.call("echo", 2)
+        calls = w.calls()
+        w.running(calls[0][0])
+        w.dies(ProcessTerminated(exitCode=EXIT_OUT_OF_MEMORY))
+        err = self.failureResultOf(running, WorkerCrashed).value
+        self.assertIn("memory limit", err.message)
+        self.assertIn("'slow'", err.message)
+        self.assertNoResult(behind)
+        s = pool.status()
+        self.assertEqual((s["failed"], s["workers"][0]["failed"]), ({"memory": 1}, {"memory": 1}))
+        self.assertEqual((s["restarts"], s["queued"], s["workers"][0]["state"]), (1, 1, "restarting"))
+        self.assertIn("memory limit", s["workers"][0]["last_cause"])
+        self.assertFalse(os.path.exists(w.shm.path))
+        self.reactor.advance(0.5)
+        w = self.worker(1)
+        w.hello()
+        [(call_id, name, value)] = w.calls()
+        self.assertEqual((name, value), ("echo", 2))
+        w.send(KIND_RESULT, call_id, 2)
+        self.assertEqual(self.successResultOf(behind), 2)
+        self.assertEqual(pool.status()["workers"][0]["completed"], 3)
+        # A signal: "crash".  A result came between: the backoff starts over.
+        running = pool.call("slow", 3)
+        w.running(w.calls()[0][0])
+        w.dies(ProcessTerminated(signal=11))
+        self.assertIn("SIGSEGV", self.failureResultOf(running, WorkerCrashed).value.message)
+        self.assertEqual(pool.status()["failed"], {"memory": 1, "crash": 1})
+        self.reactor.advance(0.5)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        w = self.worker(2)
+        w.hello()
+        # A timeout: the call is failed as "timeout" and its worker's death is no crash.
+        stuck = pool.call("slow", 4, timeout=2.0)
+        w.running(w.calls()[0][0])
+        self.reactor.advance(2.0)
+        self.failureResultOf(stuck, WorkerTimeout)
+        w.dies(ProcessTerminated(signal=9))
+        s = pool.status()
+        self.assertEqual(s["failed"], {"memory": 1, "crash": 1, "timeout": 1})
+        self.assertEqual((s["restarts"], len(self.reactor.spawned)), (3, 4))  # replaced at once
+        self.assertIn("timed out", s["workers"][0]["last_cause"])
+
+    def test_queue_deadline_per_call(self) -> None:
+        """
+        Each queued call gets its own ``queue_timeout``, counted from when
+        it was made; a cancelled one leaves the queue at once.
+        """
+        pool = self.pool(size=1, max_in_flight=1, queue=10, queue_timeout=5.0)
+        w = self.worker(0)
+        w.hello()
+        running = pool.call("slow", 0)
+        first = pool.call("echo", 1)
+        self.reactor.advance(0.5)
+        second, third = pool.call("echo", 2), pool.call("echo", 3)
+        self.assertEqual(pool.status()["queued"], 3)
+        third.cancel()
+        self.failureResultOf(third, CancelledError)
+        self.assertEqual(pool.status()["queued"], 2)
+        self.reactor.advance(4.4)
+        self.assertNoResult(first)
+        self.reactor.advance(0.1)
+        err = self.failureResultOf(first).value
+        self.assertEqual((err.code, err.message), ("queue_timeout", "no worker was free within 5s"))
+        self.assertEqual(pool.status()["queued"], 1)
+        self.reactor.advance(0.4)
+        self.assertNoResult(second)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.failureResultOf(second).value.code, "queue_timeout")
+        s = pool.status()
+        self.assertEqual((s["queued"], s["failed"]), (0, {"queue_timeout": 2, "cancelled": 1}))
+        [(call_id, _, _)] = w.calls()
+        w.send(KIND_RESULT, call_id, 0)
+        self.assertEqual(self.successResultOf(running), 0)
+
+    def test_stop_fails_what_is_left_at_the_deadline(self) -> None:
+        """
+        Stopping: queued calls are turned away at once; at
+        ``shutdown_timeout`` the worker is killed and the calls it still
+        had (running or only sent) fail with ``pool_closing``.
+        """
+        pool = self.pool(size=1, max_in_flight=2, shutdown_timeout=3.0)
+        w = self.worker(0)
+        w.hello()
+        running, sent, queued = pool.call("slow", 1), pool.call("echo", 2), pool.call("echo", 3)
+        calls = w.calls()
+        self.assertEqual(len(calls), 2)
+        w.running(calls[0][0])
+        stopped = pool.stopService()
+        err = self.failureResultOf(queued, WorkersUnavailable).value
+        self.assertEqual(err.code, "pool_closing")
+        self.reactor.advance(2.9)
+        self.assertNoResult(running)
+        self.assertEqual(w.transport.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(w.transport.signals, ["KILL"])
+        w.dies(ProcessTerminated(signal=9))
+        for d in (running, sent):
+            err = self.failureResultOf(d, WorkersUnavailable).value
+            self.assertEqual((err.code, err.message),
+                             ("pool_closing", "the worker pool stopped before the call finished"))
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(sum(pool.status()["failed"].values()), 3)
+        self.assertEqual(os.listdir(self.dir), [])
 
     def test_stale_replies_and_cancelled_calls_are_dropped(self) -> None:
         pool = self.pool(size=1)

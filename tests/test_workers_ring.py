@@ -12,7 +12,7 @@ import pickle
 import random
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,6 +25,7 @@ from pipecomet._workers._ring import (
     RingProducer,
 )
 from pipecomet._workers._shm import SharedFile, shm_name, sweep_stale
+from tests.conftest import examples
 
 
 def _pair(capacity: int) -> tuple[RingProducer, RingConsumer, Any]:
@@ -93,7 +94,7 @@ def _chunks(data: bytes, seed: int) -> list[Any]:
 
 
 class RingRoundTripTests(SynchronousTestCase):
-    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=examples("parser"))
     @given(
         capacity=st.integers(min_value=64, max_value=512).map(lambda k: k * 64),
         data=st.data(),

@@ -162,7 +162,7 @@ class LazyBody:
                 if default is not ...:
                     d.callback(default)
                 else:
-                    d.errback(_missing(name))
+                    d.errback(_missing(name.removeprefix("\0file:")))
         ends, self._end_waiters = self._end_waiters, []
         for d, get in ends:
             if not d.called:
