@@ -22,6 +22,7 @@ __all__ = [
     "IDiscovery",
     "StaticDiscovery",
     "parse_address",
+    "WatchedEndpoints",
     "make_discovery",
 ]
 
@@ -153,8 +154,30 @@ class IDiscovery(Interface):
         """
 
 
+class WatchedEndpoints:
+    """
+    :meth:`IDiscovery.current` and :meth:`IDiscovery.watch` for a provider
+    that keeps its list in ``_endpoints`` and its callbacks in ``_watchers``.
+    """
+
+    _endpoints: tuple[Endpoint, ...]
+    _watchers: list[Callable[[tuple[Endpoint, ...]], None]]
+
+    def current(self) -> tuple[Endpoint, ...]:
+        return self._endpoints
+
+    def watch(self, callback: Callable[[tuple[Endpoint, ...]], None]) -> Callable[[], None]:
+        self._watchers.append(callback)
+
+        def unwatch() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return unwatch
+
+
 @implementer(IDiscovery)
-class StaticDiscovery:
+class StaticDiscovery(WatchedEndpoints):
     """
     A fixed list of endpoints; :meth:`set` replaces it (used by tests and by
     apps that find endpoints their own way).
@@ -170,9 +193,6 @@ class StaticDiscovery:
     def stop(self) -> Deferred:
         return succeed(None)
 
-    def current(self) -> tuple[Endpoint, ...]:
-        return self._endpoints
-
     def set(self, endpoints: list[Endpoint] | tuple[Endpoint, ...]) -> None:
         endpoints = tuple(endpoints)
         if endpoints == self._endpoints:
@@ -180,15 +200,6 @@ class StaticDiscovery:
         self._endpoints = endpoints
         for callback in list(self._watchers):
             callback(endpoints)
-
-    def watch(self, callback: Callable[[tuple[Endpoint, ...]], None]) -> Callable[[], None]:
-        self._watchers.append(callback)
-
-        def unwatch() -> None:
-            if callback in self._watchers:
-                self._watchers.remove(callback)
-
-        return unwatch
 
     def status(self) -> dict:
         return {"kind": "static", "connected": True, "stale": False,

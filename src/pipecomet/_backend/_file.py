@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ._discovery import Endpoint, IDiscovery, parse_address
+from ._discovery import Endpoint, IDiscovery, WatchedEndpoints, parse_address
 
 __all__ = ["FileDiscovery", "parse_endpoints_file", "DEFAULT_MAX_SIZE"]
 
@@ -107,7 +107,7 @@ def _same(a: tuple[Endpoint, ...], b: tuple[Endpoint, ...]) -> bool:
 
 
 @implementer(IDiscovery)
-class FileDiscovery:
+class FileDiscovery(WatchedEndpoints):
     """
     Endpoints from a JSON or TOML file, re-read when it changes.
 
@@ -158,18 +158,6 @@ class FileDiscovery:
             self._loop.stop()
         self._loop = None
         return succeed(None)
-
-    def current(self) -> tuple[Endpoint, ...]:
-        return self._endpoints
-
-    def watch(self, callback: Callable[[tuple[Endpoint, ...]], None]) -> Callable[[], None]:
-        self._watchers.append(callback)
-
-        def unwatch() -> None:
-            if callback in self._watchers:
-                self._watchers.remove(callback)
-
-        return unwatch
 
     def status(self) -> dict:
         """

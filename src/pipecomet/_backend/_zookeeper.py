@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._discovery import Endpoint, IDiscovery
+from ._discovery import Endpoint, IDiscovery, WatchedEndpoints
 
 __all__ = [
     "ZooKeeperDiscovery",
@@ -246,7 +246,7 @@ _LINK_MOVES: dict[Link, frozenset[Link]] = {
 
 
 @implementer(IDiscovery)
-class ZooKeeperDiscovery:
+class ZooKeeperDiscovery(WatchedEndpoints):
     """
     The instances of one service under ``<base_path>/<service>``, kept
     current with a children watch on the service node and a data watch on
@@ -349,18 +349,6 @@ class ZooKeeperDiscovery:
         # A stop racing the start's thread could leave kazoo's threads running.
         yield self._starting
         yield stop_client(self._reactor, client)
-
-    def current(self) -> tuple[Endpoint, ...]:
-        return self._endpoints
-
-    def watch(self, callback: Callable[[tuple[Endpoint, ...]], None]) -> Callable[[], None]:
-        self._watchers.append(callback)
-
-        def unwatch() -> None:
-            if callback in self._watchers:
-                self._watchers.remove(callback)
-
-        return unwatch
 
     @property
     def link(self) -> Link:
