@@ -169,6 +169,16 @@ def collect(src: Path = SRC) -> dict[str, Code]:
                 for k, v in zip(node.keys, node.values):
                     if _str(k) in ("code", "error") and _str(v):
                         add(_str(v), module)  # type: ignore[arg-type]
+            elif (isinstance(node, (ast.Assign, ast.AnnAssign))
+                    and isinstance(target := (node.targets[0] if isinstance(node, ast.Assign)
+                                              else node.target), ast.Name)
+                    and target.id.endswith("_ERRORS")
+                    and isinstance(node.value, ast.Tuple)):
+                # A table of (what the parser says, code, message): the HTTP
+                # protocol's 400s for llhttp's parse errors.
+                for row in node.value.elts:
+                    if isinstance(row, ast.Tuple) and len(row.elts) == 3 and _str(row.elts[1]):
+                        add(_str(row.elts[1]), module, "BadRequest", 400)  # type: ignore[arg-type]
     return found
 
 

@@ -356,7 +356,7 @@ class CometTransportTests(SynchronousTestCase):
         for transport in ("sse", "ndjson", "longpoll"):
             app, c = make({"history_count": 3})
             hub = hub_of(app)
-            ids = [hub.publish("news", n).id for n in range(1, 6)]  # offsets 1..5; 3..5 kept
+            ids = [self.successResultOf(hub.publish("news", n)).id for n in range(1, 6)]  # offsets 1..5; 3..5 kept
             headers = {"last-event-id": ids[0]}
             if transport == "ndjson":
                 headers["accept"] = "application/x-ndjson"
@@ -708,7 +708,7 @@ class HistoryTests(SynchronousTestCase):
     def test_resume_figures_and_control_events(self) -> None:
         app, c = make({"history_count": 2})
         hub = hub_of(app)
-        ids = [hub.publish("news", n).id for n in range(1, 6)]  # 4, 5 kept
+        ids = [self.successResultOf(hub.publish("news", n)).id for n in range(1, 6)]  # 4, 5 kept
         epoch = hub.topics["news"].epoch
         ok = c.get("/sub/news?transport=longpoll", headers={"last-event-id": ids[3]})
         self.assertEqual(ok.json()["messages"][0]["data"], 5)

@@ -452,7 +452,19 @@ def test_limit_part_header_size(server):
 
 
 def test_malformed_request_line(server):
-    assert error_of(request(server[0], b"NOT-HTTP\r\n\r\n")) == (400, "bad_request")
+    # llhttp reads "NOT-HTTP" as a method it does not know
+    assert error_of(request(server[0], b"NOT-HTTP\r\n\r\n")) == (400, "bad_method")
+
+
+def test_malformed_request_target(server):
+    assert error_of(request(server[0], b"GET /\x01x HTTP/1.1\r\nHost: x\r\n\r\n")) == \
+        (400, "bad_target")
+
+
+def test_request_line_llhttp_cannot_read(server):
+    # a space inside the target: the line cannot be split into its three parts
+    assert error_of(request(server[0], b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n")) == \
+        (400, "bad_request")
 
 
 def test_malformed_chunked_encoding(server):
