@@ -61,7 +61,7 @@ class Options(usage.Options):
             self["app_object"] = build_app(self)
             self["processes_count"] = _processes(self, self["app_object"])
         except ConfigError as e:
-            # Not a UsageError: older twistd (24.7 among them) printed those and exited 0,
+            # Not a UsageError: some twistd releases (24.7 among them) printed those and exited 0,
             # and a bad configuration must fail the start on every version.
             sys.stderr.write(f"pipecomet: configuration error: {e}\n")
             raise SystemExit(1) from None
