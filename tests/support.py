@@ -84,15 +84,7 @@ def twistd_server(args: Sequence[str] = (), env: dict[str, str] | None = None,
         drain_output(proc)
         yield port, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
+        stop_process(proc)
 
 
 #: What a process started with ``clean_env`` keeps of this one's

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -26,7 +25,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.support import ROOT, TWISTD, free_port, wait_for_port
+from tests.support import ROOT, TWISTD, free_port, stop_process, wait_for_port
 
 PATHS = ["pipecomet", "twisted"]
 TIMEOUT = 15.0
@@ -107,15 +106,7 @@ def _server(tmp: Path, protocol: str, tls: bool | str) -> Iterator[Any]:
             wait_for_port(port, proc)
             yield port
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")
