@@ -12,7 +12,7 @@ PORT ?= tcp:8080
 LOWEST_PYTEST_ARGS ?= tests --ignore=tests/test_it_packaging.py --ignore=tests/test_it_browser.py
 
 .PHONY: run test test-pytest test-trial test-lowest install bench bench-http bench-quota bench-comet bench-scale \
-        bench-workers bench-seed000 bench-lazy bench-gateway bench-accesslog perf-doc clean mutation
+        bench-workers bench-seed000 bench-lazy bench-gateway bench-accesslog perf-doc clean mutation typecheck
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ test: $(STAMP)
 	scripts/apt-ensure $(TEST_APT)
 	$(MAKE) --no-print-directory $(NODE_DEPS)
 	$(MAKE) --no-print-directory test-pytest test-trial test-lowest
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
 
 test-pytest: $(STAMP)
 	$(VENV)/bin/pytest -q tests
