@@ -94,11 +94,11 @@ def serve_pipecomet(port: int, backend: int) -> None:
     app.route("/fast", [Pipe(forward, name="forward")])
     app.configure(Config.from_dict({
         "server": {"access_log": "off"},
-        "backends": {"services": {"b": {
+        "backends": {"b": {
             "discovery": {"endpoints": [f"127.0.0.1:{backend}"]},
             "pool": {"max_connections": POOL, "queue": POOL * 2, "queue_timeout": 10.0},
             "timeout": 10.0,
-        }}},
+        }},
     }))
     app.service.startService()
     _serve_site(app.site(), port)

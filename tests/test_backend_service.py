@@ -59,8 +59,8 @@ def gateway(endpoints: tuple[str, ...] = ("127.0.0.1:9001",), **service: Any) ->
 
     app.route("/one", [Pipe(one, name="one")])
     app.route("/u/<id>", [call("users", "GET", "/users/{id}")])
-    app.configure(Config.from_dict({"backends": {"services": {"users": {
-        "discovery": {"endpoints": list(endpoints)}, **service}}}}))
+    app.configure(Config.from_dict({"backends": {"users": {
+        "discovery": {"endpoints": list(endpoints)}, **service}}}))
     return app, MemoryClient(app), Backends(reactor)
 
 
@@ -310,15 +310,29 @@ class CallTests(SynchronousTestCase):
 class ConfigTests(SynchronousTestCase):
     def test_bad_values_name_the_key(self) -> None:
         with self.assertRaises(ConfigError) as e:
-            Config.from_dict({"backends": {"services": {"users": {"pool": {"max_connections": 0}}}}})
-        self.assertIn("backends.services.users.pool", str(e.exception))
+            Config.from_dict({"backends": {"users": {"pool": {"max_connections": 0}}}})
+        self.assertIn("backends.users.pool", str(e.exception))
         self.assertIn("max_connections", str(e.exception))
         with self.assertRaises(ConfigError) as e:
-            Config.from_dict({"backends": {"services": {"users": {"discovery": {
-                "endpoints": ["nope"]}}}}})
-        self.assertIn("backends.services.users.discovery", str(e.exception))
+            Config.from_dict({"backends": {"users": {"discovery": {
+                "endpoints": ["nope"]}}}})
+        self.assertIn("backends.users.discovery", str(e.exception))
         with self.assertRaises(ConfigError):
-            Config.from_dict({"backends": {"services": {"users": {"tiemout": 1}}}})
+            Config.from_dict({"backends": {"users": {"tiemout": 1}}})
+
+    def test_services_are_named_tables_of_backends(self) -> None:
+        # [backends.NAME], as docs/backends.md and the demo config write it.
+        config = Config.from_dict({"backends": {
+            "users": {"timeout": 2.0, "pool": {"max_connections": 3}},
+            "orders": {"discovery": {"endpoints": ["127.0.0.1:9002"]}}}})
+        services = config.backends.services
+        self.assertEqual(sorted(services), ["orders", "users"])
+        self.assertEqual(services["users"].timeout, 2.0)
+        self.assertEqual(services["users"].pool.max_connections, 3)
+        self.assertEqual(services["orders"].discovery.endpoints, ["127.0.0.1:9002"])
+        with self.assertRaises(ConfigError) as e:
+            Config.from_dict({"backends": {"users": 3}})
+        self.assertIn("backends.users", str(e.exception))
 
     def test_default_is_no_service(self) -> None:
         self.assertEqual(Config().backends, BackendsConfig())
@@ -340,8 +354,8 @@ class StreamingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         app = App(reactor=self.reactor)
-        app.configure(Config.from_dict({"backends": {"services": {"users": {
-            "discovery": {"endpoints": ["127.0.0.1:9001"]}, "buffer_bytes": 4}}}}))
+        app.configure(Config.from_dict({"backends": {"users": {
+            "discovery": {"endpoints": ["127.0.0.1:9001"]}, "buffer_bytes": 4}}}))
         self.svc = app.runtime.backends.get("users")
         self.backends = Backends(self.reactor)
 

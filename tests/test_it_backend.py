@@ -149,7 +149,8 @@ class Gateway:
     replaced by a StaticDiscovery the test controls) on a real port.
     """
 
-    def __init__(self, endpoints: list[Endpoint], **service: Any) -> None:
+    def __init__(self, endpoints: list[Endpoint], limits: dict[str, Any] | None = None,
+                 **service: Any) -> None:
         # A generous deadline unless the test is about deadlines: the
         # machine may be busy.
         table = {"discovery": {"endpoints": []}, "timeout": 20.0, **service}
@@ -159,7 +160,7 @@ class Gateway:
         self.app.route("/status/<code>", [call("svc", "GET", "/status/{code}")])
         self.app.route("/proxy/<path:rest>", [proxy("svc", strip_prefix="/proxy")],
                        methods=["GET", "POST", "PUT", "DELETE", "HEAD"])
-        self.app.configure(Config.from_dict({"backends": {"services": {"svc": table}}}))
+        self.app.configure(Config.from_dict({"backends": {"svc": table}, "limits": limits or {}}))
         self.service = self.app.runtime.backends.get("svc")
         self.discovery = self.service.discovery
         assert isinstance(self.discovery, StaticDiscovery)
@@ -546,13 +547,136 @@ async def test_proxy_forwards_the_request_and_streams_the_answer() -> None:
         await port.stopListening()
 
 
+class RecordingBackend(Protocol):
+    """
+    A raw backend that records what arrives and answers 200 once a request
+    (head and body) is complete: Content-Length bodies or chunked ones.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.data = b""
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        head, sep, body = self.data.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        lower = head.lower()
+        if b"transfer-encoding: chunked" in lower:
+            complete = body.endswith(b"0\r\n\r\n")
+        else:
+            length = int(lower.split(b"content-length: ")[1].split(b"\r\n")[0])
+            complete = len(body) >= length
+        if complete:
+            answer = b'{"got":%d}' % len(body)
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+
+class RawClient(Protocol):
+    def connectionMade(self) -> None:
+        self.data = b""
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+
+def recording_backend() -> tuple[Any, list[RecordingBackend]]:
+    factory = Factory.forProtocol(RecordingBackend)
+    factory.connections = []  # type: ignore[attr-defined]
+    return listen(factory), factory.connections  # type: ignore[attr-defined]
+
+
+async def raw_client(gw: Gateway) -> RawClient:
+    return await connectProtocol(  # type: ignore[no-any-return]
+        TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port.getHost().port), RawClient())
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_proxy_streams_the_request_body_as_it_arrives(chunked: bool) -> None:
+    port, conns = recording_backend()
+    gw = Gateway([endpoint_of(port)]).start()
+    try:
+        client = await raw_client(gw)
+        first, rest = b"a" * 5000, b"b" * 7000
+        if chunked:
+            client.transport.write(b"POST /proxy/up HTTP/1.1\r\nHost: gw\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n"
+                                   b"%x\r\n%s\r\n" % (len(first), first))
+        else:
+            client.transport.write(b"POST /proxy/up HTTP/1.1\r\nHost: gw\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(first) + len(rest), first))
+        # The first part reaches the backend while the client still holds
+        # the rest: the body is streamed, not read whole first.
+        await until(lambda: conns and first in conns[0].data, "the first part at the backend")
+        head = conns[0].data.split(b"\r\n\r\n")[0].lower()
+        assert (b"transfer-encoding: chunked" in head) is chunked
+        assert (b"content-length: 12000" in head) is not chunked
+        if chunked:
+            client.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        else:
+            client.transport.write(rest)
+        await until(lambda: b"\r\n\r\n" in client.data and client.data.endswith(b"}"),
+                    "the answer at the client")
+        assert client.data.startswith(b"HTTP/1.1 200 ")
+        received = conns[0].data.split(b"\r\n\r\n", 1)[1]
+        if chunked:
+            assert received == (b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                                % (len(first), first, len(rest), rest))
+        else:
+            assert received == first + rest
+        client.transport.loseConnection()
+    finally:
+        await gw.stop()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_streamed_body_over_the_limit_is_413_and_the_backend_call_is_cut() -> None:
+    port, conns = recording_backend()
+    gw = Gateway([endpoint_of(port)], limits={"max_body_bytes": 1000}).start()
+    try:
+        client = await raw_client(gw)
+        client.transport.write(b"POST /proxy/up HTTP/1.1\r\nHost: gw\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n"
+                               b"258\r\n" + b"a" * 600 + b"\r\n")
+        await until(lambda: conns and b"a" * 600 in conns[0].data, "the first chunk at the backend")
+        client.transport.write(b"258\r\n" + b"b" * 600 + b"\r\n")
+        await until(lambda: b"\r\n\r\n" in client.data and client.data.rstrip().endswith(b"}"),
+                    "the 413 at the client")
+        assert client.data.startswith(b"HTTP/1.1 413 "), client.data[:200]
+        error = json.loads(client.data.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "body_too_large"
+        assert set(error) >= {"code", "message", "id"}
+        # The half-sent request never completes at the backend: its
+        # connection is cut, and the call is not counted as in flight.
+        await until(lambda: conns[0].lost, "the backend connection closed")
+        assert b"b" * 600 not in conns[0].data
+        assert not conns[0].data.endswith(b"0\r\n\r\n")
+        await until(lambda: gw.status()["in_flight"] == 0, "no call in flight")
+        client.transport.loseConnection()
+    finally:
+        await gw.stop()
+        await port.stopListening()
+
+
 def test_undeclared_service_fails_at_start() -> None:
     from pipecomet import ConfigError
 
     app = App(reactor=reactor)
     app.route("/x", [call("nope", "GET", "/x")])
     with pytest.raises(ConfigError, match="unknown backend service 'nope'"):
-        app.configure(Config.from_dict({"backends": {"services": {"svc": {}}}}))
+        app.configure(Config.from_dict({"backends": {"svc": {}}}))
 
 
 @pytest_twisted.ensureDeferred

@@ -292,8 +292,8 @@ class MetricsTests(SynchronousTestCase):
         app = App(reactor=reactor, name="obs-backends")
         app.configure(Config.from_dict({
             "server": {"access_log": "off"},
-            "backends": {"services": {"users": {"discovery": {
-                "endpoints": ["127.0.0.1:9001", "127.0.0.1:9002"]}}}},
+            "backends": {"users": {"discovery": {
+                "endpoints": ["127.0.0.1:9001", "127.0.0.1:9002"]}}},
         }))
         app.service.startService()
         self.addCleanup(app.service.stopService)

@@ -130,6 +130,15 @@ def build_section(cls: type, table: Any, where: str) -> Any:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
     hints = typing.get_type_hints(cls)
+    named = _named_tables(cls)
+    if named is not None:
+        # ``[backends.NAME]``: the table's own keys are the names.
+        inner = _unwrap_optional(typing.get_args(hints[named.name])[1])
+        table = {named.name: {k: build_section(inner, v, f"{where}.{k}") for k, v in table.items()}}
+        try:
+            return cls(**table)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where or cls.__name__}: {_field_message(e)}") from None
     fields = {f.name: f for f in attrs.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
@@ -154,6 +163,18 @@ def build_section(cls: type, table: Any, where: str) -> Any:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or cls.__name__}: {_field_message(e)}") from None
+
+
+def _named_tables(cls: type) -> Any:
+    """
+    The field of ``cls`` marked ``metadata={"named_tables": True}`` (a
+    ``dict[str, AttrsClass]`` whose names are the table's own keys, as in
+    ``[backends.NAME]``), or None.
+    """
+    for f in attrs.fields(cls):
+        if f.metadata.get("named_tables"):
+            return f
+    return None
 
 
 def _field_message(e: Exception) -> str:
@@ -293,6 +314,10 @@ def reference_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
     tables included (``quota.categories.<name>.limit``).
     """
     hints = typing.get_type_hints(cls)
+    named = _named_tables(cls)
+    if named is not None:
+        return reference_rows(_unwrap_optional(typing.get_args(hints[named.name])[1]),
+                              f"{prefix}.<name>")
     docs = _ivar_docs(cls)
     rows: list[tuple[str, str, str, str]] = []
     for f in attrs.fields(cls):

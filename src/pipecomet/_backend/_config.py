@@ -1,6 +1,6 @@
 """
 ``[backends]``: the backend services an app calls, one table per service
-(``[backends.services.NAME]``), each with its discovery, pool, balancing and
+(``[backends.NAME]``), each with its discovery, pool, balancing and
 retry settings.
 """
 
@@ -25,7 +25,7 @@ _pos = [v.instance_of(float), v.gt(0)]
 @attrs.frozen
 class PoolConfig:
     """
-    ``[backends.services.NAME.pool]``: connections to each endpoint.
+    ``[backends.NAME.pool]``: connections to each endpoint.
 
     :ivar max_connections: hard cap of connections open to one endpoint
         (busy, idle and connecting).
@@ -55,7 +55,7 @@ class PoolConfig:
 @attrs.frozen
 class BalancerConfig:
     """
-    ``[backends.services.NAME.balancer]``: picking an endpoint and keeping
+    ``[backends.NAME.balancer]``: picking an endpoint and keeping
     failing ones out.
 
     :ivar failures: consecutive failures (refused, reset, protocol error,
@@ -86,7 +86,7 @@ class BalancerConfig:
 @attrs.frozen
 class RetryConfig:
     """
-    ``[backends.services.NAME.retry]``: retrying idempotent calls.
+    ``[backends.NAME.retry]``: retrying idempotent calls.
 
     :ivar retries: further attempts a call may make on another endpoint after
         a connection failure (idempotent methods only; never after the
@@ -115,7 +115,7 @@ def _check_headers(instance: Any, attribute: Any, value: Any) -> None:
 @attrs.frozen
 class ServiceConfig:
     """
-    ``[backends.services.NAME]``: one backend service.
+    ``[backends.NAME]``: one backend service.
 
     :ivar discovery: where the endpoints come from (``[...discovery]``).
     :ivar pool: connections per endpoint (``[...pool]``).
@@ -155,13 +155,15 @@ class ServiceConfig:
 @attrs.frozen
 class BackendsConfig:
     """
-    ``[backends]``: the backend services, one ``[backends.services.NAME]``
-    table each.
+    ``[backends]``: the backend services, one ``[backends.NAME]``
+    table each (the names are the table's own keys; in Python,
+    ``BackendsConfig(services={"users": ServiceConfig(...)})``).
 
     :ivar services: service name → its settings.
     """
 
-    services: dict[str, ServiceConfig] = attrs.field(factory=dict)
+    services: dict[str, ServiceConfig] = attrs.field(factory=dict,
+                                                     metadata={"named_tables": True})
 
     @services.validator
     def _check(self, attribute: Any, value: Any) -> None:

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import json as _json
 import string
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
 
 from .._chain import Answer, Pipe, PipeContext, PipeInput, PipeResult, SkipIf, Stream
 from .._errors import BadRequest
 from ._response import Response
+
+if TYPE_CHECKING:
+    # (Imported where used: pipecomet._http imports the app, which imports this.)
+    from .._http._request import Request
+    from .._lazy._body import LazyBody
 
 __all__ = ["BackendPipe", "call", "proxy", "HOP_BY_HOP"]
 
@@ -168,6 +176,60 @@ class _ProxiedStream(Stream):
         return self._done
 
 
+@implementer(IBodyProducer)
+class _StreamedRequestBody:
+    """
+    The incoming request's body forwarded to the backend as it arrives
+    (nothing of it kept): the client's connection is not read while the
+    backend's is full.  ``[limits] max_body_bytes`` still applies: a body
+    over it is answered 413 and the backend connection is cut.
+
+    :param request: the incoming request (paused and resumed).
+    :param body: its lazy body.
+    :param length: its ``Content-Length``; None when chunked (the
+        backend then gets it chunked too).
+    """
+
+    def __init__(self, request: Request, body: LazyBody, length: int | None) -> None:
+        self.request = request
+        self.body = body
+        self.length: int | object = length if length is not None else UNKNOWN_LENGTH
+        self._consumer: IConsumer | None = None
+        self._paused = False
+
+    def startProducing(self, consumer: IConsumer) -> Deferred:
+        self._consumer = consumer
+        consumer.registerProducer(self, True)
+        return self.body.stream_raw(self._write).addBoth(self._ended)
+
+    def _write(self, data: bytes) -> None:
+        consumer = self._consumer
+        if consumer is not None:
+            consumer.write(data)
+
+    def _ended(self, result: Any) -> Any:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.unregisterProducer()
+        self.resumeProducing()
+        return result
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.request.pause_body()
+
+    def resumeProducing(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.request.resume_body()
+
+    def stopProducing(self) -> None:
+        # The backend connection is gone: the rest of the body goes nowhere.
+        self._consumer = None
+        self.resumeProducing()
+
+
 class _Proxy(BackendPipe):
     def __init__(self, service: str, strip_prefix: str, add_prefix: str,
                  timeout: float | None) -> None:
@@ -215,11 +277,26 @@ class _Proxy(BackendPipe):
         has_body = (request.requestHeaders.hasHeader(b"content-length")
                     or request.requestHeaders.hasHeader(b"transfer-encoding"))
 
-        def send(body: bytes | None) -> Deferred:
+        def send(body: bytes | _StreamedRequestBody | None) -> Deferred:
             return service.request(method, target, data=body, headers=_Raw(headers),
                                    timeout=self.timeout, stream=True)
 
-        d = inp.body().addCallback(send) if has_body else send(None)
+        if not has_body:
+            d = send(None)
+        else:
+            from .._http._request import Request
+            from .._lazy._body import LazyBody
+
+            source = inp.body_source
+            if isinstance(source, LazyBody) and isinstance(request, Request):
+                # pipecomet's own protocol: the body streams as it comes.
+                length = request.requestHeaders.getRawHeaders(b"content-length")
+                d = send(_StreamedRequestBody(request, source,
+                                              int(length[0]) if length else None))
+            else:
+                # twisted.web's channel (``[server] protocol = "twisted"``)
+                # has the body whole already.
+                d = inp.body().addCallback(send)
         return d.addCallback(_ProxiedStream)
 
 

@@ -121,7 +121,7 @@ class BackendService:
     One backend service: ``await service.get("/users/1")`` → :class:`Response`.
 
     :param name: the service's name (shown to clients in errors).
-    :param config: its ``[backends.services.NAME]`` settings.
+    :param config: its ``[backends.NAME]`` settings.
     :param discovery: where its endpoints come from.
     :param reactor: the reactor all sockets and timers use.
     :param rng: random source of the balancer (seeded in tests).
@@ -466,7 +466,9 @@ class _Call:
             svc.balancer.record_failure(state)
         log.info("backend {service}: {address}: {reason}", service=self.service,
                  address=state.endpoint.address, reason=error.reason)
-        if not error.answered and self.response is None and self.body_replayable():
+        if not error.answered and self.response is None and (
+                self.body_replayable() or not error.sent):
+            # (A streamed body can go again only when none of it went.)
             left = self.deadline - svc.reactor.seconds()
             if left > 0:
                 if error.reused and not self.fresh_only and (

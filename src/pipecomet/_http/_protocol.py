@@ -50,7 +50,7 @@ log = Logger()
 _SERVER = server.version
 
 # Reasons the transport is not read (bits).
-_WRITE_BLOCKED, _QUEUE_FULL, _CLOSING = 1, 2, 4
+_WRITE_BLOCKED, _QUEUE_FULL, _CLOSING, _BODY_BLOCKED = 1, 2, 4, 8
 
 
 class Phase(enum.Enum):
@@ -519,6 +519,7 @@ class HTTP11Protocol(Protocol):
         req.release()
         if self._active is m:
             self._active = None
+            self._resume(_BODY_BLOCKED)
         if self._held:
             self._held = False
             if self._idle_timer is None and self.phase is not Phase.CLOSING:
@@ -696,6 +697,19 @@ class HTTP11Protocol(Protocol):
             return
         self._idle_timeout = seconds
         self._arm_idle()
+
+    def pause_body(self) -> None:
+        """
+        Stop reading the request body for now (whoever takes it, e.g. a
+        backend it is forwarded to, is not keeping up).
+        """
+        self._pause(_BODY_BLOCKED)
+
+    def resume_body(self) -> None:
+        """
+        Read the request body again (also done when the request ends).
+        """
+        self._resume(_BODY_BLOCKED)
 
     # -- IPushProducer: the transport's write buffer
 

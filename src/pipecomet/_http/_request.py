@@ -259,6 +259,18 @@ class Request(server.Request):
         """
         return self._proto.pending_bytes()
 
+    def pause_body(self) -> None:
+        """
+        Stop reading this request's body until :meth:`resume_body` (or the
+        end of the request): flow control for a body streamed elsewhere.
+        """
+        if not self.gone:
+            self._proto.pause_body()
+
+    def resume_body(self) -> None:
+        if not self.gone:
+            self._proto.resume_body()
+
     def hold(self) -> None:
         """
         This response is held open (comet): the connection's idle timeout

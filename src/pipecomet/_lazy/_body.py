@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from .._errors import BadRequest, PipecometError
 from ._config import LimitsConfig
-from ._parsers import make_parser
+from ._parsers import RawParser, make_parser
 
 __all__ = ["BodyState", "LazyBody", "UploadedFile"]
 
@@ -107,6 +107,7 @@ class LazyBody:
         self._first: str | None = None
         self._first_waiters: list[Deferred] = []
         self._raw = tempfile.SpooledTemporaryFile(max_size=limits.file_memory_bytes)
+        self._raw_writer: Callable[[bytes], Any] | None = None
         # Raises a 400 for a bad Content-Type: the caller refuses the
         # request before reading its body.
         self.kind, self._parser = make_parser(
@@ -129,6 +130,10 @@ class LazyBody:
         if self.state is not BodyState.RECEIVING:
             return
         self.received += len(data)
+        writer = self._raw_writer
+        if writer is not None:
+            writer(data)
+            return
         self._raw.write(data)
         try:
             self._parser.feed(data)
@@ -360,6 +365,27 @@ class LazyBody:
         """
         self._streams[name] = write
         return self.file(name)
+
+    def stream_raw(self, write: Callable[[bytes], Any]) -> Deferred:
+        """
+        Hand the raw body to ``write`` as it arrives instead of keeping it
+        (a proxy forwarding it): the bytes already in hand at once, then
+        each piece as it comes.  From then on the body is neither parsed
+        nor kept (``body()``, ``form()``... see nothing more of it).  Fires
+        with None when the body is complete, or fails with its error.
+        """
+        if self._raw_writer is None and self.state is not BodyState.FAILED \
+                and not self._raw.closed:
+            self._raw.seek(0)
+            held = self._raw.read()
+            self._raw.seek(0)
+            if self.state is BodyState.RECEIVING:
+                self._raw.truncate()
+                self._parser = RawParser(self)
+                self._raw_writer = write
+            if held:
+                write(held)
+        return self._at_end(lambda: None)
 
     def form(self) -> Deferred:
         """
