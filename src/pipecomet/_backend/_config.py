@@ -19,7 +19,7 @@ __all__ = ["PoolConfig", "BalancerConfig", "RetryConfig", "ServiceConfig", "Back
 #: Methods a retry may repeat (RFC 9110 9.2.2).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
-_pos = [v.instance_of(float), v.gt(0)]
+_pos = [v.instance_of(float), v.gt(0.0)]
 
 
 @attrs.frozen
@@ -49,7 +49,7 @@ class PoolConfig:
     connect_timeout: float = attrs.field(default=1.0, converter=float, validator=_pos)
     idle_timeout: float = attrs.field(default=30.0, converter=float, validator=_pos)
     max_lifetime: float = attrs.field(default=300.0, converter=float,
-                                      validator=[v.instance_of(float), v.ge(0)])
+                                      validator=[v.instance_of(float), v.ge(0.0)])
 
 
 @attrs.frozen
@@ -77,9 +77,9 @@ class BalancerConfig:
     ejection_base: float = attrs.field(default=1.0, converter=float, validator=_pos)
     ejection_max: float = attrs.field(default=30.0, converter=float, validator=_pos)
     max_ejected_share: float = attrs.field(default=0.5, converter=float,
-                                           validator=[v.instance_of(float), v.ge(0), v.le(1)])
+                                           validator=[v.instance_of(float), v.ge(0.0), v.le(1.0)])
     panic_threshold: float = attrs.field(default=0.5, converter=float,
-                                         validator=[v.instance_of(float), v.ge(0), v.le(1)])
+                                         validator=[v.instance_of(float), v.ge(0.0), v.le(1.0)])
     ewma_decay: float = attrs.field(default=10.0, converter=float, validator=_pos)
 
 
@@ -100,9 +100,9 @@ class RetryConfig:
 
     retries: int = attrs.field(default=2, validator=[v.instance_of(int), v.ge(0)])
     budget_ratio: float = attrs.field(default=0.2, converter=float,
-                                      validator=[v.instance_of(float), v.ge(0)])
+                                      validator=[v.instance_of(float), v.ge(0.0)])
     budget_min_per_second: float = attrs.field(default=10.0, converter=float,
-                                               validator=[v.instance_of(float), v.ge(0)])
+                                               validator=[v.instance_of(float), v.ge(0.0)])
     budget_window: float = attrs.field(default=10.0, converter=float, validator=_pos)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTCP, IReactorThreads, IReactorTime
 from zope.interface import Interface, implementer
 
 __all__ = [
@@ -116,6 +117,13 @@ class DiscoveryConfig:
             raise ValueError("kind = 'zookeeper' needs hosts")
 
 
+class IBackendReactor(IReactorTime, IReactorTCP, IReactorThreads):
+    """
+    What the backend client uses of its reactor: time and timers, TCP
+    connections, and calls brought back from ZooKeeper's threads.
+    """
+
+
 class IDiscovery(Interface):
     """
     The endpoints of one service, kept current.
@@ -206,7 +214,7 @@ class StaticDiscovery(WatchedEndpoints):
                 "endpoints": len(self._endpoints)}
 
 
-def make_discovery(service: str, config: DiscoveryConfig, reactor: Any) -> IDiscovery:
+def make_discovery(service: str, config: DiscoveryConfig, reactor: IBackendReactor) -> IDiscovery:
     """
     The provider ``config.kind`` names, for backend ``service``.
     """

@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ._discovery import Endpoint, IDiscovery, WatchedEndpoints, parse_address
+from ._discovery import Endpoint, IBackendReactor, IDiscovery, WatchedEndpoints, parse_address
 
 __all__ = ["FileDiscovery", "parse_endpoints_file", "DEFAULT_MAX_SIZE"]
 
@@ -121,7 +121,7 @@ class FileDiscovery(WatchedEndpoints):
     :param max_size: largest file read, in bytes.
     """
 
-    def __init__(self, path: str, *, reactor: Any, poll_interval: float = 1.0,
+    def __init__(self, path: str, *, reactor: IBackendReactor, poll_interval: float = 1.0,
                  max_size: int = DEFAULT_MAX_SIZE) -> None:
         if poll_interval <= 0:
             raise ValueError("poll_interval: must be > 0")

@@ -21,12 +21,13 @@ from typing import Any, Protocol as TypingProtocol
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._config import PoolConfig
-from ._discovery import Endpoint
+from ._discovery import Endpoint, IBackendReactor
 from ._errors import BackendBusy, BackendQueueTimeout, ConnectionFailed
 from ._protocol import ClientConnection
 
@@ -61,7 +62,7 @@ class _Queued:
 
     __slots__ = ("waiter", "timer")
 
-    def __init__(self, waiter: Waiter, timer: Any) -> None:
+    def __init__(self, waiter: Waiter, timer: IDelayedCall | None) -> None:
         self.waiter = waiter
         self.timer = timer
 
@@ -74,7 +75,7 @@ class EndpointPool:
     :param host_header: ``Host`` sent; the endpoint's ``host:port`` when empty.
     """
 
-    def __init__(self, service: str, endpoint: Endpoint, config: PoolConfig, reactor: Any,
+    def __init__(self, service: str, endpoint: Endpoint, config: PoolConfig, reactor: IBackendReactor,
                  retry_after: float = 1.0, on_empty: Any = None, host_header: str = "") -> None:
         self.service = service
         self.endpoint = endpoint

@@ -12,10 +12,10 @@ per-call cost is a few method calls and no Deferred.
 
 from __future__ import annotations
 
-from typing import Any, Protocol as TypingProtocol
+from typing import Any, Protocol as TypingProtocol, cast
 
 import httptools
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -35,6 +35,21 @@ class ResponseListener(TypingProtocol):
     def body_data(self, data: bytes) -> None: ...
     def response_done(self, keep_alive: bool) -> None: ...
     def failed(self, error: ConnectionFailed) -> None: ...
+
+
+class TCPTransport(TypingProtocol):
+    """
+    What a client connection uses of its TCP transport (``ITCPTransport``,
+    ``IConsumer`` and ``IPushProducer`` of Twisted's ``tcp.Client``).
+    """
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
 
 
 def header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -78,12 +93,12 @@ class _ChunkedConsumer:
     frames each write as a chunk when the length is unknown.
     """
 
-    def __init__(self, transport: Any, chunked: bool) -> None:
+    def __init__(self, transport: TCPTransport, chunked: bool) -> None:
         self.transport = transport
         self.chunked = chunked
         self.written = 0
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
@@ -116,8 +131,9 @@ class ClientConnection(Protocol):
         self.created = created
         self.idle_since = created
         self.calls = 0
-        self.listener: Any = None
+        self.listener: ResponseListener | None = None
         self.closed = False
+        self.tcp: TCPTransport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._head = False
         self._status = 0
@@ -129,6 +145,9 @@ class ClientConnection(Protocol):
         self._extra = False
         self._reused = False
         self._keep = False
+
+    def connectionMade(self) -> None:
+        self.tcp = cast(TCPTransport, self.transport)
 
     # -- sending
 
@@ -152,7 +171,7 @@ class ClientConnection(Protocol):
         self._started = False
         self._until_close = False
         self._complete = False
-        transport = self.transport
+        transport = self.tcp
         if self.closed or transport is None:
             # Lost while idle and not noticed yet: nothing was sent.
             self.listener = None
@@ -180,12 +199,12 @@ class ClientConnection(Protocol):
     # -- flow control and closing
 
     def pause(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.pauseProducing()
+        if self.tcp is not None and not self.closed:
+            self.tcp.pauseProducing()
 
     def resume(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resumeProducing()
+        if self.tcp is not None and not self.closed:
+            self.tcp.resumeProducing()
 
     def abort(self) -> None:
         """
@@ -193,18 +212,18 @@ class ClientConnection(Protocol):
         connection): never reused, whatever was in flight is dropped.
         """
         self.listener = None
-        if not self.closed and self.transport is not None:
+        if not self.closed and self.tcp is not None:
             self.closed = True
-            self.transport.abortConnection()
+            self.tcp.abortConnection()
 
     def close(self) -> None:
         """
         Close an idle connection politely.
         """
         self.listener = None
-        if not self.closed and self.transport is not None:
+        if not self.closed and self.tcp is not None:
             self.closed = True
-            self.transport.loseConnection()
+            self.tcp.loseConnection()
 
     # -- Protocol
 

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._discovery import IBackendReactor
 from ._zookeeper import (
     as_deferred,
     describe,
@@ -148,7 +149,7 @@ class ServiceRegistration(Service):
     """
 
     def __init__(self, hosts: str, base_path: str, service: str, address: str, port: int,
-                 payload: Any = None, *, reactor: Any, instance_id: str | None = None,
+                 payload: Any = None, *, reactor: IBackendReactor, instance_id: str | None = None,
                  session_timeout: float = 10.0, reconnect_max_delay: float = 2.0,
                  retry_delay: float = 1.0,
                  client_factory: Callable[[], Any] | None = None) -> None:

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import json as _json
 from collections import deque
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import urlencode
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ._balancer import Balancer, EndpointState, RetryBudget
 from ._config import IDEMPOTENT_METHODS, BackendsConfig, ServiceConfig
-from ._discovery import Endpoint, IDiscovery, make_discovery
+from ._discovery import Endpoint, IBackendReactor, IDiscovery, make_discovery
 from ._errors import (
     BackendBusy,
     BackendError,
@@ -38,7 +40,7 @@ from ._errors import (
     UnknownBackend,
 )
 from ._pool import EndpointPool
-from ._protocol import build_head, header_lines
+from ._protocol import ClientConnection, build_head, header_lines
 from ._response import Response
 
 __all__ = ["BackendService", "Backends", "install", "Deadlines"]
@@ -72,10 +74,10 @@ class Deadlines:
     (never scanned).  A call is timed out exactly at its deadline.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IBackendReactor) -> None:
         self.reactor = reactor
-        self._queues: dict[float, deque] = {}
-        self._timers: dict[float, Any] = {}
+        self._queues: dict[float, deque[_Call]] = {}
+        self._timers: dict[float, IDelayedCall] = {}
 
     def add(self, call: _Call) -> None:
         timeout = call.timeout
@@ -127,7 +129,7 @@ class BackendService:
     :param rng: random source of the balancer (seeded in tests).
     """
 
-    def __init__(self, name: str, config: ServiceConfig, discovery: IDiscovery, reactor: Any,
+    def __init__(self, name: str, config: ServiceConfig, discovery: IDiscovery, reactor: IBackendReactor,
                  rng: Any = None) -> None:
         self.name = name
         self.config = config
@@ -141,8 +143,8 @@ class BackendService:
         self._headers = header_lines(_encode_headers(config.headers))
         self._deadline_header = config.deadline_header.encode("latin-1") + b": " \
             if config.deadline_header else b""
-        self._unwatch: Any = None
-        self._reaper: Any = None
+        self._unwatch: Callable[[], None] | None = None
+        self._reaper: IDelayedCall | None = None
         self.deadlines = Deadlines(reactor)
         self.calls = 0
         self.failures = {"backend_error": 0, "backend_timeout": 0, "backend_busy": 0,
@@ -312,7 +314,7 @@ class _Call:
         self.stream = stream
         self.d: Deferred = Deferred(self._cancel)
         self.state: EndpointState | None = None
-        self.conn: Any = None
+        self.conn: ClientConnection | None = None
         self.response: Response | None = None
         self.started = 0.0
         self.sent_at = 0.0
@@ -366,8 +368,9 @@ class _Call:
         if conn is not None:
             self.got_connection(conn, now)
 
-    def got_connection(self, conn: Any, now: float | None = None) -> None:
+    def got_connection(self, conn: ClientConnection, now: float | None = None) -> None:
         if self.done:
+            assert self.state is not None  # (a connection comes from its pool)
             self.state.pool.release(conn, True)
             return
         self.conn = conn
@@ -416,9 +419,11 @@ class _Call:
 
     def body_data(self, data: bytes) -> None:
         resp = self.response
+        assert resp is not None  # (response_started came first)
         if not resp._feed(data):
             conn, self.conn = self.conn, None
             state = self.state
+            assert state is not None
             self._leave_endpoint()
             if conn is not None:
                 conn.abort()
@@ -438,14 +443,15 @@ class _Call:
 
     def response_done(self, keep_alive: bool) -> None:
         conn, self.conn = self.conn, None
-        state = self.state
+        state, resp = self.state, self.response
+        assert state is not None and resp is not None
         svc = self.svc
         svc.balancer.record_success(state, svc.reactor.seconds() - self.sent_at)
         self._leave_endpoint()
         if conn is not None:
             state.pool.release(conn, keep_alive)
         self._finish()
-        self.response._done()
+        resp._done()
         self._deliver()
 
     def failed(self, error: ConnectionFailed) -> None:
@@ -458,6 +464,7 @@ class _Call:
     def _attempt_failed(self, error: ConnectionFailed, count: bool = True) -> None:
         conn, self.conn = self.conn, None
         state = self.state
+        assert state is not None  # (set by the attempt that failed)
         svc = self.svc
         self._leave_endpoint()
         if conn is not None:
@@ -494,9 +501,10 @@ class _Call:
         """
         The attempt no longer counts as in flight on its endpoint.
         """
-        if self.holding:
+        state = self.state
+        if self.holding and state is not None:
             self.holding = False
-            self.state.outstanding -= 1
+            state.outstanding -= 1
 
     def _deliver(self) -> None:
         d = self.d
@@ -540,7 +548,7 @@ class _Call:
         sent = self.conn is not None and self.holding
         self._abandon()
         self._leave_endpoint()
-        if sent:
+        if sent and state is not None:
             # A backend that does not answer in time is failing; one that
             # only had no free connection is busy, and that is not its fault.
             self.svc.balancer.record_failure(state)
@@ -595,7 +603,7 @@ class Backends(Service):
 
     name = "backends"
 
-    def __init__(self, config: BackendsConfig, reactor: Any,
+    def __init__(self, config: BackendsConfig, reactor: IBackendReactor,
                  discovery_factory: Any = make_discovery) -> None:
         self.config = config
         self.reactor = reactor
@@ -632,9 +640,10 @@ class Backends(Service):
     def startService(self) -> None:
         super().startService()
         for service in self.services.values():
-            service.start().addErrback(
-                lambda f, n=service.name: log.failure("backend {service}: discovery failed to "
-                                                      "start", f, service=n))
+            service.start().addErrback(self._start_failed, service.name)
+
+    def _start_failed(self, failure: Failure, name: str) -> None:
+        log.failure("backend {service}: discovery failed to start", failure, service=name)
 
     def stopService(self) -> Deferred:
         super().stopService()

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._discovery import Endpoint, IDiscovery, WatchedEndpoints
+from ._discovery import Endpoint, IBackendReactor, IDiscovery, WatchedEndpoints
 
 __all__ = [
     "ZooKeeperDiscovery",
@@ -164,7 +164,7 @@ def make_kazoo_client(hosts: str, session_timeout: float, reconnect_max_delay: f
     return KazooClient(hosts=hosts, timeout=session_timeout, connection_retry=retry)
 
 
-def as_deferred(reactor: Any, result: Any) -> Deferred:
+def as_deferred(reactor: IBackendReactor, result: Any) -> Deferred:
     """
     A Deferred that fires on the reactor thread with the outcome of a kazoo
     ``IAsyncResult`` (which completes on one of kazoo's threads).
@@ -192,11 +192,11 @@ def describe(failure: Failure) -> str:
     return f"{name}: {message}" if message and message != name else name
 
 
-def _in_thread(reactor: Any, f: Callable[..., Any], *args: Any) -> Deferred:
+def _in_thread(reactor: IBackendReactor, f: Callable[..., Any], *args: Any) -> Deferred:
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
 
-def stop_client(reactor: Any, client: Any) -> Deferred:
+def stop_client(reactor: IBackendReactor, client: Any) -> Deferred:
     """
     Close the session and free the client's sockets, off the reactor thread.
     """
@@ -208,7 +208,7 @@ def stop_client(reactor: Any, client: Any) -> Deferred:
     return _in_thread(reactor, stop_and_close)
 
 
-def start_client(reactor: Any, client: Any) -> Deferred:
+def start_client(reactor: IBackendReactor, client: Any) -> Deferred:
     """
     ``client.start_async()`` off the reactor thread; the connection comes up
     (and comes back) on its own, reported to the state listeners.
@@ -274,7 +274,7 @@ class ZooKeeperDiscovery(WatchedEndpoints):
     :param client_factory: ``() -> KazooClient``-like; for tests.
     """
 
-    def __init__(self, hosts: str, base_path: str, service: str, *, reactor: Any,
+    def __init__(self, hosts: str, base_path: str, service: str, *, reactor: IBackendReactor,
                  session_timeout: float = 10.0, start_timeout: float | None = None,
                  reconnect_max_delay: float = 2.0, retry_delay: float = 1.0,
                  client_factory: Callable[[], Any] | None = None) -> None:

@@ -16,12 +16,16 @@ services, streamed as NDJSON or SSE when asked), ``/backend/users/...``
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import Service
-from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IReactorTCP
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.http import Request
 from twisted.web.server import Site
 
 from .._backend import Endpoint, StaticDiscovery, call, proxy
@@ -30,6 +34,9 @@ from .._chain import Parallel, Pipe, PipeContext, PipeInput, PipeResult
 from .._config import Config
 from .._errors import BadRequest
 from ._gateway import auth_pipes
+
+if TYPE_CHECKING:
+    from .._app import App
 
 __all__ = ["install_routes", "with_demo_services", "DemoService", "INSTANCES"]
 
@@ -80,6 +87,15 @@ class DemoService(Resource):
         }).encode()
 
 
+class _QuietSite(Site):
+    """
+    A demo instance's site: the gateway logs the calls, the instance does not.
+    """
+
+    def log(self, request: Request) -> None:
+        pass
+
+
 class _DemoBackends(Service):
     """
     Starts the demo instances of every service whose static list is empty
@@ -88,9 +104,9 @@ class _DemoBackends(Service):
 
     name = "demo-backends"
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
-        self.ports: list[Any] = []
+        self.ports: list[IListeningPort] = []
 
     def startService(self) -> None:
         super().startService()
@@ -106,21 +122,22 @@ class _DemoBackends(Service):
                 continue
             endpoints = []
             for i in range(count):
-                site = Site(DemoService(name, f"{name}-{i + 1}"))
-                site.log = lambda request: None  # the gateway logs the calls
-                port = reactor.listenTCP(0, site, interface="127.0.0.1")
+                site = _QuietSite(DemoService(name, f"{name}-{i + 1}"))
+                # (A Site is a ServerFactory[HTTPChannel]; listenTCP's
+                # annotation names the unparameterized, invariant one.)
+                port = reactor.listenTCP(0, cast(ServerFactory, site), interface="127.0.0.1")
                 self.ports.append(port)
-                endpoints.append(Endpoint("127.0.0.1", port.getHost().port, id=f"{name}-{i + 1}"))
+                address = port.getHost()
+                assert isinstance(address, IPv4Address)
+                endpoints.append(Endpoint("127.0.0.1", address.port, id=f"{name}-{i + 1}"))
             discovery.set(endpoints)
             log.info("demo backend {service}: {n} instances on {addresses}", service=name,
                      n=count, addresses=", ".join(e.address for e in endpoints))
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[list[Any]]:
         super().stopService()
         ports, self.ports = self.ports, []
-        from twisted.internet.defer import gatherResults
-
-        return gatherResults([p.stopListening() for p in ports])
+        return gatherResults([maybeDeferred(p.stopListening) for p in ports])
 
 
 def with_demo_services(config: Config) -> Config:
