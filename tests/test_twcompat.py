@@ -7,10 +7,10 @@ TCP test runs on pytest-twisted's reactor over 127.0.0.1.)
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
-from twisted.internet.tcp import Server
+from twisted.internet.tcp import Client, Server
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -73,6 +73,36 @@ def test_tcp_server_buffer_state():
     finally:
         if client is not None:
             client.transport.loseConnection()
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_tcp_client_buffer_state():
+    # The backend client sends its requests the same way.
+    factory = protocol.ServerFactory.forProtocol(_Collect)
+    made: list[_Collect] = []
+    factory.buildProtocol = lambda addr: made.append(_Collect()) or made[-1]  # type: ignore[method-assign]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = None
+    try:
+        client = yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), protocol.Protocol())
+        transport = client.transport
+        assert type(transport) is Client
+        assert transport_pending(transport) == 0
+        assert send_now(transport, b"abc") == 3
+        transport.write(b"defg")
+        assert transport_pending(transport) == 4
+        assert send_now(transport, b"h") == 0
+        for _ in range(2000):
+            if made:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        data = yield made[0].wait(7)
+        assert data == b"abcdefg"
+        transport.loseConnection()
+        assert send_now(transport, b"x") == 0
+    finally:
         yield port.stopListening()
 
 

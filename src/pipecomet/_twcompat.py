@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.tcp import Client as _TCPClient
 from twisted.internet.tcp import Server as _TCPServer
+
+#: The plain TCP transports (both ``tcp.Connection``s) whose buffer we know.
+_PLAIN_TCP = (_TCPServer, _TCPClient)
 
 __all__ = ["request_gone", "send_now", "transport_pending"]
 
@@ -25,14 +29,14 @@ def send_now(transport: Any, data: bytes) -> int:
     Twisted's own ``write`` appends to its buffer and asks the reactor for
     writability: two more system calls and one more reactor turn per write.
     pipecomet's HTTP protocol sends every response (and every comet frame)
-    this way; for comet fan-out (one frame to thousands of connections) it
+    this way, and the backend client every request; for comet fan-out (one frame to thousands of connections) it
     halves the time to reach everyone.  The check needs the transport's buffer
     state, which ``twisted.internet.tcp.Connection`` keeps in private
     attributes (``dataBuffer``, ``offset``, ``_tempDataLen``,
     ``_writeDisconnected``).  Any other transport (TLS, UNIX, memory)
     returns 0: everything goes through ``transport.write``.
     """
-    if type(transport) is not _TCPServer:
+    if type(transport) not in _PLAIN_TCP:
         return 0
     if (transport._tempDataLen or transport.offset != len(transport.dataBuffer)
             or not transport.connected or transport.disconnecting
@@ -49,7 +53,7 @@ def transport_pending(transport: Any) -> int:
     Bytes a TCP transport holds that the kernel has not taken yet (0 for
     transports whose buffer is not known).
     """
-    if type(transport) is not _TCPServer:
+    if type(transport) not in _PLAIN_TCP:
         return 0
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
