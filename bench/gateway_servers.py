@@ -21,6 +21,7 @@ and stops on SIGTERM.  No gateway writes an access log.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 from typing import Any
@@ -31,6 +32,40 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Lengt
 #: Connections a gateway may open to the backend (more than wrk ever holds).
 POOL = 4096
 KINDS = ("backend", "pipecomet", "treq-pipe", "treq", "tornado", "aiohttp")
+
+
+def _gc_report(path: str) -> None:
+    """
+    Time spent in Python's cyclic garbage collector, by generation, written
+    to ``path`` at exit and on SIGUSR1 (``BENCH_GW_GC_REPORT``; for
+    profiling runs).
+    """
+    import atexit
+    import gc
+    import signal
+    import time
+
+    spent = [0.0, 0.0, 0.0]
+    runs = [0, 0, 0]
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.process_time()
+        else:
+            gen = info["generation"]
+            spent[gen] += time.process_time() - started[0]
+            runs[gen] += 1
+
+    gc.callbacks.append(callback)
+
+    def write() -> None:
+        with open(path, "a") as f:
+            f.write(f"gc cpu s by generation {[round(x, 3) for x in spent]} runs {runs} "
+                    f"total cpu {time.process_time():.2f} s\n")
+
+    atexit.register(write)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: write())
 
 
 def _raise_fd_limit() -> None:
@@ -232,6 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay", type=float, default=1.0)
     args = parser.parse_args(argv)
     _raise_fd_limit()
+    if os.environ.get("BENCH_GW_GC_REPORT"):
+        _gc_report(os.environ["BENCH_GW_GC_REPORT"])
+    if os.environ.get("BENCH_GW_GC_THRESHOLD"):
+        # (profiling: how much of a call's CPU is the cyclic collector's)
+        import gc
+
+        gc.set_threshold(int(os.environ["BENCH_GW_GC_THRESHOLD"]), 50, 100)
     if args.kind == "backend":
         serve_backend(args.port, args.delay)
         return

@@ -23,6 +23,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from pipecomet import App, Config, Pipe, call, proxy
 from pipecomet._backend import Endpoint, StaticDiscovery
+from pipecomet._twcompat import transport_pending
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -664,6 +665,70 @@ async def test_proxy_streamed_body_over_the_limit_is_413_and_the_backend_call_is
         assert b"b" * 600 not in conns[0].data
         assert not conns[0].data.endswith(b"0\r\n\r\n")
         await until(lambda: gw.status()["in_flight"] == 0, "no call in flight")
+        client.transport.loseConnection()
+    finally:
+        await gw.stop()
+        await port.stopListening()
+
+
+class SlowReader(Protocol):
+    """
+    A backend that does not read until told to (``resume()``), then counts
+    the body of one Content-Length request and answers 200.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.head = b""
+        self.length = -1
+        self.got = 0
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.length < 0:
+            self.head += data
+            head, sep, rest = self.head.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            self.length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            data = rest
+        self.got += len(data)
+        if self.got == self.length:
+            answer = b'{"got":%d}' % self.got
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxy_stops_reading_the_client_while_the_backend_does_not_read() -> None:
+    factory = Factory.forProtocol(SlowReader)
+    factory.connections = []  # type: ignore[attr-defined]
+    port = listen(factory)
+    conns: list[SlowReader] = factory.connections  # type: ignore[attr-defined]
+    size = 64 * 2**20
+    gw = Gateway([endpoint_of(port)], limits={"max_body_bytes": 2 * size}).start()
+    try:
+        client = await raw_client(gw)
+        client.transport.write(b"POST /proxy/up HTTP/1.1\r\nHost: gw\r\n"
+                               b"Content-Length: %d\r\n\r\n" % size)
+        client.transport.write(b"x" * size)
+        await until(lambda: bool(conns), "the backend connection")
+        # Flow control: with every buffer on the way full, the gateway
+        # leaves the rest with the client (it neither reads nor keeps it).
+        seen: list[int] = []
+
+        def stuck() -> bool:
+            seen.append(transport_pending(client.transport))
+            return len(seen) > 20 and seen[-1] > 0 and len(set(seen[-20:])) == 1
+
+        await until(stuck, "the client's unsent bytes to stop draining")
+        conns[0].resume()
+        await until(lambda: client.data.endswith(b"}"), "the answer at the client")
+        assert client.data.startswith(b"HTTP/1.1 200 ")
+        assert client.data.endswith(b'{"got":%d}' % size)
         client.transport.loseConnection()
     finally:
         await gw.stop()
