@@ -32,6 +32,9 @@ RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Lengt
 #: Connections a gateway may open to the backend (more than wrk ever holds).
 POOL = 4096
 KINDS = ("backend", "pipecomet", "treq-pipe", "treq", "tornado", "aiohttp")
+#: pipecomet's ``[gc] threshold`` for its gateway (``BENCH_GW_PC_GC``; 0:
+#: Python's default): see docs/backends.md, "Where the CPU goes".
+GC_THRESHOLD = int(os.environ.get("BENCH_GW_PC_GC", "20000"))
 
 
 def _gc_report(path: str) -> None:
@@ -127,8 +130,10 @@ def serve_pipecomet(port: int, backend: int) -> None:
 
     app.route("/slow", [Pipe(forward, name="forward")])
     app.route("/fast", [Pipe(forward, name="forward")])
+    gc_table = {"threshold": GC_THRESHOLD} if GC_THRESHOLD else {}
     app.configure(Config.from_dict({
         "server": {"access_log": "off"},
+        "gc": gc_table,
         "backends": {"b": {
             "discovery": {"endpoints": [f"127.0.0.1:{backend}"]},
             "pool": {"max_connections": POOL, "queue": POOL * 2, "queue_timeout": 10.0},

@@ -102,6 +102,7 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
     "registration": ("pipecomet._backend._registration:RegistrationConfig",
                      "pipecomet._backend._registration:install"),
     "backends": ("pipecomet._backend:BackendsConfig", "pipecomet._backend:install"),
+    "gc": ("pipecomet._gc:GCConfig", "pipecomet._gc:install"),
     "logging": ("pipecomet._observe:LoggingConfig", "pipecomet._observe:install_logging"),
     # Last: its collector and dashboard read the status of the parts above.
     "metrics": ("pipecomet._observe:MetricsConfig", "pipecomet._observe:install_metrics"),
