@@ -735,6 +735,47 @@ async def test_proxy_stops_reading_the_client_while_the_backend_does_not_read() 
         await port.stopListening()
 
 
+class AnswersAtOnce(RecordingBackend):
+    """
+    Answers 200 as soon as a request's head is in, without waiting for its
+    body (as a backend refusing an upload does).
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        before = self.data
+        self.data += data
+        if b"\r\n\r\n" in self.data and b"\r\n\r\n" not in before:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_answered_before_its_body_was_sent_is_not_reused() -> None:
+    factory = Factory.forProtocol(AnswersAtOnce)
+    factory.connections = []  # type: ignore[attr-defined]
+    port = listen(factory)
+    conns: list[AnswersAtOnce] = factory.connections  # type: ignore[attr-defined]
+    gw = Gateway([endpoint_of(port)]).start()
+    try:
+        client = await raw_client(gw)
+        client.transport.write(b"POST /proxy/up HTTP/1.1\r\nHost: gw\r\n"
+                               b"Content-Length: 10000\r\n\r\n" + b"a" * 4000)
+        await until(lambda: client.data.endswith(b"ok"), "the early answer at the client")
+        assert client.data.startswith(b"HTTP/1.1 200 ")
+        # The rest of that body must not reach the backend as the start of
+        # another request: the connection is closed, never pooled.
+        await until(lambda: conns[0].lost, "the backend connection closed")
+        pool = gw.status()["endpoints"][0]["pool"]
+        assert pool["idle"] == 0
+        client.transport.loseConnection()
+        r = await gw.request("GET", "/proxy/next")
+        assert r.code == 200
+        assert len(conns) == 2  # a fresh connection for the next call
+        assert conns[1].data.startswith(b"GET /next HTTP/1.1\r\n")
+    finally:
+        await gw.stop()
+        await port.stopListening()
+
+
 def test_undeclared_service_fails_at_start() -> None:
     from pipecomet import ConfigError
 

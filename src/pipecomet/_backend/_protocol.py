@@ -135,6 +135,8 @@ class ClientConnection(Protocol):
         self.listener: ResponseListener | None = None
         self.closed = False
         self.tcp: TCPTransport | None = None
+        #: A streamed request body is still being written.
+        self.sending = False
         self._parser = httptools.HttpResponseParser(self)
         self._head = False
         self._status = 0
@@ -194,14 +196,17 @@ class ClientConnection(Protocol):
         transport.write(head)
         chunked = body.length is UNKNOWN_LENGTH
         consumer = _ChunkedConsumer(transport, chunked)
+        self.sending = True
         d = body.startProducing(consumer)
 
         def sent(_: Any) -> None:
+            self.sending = False
             if chunked and not self.closed and self.listener is listener:
                 transport.write(b"0\r\n\r\n")
 
         def not_sent(f: Failure) -> None:
-            if self.listener is listener and not self.closed:
+            self.sending = False
+            if not self.closed and self.listener in (listener, None):
                 self.abort()
 
         d.addCallbacks(sent, not_sent)
@@ -279,6 +284,10 @@ class ClientConnection(Protocol):
     def _finish(self, keep_alive: bool) -> None:
         listener = self.listener
         self.listener = None
+        if self.sending:
+            # Answered before its body was all sent (the backend did not
+            # wait for it): the rest would be read as the next request.
+            keep_alive = False
         if not keep_alive:
             self.abort()
         if listener is not None:
