@@ -26,11 +26,18 @@ no-load added latency ≤ 0.2 ms median.
 Settings: ``BENCH_GW_ROUNDS`` (2), ``BENCH_GW_DURATION`` (6 s),
 ``BENCH_GW_WARMUP`` (2 s), ``BENCH_GW_KINDS``
 (``direct,pipecomet,treq-pipe,treq,tornado,aiohttp``),
-``BENCH_GW_CONNECTIONS`` (``200,400,2000``).
+``BENCH_GW_CONNECTIONS`` (``200,400,2000``), ``BENCH_GW_INMEM_ROUNDS`` (3;
+0 skips the in-memory table), ``BENCH_GW_INMEM_CALLS`` (20000).
+
+Before the socket rounds, ``bench.gateway_inmemory`` measures pipecomet's
+CPU per forwarded call without sockets at 64 and 2,000 calls in flight,
+with and without the ``[gc] threshold`` the gateway runs with, and the
+cyclic collector's share of it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -122,6 +129,30 @@ def _measure_once(port: int, pid: int | None, path: str, seconds: int, warmup: i
     return out
 
 
+def in_memory(pinned: bool, rounds: int, calls: int) -> list[dict[str, Any]]:
+    """
+    ``bench.gateway_inmemory`` (CPU per forwarded call without sockets and
+    the collector's share) at 64 and 2,000 calls in flight, with Python's
+    default collector threshold and pipecomet's ``[gc] threshold``,
+    interleaved over ``rounds``, each in its own process on the gateway's
+    core.
+    """
+    out = []
+    for r in range(rounds):
+        for in_flight in (64, 2000):
+            for threshold in (0, GC_THRESHOLD or 20000):
+                cmd = _pin(GATEWAY_CORE, [sys.executable, "-m", "bench.gateway_inmemory",
+                                          str(in_flight), str(calls), str(threshold)], pinned)
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                   cwd=os.path.dirname(os.path.dirname(__file__)))
+                if p.returncode != 0:
+                    raise RuntimeError(f"in-memory run failed: {p.stderr[-2000:]}")
+                row = json.loads(p.stdout.strip().splitlines()[-1])
+                print(f"in memory, round {r + 1}/{rounds}: {row}", flush=True)
+                out.append(row)
+    return out
+
+
 def _med(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -153,6 +184,9 @@ def main() -> None:
         raise SystemExit(f"settings would take about {budget}s; the limit is {HARD_LIMIT}s")
 
     load_before = loadavg()
+    inmem_rounds = _env_int("BENCH_GW_INMEM_ROUNDS", 3)
+    inmem_calls = _env_int("BENCH_GW_INMEM_CALLS", 20000)
+    inmem = in_memory(pinned, inmem_rounds, inmem_calls) if inmem_rounds else []
     backend, backend_port = _start("backend", CLIENT_CORE, pinned)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {k: {} for k in kinds}
     try:
@@ -235,6 +269,24 @@ def main() -> None:
                                "gateway CPU µs/call", "errors", "req/s spread"],
                    "rows": rows})
 
+    if inmem:
+        rows = []
+        for in_flight in (64, 2000):
+            for threshold in sorted({o["gc_threshold"] for o in inmem}):
+                sel = [o for o in inmem if o["in_flight"] == in_flight and o["gc_threshold"] == threshold]
+                cpu = [o["cpu_us_per_call"] for o in sel]
+                gcs = [o["gc_us_per_call"] for o in sel]
+                rows.append([in_flight, threshold or "Python default (700)", round(_med(cpu)),
+                             round(_med(gcs)), f"{100 * _med(gcs) / _med(cpu):.0f}%",
+                             f"{min(cpu):.0f}–{max(cpu):.0f}"])
+        tables.append({
+            "title": "pipecomet gateway CPU per forwarded call without sockets (in memory), "
+                     "and the cyclic collector's share",
+            "columns": ["calls in flight", "[gc] threshold", "CPU µs/call (median)",
+                        "of which collector µs", "collector share", "CPU µs/call range"],
+            "rows": rows,
+        })
+
     top = f"slow-{max(levels)}"
     pc_rps, direct_rps = med("pipecomet", top, "rps"), med("direct", top, "rps")
     pc_errors = sum(o["errors"] for o in runs["pipecomet"][top])
@@ -280,6 +332,10 @@ def main() -> None:
         f"load average before {load_before}, after {load_after}; the machine is shared by "
         "several engineers running tests and benchmarks, so compare kinds within this run "
         "rather than with other runs.",
+        f"in-memory table: python -m bench.gateway_inmemory IN_FLIGHT {inmem_calls} THRESHOLD, "
+        f"{inmem_rounds} interleaved rounds, each in its own process pinned to the gateway's core: "
+        "the real server protocol, chain and backend client on memory transports, a fake backend "
+        "holding IN_FLIGHT calls open; no kernel or reactor work.",
         f"run took {elapsed:.0f} s.",
     ]
     write_result(
@@ -295,7 +351,7 @@ def main() -> None:
         raw={"wrk": tool_version(["wrk", "--version"]),
              "settings": {"rounds": rounds, "duration_s": seconds, "warmup_s": warmup,
                           "connections": levels, "pinned": pinned},
-             "runs": runs},
+             "runs": runs, "in_memory": inmem},
     )
 
 
