@@ -244,6 +244,26 @@ def test_resume_exactly_once_on_another_server_instance(tmp_path: Path,
         assert b"pipecomet-resume: ok" in again.head.lower()
 
 
+def test_reuseport_mode_spreads_new_connections_and_refuses_none(tmp_path: Path,
+                                                                  redis_server: RedisServer):
+    cfg = write_config(tmp_path, redis_server.url, 'processes_listen = "reuseport"\n')
+    with twistd_server(["--app", APP, "--config", cfg, "--processes", "2"]) as (port, proc):
+        s = ready_set(port)
+        assert s["listen"] == "reuseport"
+        pids = {c["pid"] for c in s["set"]}
+        # Each new connection (a new source port) is hashed to one of the
+        # two processes' sockets; every one is answered (none is queued on a
+        # socket nobody accepts from: the supervisor only holds the port).
+        seen = []
+        for _ in range(60):
+            code, body = http(port, "GET", "/pid", timeout=10)
+            assert code == 200, body
+            seen.append(json.loads(body)["pid"])
+        assert set(seen) == pids, (set(seen), pids)
+        # No accept balancer on a socket of one's own.
+        assert "accept_paused" not in status(port)["processes"]["answered_by"]
+
+
 def test_sigkill_restarts_one_while_the_other_serves(tmp_path: Path, redis_server: RedisServer):
     cfg = write_config(tmp_path, redis_server.url)
     with twistd_server(["--app", APP, "--config", cfg, "--processes", "2"]) as (port, proc):
