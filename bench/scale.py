@@ -93,7 +93,7 @@ def redis_server(directory: Path) -> Iterator[str]:
 
 @contextmanager
 def server(directory: Path, processes: int, bus_url: str | None,
-           listen: str = "inherit") -> Iterator[int]:
+           listen: str = "inherit", pids: list[int] | None = None) -> Iterator[int]:
     port = free_port()
     cfg = directory / f"scale-{processes}-{'redis' if bus_url else 'memory'}-{listen}.toml"
     text = (f'[server]\naccess_log = "off"\nprocesses = {processes}\n'
@@ -108,6 +108,8 @@ def server(directory: Path, processes: int, bus_url: str | None,
     log = open(directory / f"server-{port}.log", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    if pids is not None:
+        pids.append(proc.pid)  # the supervisor (or the one process)
     try:
         end = time.monotonic() + 60
         while True:
@@ -153,6 +155,22 @@ def status(port: int) -> dict[str, Any]:
 
 def _wrk_cmd(port: int, path: str, seconds: int, connections: int) -> list[str]:
     return ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"http://127.0.0.1:{port}{path}"]
+
+
+def _wrk_errors(out: str) -> dict[str, int]:
+    """
+    wrk's non-2xx/3xx count and its socket errors (0 when it printed none).
+    """
+    errors = {"non_2xx": 0, "connect": 0, "read": 0, "write": 0, "timeout": 0}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Non-2xx or 3xx responses:"):
+            errors["non_2xx"] = int(line.split(":")[1])
+        elif line.startswith("Socket errors:"):
+            for part in line.split(":", 1)[1].split(","):
+                name, value = part.split()
+                errors[name] = int(value)
+    return errors
 
 
 def _wrk_rate(out: str) -> float:
@@ -224,7 +242,8 @@ def balance(directory: Path, url: str, listen: str, seconds: int, held: int) -> 
     How wrk's connections and requests, and ``held`` SSE connections
     opened one after another, spread over two processes in ``listen`` mode.
     """
-    with server(directory, 2, url, listen=listen) as port:
+    supervisor: list[int] = []
+    with server(directory, 2, url, listen=listen, pids=supervisor) as port:
         pids = sorted(c["pid"] for c in status(port)["processes"]["set"])
         time.sleep(2.5)  # the counters of the other process arrive every second
         before = _answered(port)
@@ -252,7 +271,25 @@ def balance(directory: Path, url: str, listen: str, seconds: int, held: int) -> 
             held_tcp = tcp_spread(port)
         finally:
             clients.close()
+        # SIGHUP (one at a time) under wrk: what its clients see.
+        reload_s = max(20, seconds)
+        proc = subprocess.Popen(_wrk_cmd(port, "/hello", reload_s, 32), stdout=subprocess.PIPE,
+                                text=True)
+        time.sleep(2)
+        os.kill(supervisor[0], signal.SIGHUP)
+        out, _ = proc.communicate(timeout=reload_s + 60)
+        replaced_during_wrk = not {c["pid"] for c in status(port)["processes"]["set"]} & set(pids)
+        end = time.monotonic() + 60
+        while True:
+            after_reload = status(port)["processes"]
+            replaced = not {c["pid"] for c in after_reload["set"]} & set(pids)
+            if replaced or time.monotonic() > end:
+                break
+            time.sleep(0.5)
     return {"listen": listen, "pids": pids, "wrk_req_s": rate,
+            "reload": {"seconds": reload_s, "req_s": _wrk_rate(out), **_wrk_errors(out),
+                       "reloads": after_reload["reloads"], "all_replaced": replaced,
+                       "replaced_within_wrk_run": replaced_during_wrk},
             "wrk_connections": [conns.get(p, 0) for p in pids],
             "wrk_requests": [requests[p] for p in pids],
             "held": [per_process.get(p, 0) for p in pids],
@@ -446,6 +483,16 @@ def main() -> None:
                          f"{held:,} held SSE connections"],
              "rows": [[mode, round(b["wrk_req_s"]), _split(b["wrk_connections"]),
                        _split(b["wrk_requests"]), _split(b["held"])]
+                      for mode, b in bal.items()]},
+            {"title": "SIGHUP (rolling restart of both processes) under wrk, 32 connections",
+             "columns": ["listen", "wrk seconds", "req/s", "non-2xx", "socket errors "
+                         "(connect/read/write/timeout)", "both replaced"],
+             "rows": [[mode, b["reload"]["seconds"], round(b["reload"]["req_s"]),
+                       b["reload"]["non_2xx"],
+                       "/".join(str(b["reload"][k]) for k in ("connect", "read", "write",
+                                                             "timeout")),
+                       ("yes" if b["reload"]["replaced_within_wrk_run"] else
+                        "after wrk ended" if b["reload"]["all_replaced"] else "NO")]
                       for mode, b in bal.items()]},
         ],
         ratios={"cpu route 2/1 processes": cpu_ratio, "hello route 2/1 processes": hello_ratio,
