@@ -417,8 +417,9 @@ def main() -> None:
     if shutil.which("wrk") is None or shutil.which("redis-server") is None:
         raise SystemExit("wrk and redis-server are needed (scripts/apt-ensure wrk redis-server)")
     limit = raise_fd_limit()
-    subs = min(_env_int("SCALE_SUBS", 10_000), max(100, limit // 2 - 200))
-    held = min(_env_int("SCALE_HELD", 10_000), max(100, limit // 2 - 200))
+    # This client holds the sockets (each server process has a limit of its own).
+    subs = min(_env_int("SCALE_SUBS", 10_000), max(100, limit - 2000))
+    held = min(_env_int("SCALE_HELD", 10_000), max(100, limit - 2000))
     seconds = _env_int("SCALE_SECONDS", 8)
     rounds = _env_int("SCALE_ROUNDS", 3)
     publishes = _env_int("SCALE_PUBLISHES", 20)
