@@ -117,7 +117,8 @@ def bound_endpoint(spec: str, sock: socket.socket) -> str:
     interface, _, backlog = parse_tcp_endpoint(spec)
     port = sock.getsockname()[1]
     kind = "tcp6" if ":" in interface else "tcp"
-    return f"{kind}:{port}:interface={interface.replace(':', chr(92) + ':')}:backlog={backlog}"
+    escaped = interface.replace(":", "\\:")
+    return f"{kind}:{port}:interface={escaped}:backlog={backlog}"
 
 
 # ---------------------------------------------------------------------------
