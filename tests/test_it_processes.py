@@ -2,7 +2,9 @@
 ``twistd pipecomet --processes 2`` for real, with a real Redis: a publish
 taken by one serving process reaches subscribers on the other; a client
 resumes exactly once on another server instance; a serving process killed
-with SIGKILL is restarted while the other serves; SIGHUP restarts them one
+with SIGKILL is restarted while the other serves, and only the streams it
+held end (they resume exactly once elsewhere); Redis killed under two
+processes fails only what needs the bus; SIGHUP restarts them one
 at a time with no failed request; SIGTERM gives held clients the farewell
 event; the start fails clearly with the memory bus or without Redis.
 
@@ -244,6 +246,26 @@ def test_resume_exactly_once_on_another_server_instance(tmp_path: Path,
         assert b"pipecomet-resume: ok" in again.head.lower()
 
 
+def test_reuseport_mode_spreads_new_connections_and_refuses_none(tmp_path: Path,
+                                                                  redis_server: RedisServer):
+    cfg = write_config(tmp_path, redis_server.url, 'processes_listen = "reuseport"\n')
+    with twistd_server(["--app", APP, "--config", cfg, "--processes", "2"]) as (port, proc):
+        s = ready_set(port)
+        assert s["listen"] == "reuseport"
+        pids = {c["pid"] for c in s["set"]}
+        # Each new connection (a new source port) is hashed to one of the
+        # two processes' sockets; every one is answered (none is queued on a
+        # socket nobody accepts from: the supervisor only holds the port).
+        seen = []
+        for _ in range(60):
+            code, body = http(port, "GET", "/pid", timeout=10)
+            assert code == 200, body
+            seen.append(json.loads(body)["pid"])
+        assert set(seen) == pids, (set(seen), pids)
+        # No accept balancer on a socket of one's own.
+        assert "accept_paused" not in status(port)["processes"]["answered_by"]
+
+
 def test_sigkill_restarts_one_while_the_other_serves(tmp_path: Path, redis_server: RedisServer):
     cfg = write_config(tmp_path, redis_server.url)
     with twistd_server(["--app", APP, "--config", cfg, "--processes", "2"]) as (port, proc):
@@ -265,6 +287,116 @@ def test_sigkill_restarts_one_while_the_other_serves(tmp_path: Path, redis_serve
         assert after["restarts"] == 1 and after["deaths"] == 1
         assert {c["pid"] for c in after["set"]} - {victim["pid"]} >= {before["set"][1]["pid"]}
         assert proc.poll() is None
+
+
+def test_sigkill_ends_only_the_streams_that_process_held(tmp_path: Path,
+                                                        redis_server: RedisServer):
+    cfg = write_config(tmp_path, redis_server.url)
+    with twistd_server(["--app", APP, "--config", cfg, "--processes", "2"]) as (port, proc):
+        ready_set(port)
+        readers: list[SSEReader] = []
+        try:
+            # One at a time, each counted before the next, until both hold
+            # some (the accept balancer pauses the fuller one past its share
+            # plus 4): at most 60.
+            held: dict[int, int] = {}
+            while len(readers) < 60 and not (len(readers) >= 10 and min(held.values()) >= 1):
+                r = SSEReader(port, "/comet/crash")
+                r.start()
+                readers.append(r)
+                n = len(readers)
+                held = wait_for(lambda: (lambda c: c if sum(c.values()) == n else None)(
+                    comet_connections(status(port))), 30, f"{n} held")
+            assert min(held.values()) >= 1, held
+            total = len(readers)
+            assert publish(port, "crash", 0)[0] == 200
+            wait_for(lambda: all(len(r.messages) == 1 for r in readers), 20, "message 0")
+            victim = next(pid for pid in held)
+            os.kill(victim, signal.SIGKILL)
+            # The victim's streams end; the other process's streams stay.
+            wait_for(lambda: sum(r.closed for r in readers) == held[victim], 20,
+                     f"{held[victim]} streams of the killed process closed")
+            code, body = publish(port, "crash", 1)
+            assert code == 200, body
+            alive = [r for r in readers if not r.closed]
+            assert len(alive) == total - held[victim]
+            wait_for(lambda: all(len(r.messages) == 2 for r in alive), 20, "message 1 live")
+            # Those that lost their process resume on what serves now: once.
+            again = [SSEReader(port, "/comet/crash", last_event_id=r.messages[-1][0])
+                     for r in readers if r.closed]
+            readers.extend(again)
+            for r in again:
+                r.start()
+            wait_for(lambda: all(len(r.messages) == 1 for r in again), 20, "resumed")
+            time.sleep(0.3)  # a duplicate would show now
+            for r in alive:
+                assert [m[1] for m in r.messages] == [0, 1]
+            for r in again:
+                assert [m[1] for m in r.messages] == [1]
+                assert not [e for e in r.events if e[0] in ("gap", "reset")]
+            assert proc.poll() is None
+        finally:
+            for r in readers:
+                r.close()
+
+
+def test_redis_killed_fails_only_the_bus_calls(tmp_path: Path):
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        cfg = write_config(tmp_path, redis.url)
+        with twistd_server(["--app", APP, "--config", cfg, "--processes", "2"]) as (port, _):
+            ready_set(port)
+            readers = [SSEReader(port, "/comet/redis") for _ in range(10)]
+            try:
+                for r in readers:
+                    r.start()
+                wait_for(lambda: sum(comet_connections(status(port)).values()) == 10, 30,
+                         "10 held")
+                assert publish(port, "redis", 0)[0] == 200
+                wait_for(lambda: all(len(r.messages) == 1 for r in readers), 20, "message 0")
+                redis.kill()
+
+                def bus_down_everywhere() -> bool:
+                    return not any(c["status"]["bus"]["connected"]
+                                   for c in status(port)["processes"]["set"])
+
+                wait_for(bus_down_everywhere, 30, "both processes hear Redis gone")
+                # What does not need the bus is served as before.
+                for _ in range(20):
+                    code, body = http(port, "GET", "/hello")
+                    assert code == 200, body
+                # A publish is answered 503 bus_unavailable with Retry-After.
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(b"POST /_pipecomet/publish/redis HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: close\r\nContent-Type: application/json\r\n"
+                              b"Authorization: Bearer " + TOKEN.encode() +
+                              b"\r\nContent-Length: 1\r\n\r\n1")
+                    raw = b""
+                    while chunk := s.recv(65536):
+                        raw += chunk
+                head, _, body = raw.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 503"), head
+                assert b"\r\nretry-after: " in head.lower()
+                assert b"bus_unavailable" in body
+                # The held subscribers stay connected.
+                assert not any(r.closed for r in readers)
+                redis.start()
+                wait_for(lambda: all(c["status"]["bus"]["connected"]
+                                     for c in status(port)["processes"]["set"]), 30,
+                         "both reconnected")
+                assert publish(port, "redis", 1)[0] == 200
+                wait_for(lambda: all(len(r.messages) == 2 for r in readers), 20, "message 1")
+                time.sleep(0.3)  # a duplicate would show now
+                for r in readers:
+                    assert [m[1] for m in r.messages] == [0, 1]
+                    # Redis lost the history (no persistence): said once, never silent.
+                    assert [e[0] for e in r.events if e[0] in ("gap", "reset")] == ["reset"]
+            finally:
+                for r in readers:
+                    r.close()
+    finally:
+        redis.stop()
 
 
 def test_sighup_restarts_one_at_a_time_with_no_failed_request(tmp_path: Path,

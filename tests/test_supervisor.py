@@ -87,6 +87,30 @@ class SupervisorTests(SynchronousTestCase):
             self.assertIn("--listen-fd", args)
             self.assertEqual(args[args.index("--process-index") + 1], str(i))
 
+    def test_reuseport_children_bind_the_port_the_supervisor_holds(self) -> None:
+        reactor = Launcher()
+        sup = Supervisor(reactor, 2, "tcp:0:interface=127.0.0.1:backlog=64", ["--app", "x:y"],
+                         listen="reuseport", kill=lambda pid, sig: None)
+        sup.install_sighup = False
+        sup.startService()
+        self.addCleanup(lambda: sup.socket and sup.socket.close())
+        port = sup.socket.getsockname()[1]
+        self.assertNotEqual(port, 0)
+        # Held, not listening: the kernel gives a listening socket in the
+        # SO_REUSEPORT group its share of connections, and nobody here accepts.
+        self.assertEqual(sup.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 0)
+        self.assertEqual(sup.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+        for proto, args, fds in reactor.spawned:
+            self.assertNotIn(3, fds)
+            self.assertNotIn("--listen-fd", args)
+            self.assertIn("--reuseport", args)
+            self.assertEqual(args[args.index("--port") + 1],
+                             f"tcp:{port}:interface=127.0.0.1:backlog=64")
+        self.assertEqual(sup.describe()["listen"], "reuseport")
+
+    def test_unknown_listen_mode_is_refused(self) -> None:
+        self.assertRaises(ValueError, Supervisor, Launcher(), 2, "tcp:0", [], listen="fork")
+
     def test_a_dead_child_is_restarted_with_backoff(self) -> None:
         sup, reactor, _ = make()
         self.addCleanup(sup.socket.close)
@@ -179,6 +203,8 @@ class SupervisorTests(SynchronousTestCase):
                          ("127.0.0.1", 8080, 1024))
         self.assertEqual(parse_tcp_endpoint("8080"), ("0.0.0.0", 8080, 1024))
         self.assertRaises(ConfigError, parse_tcp_endpoint, "unix:/tmp/x")
+        self.assertEqual(parse_tcp_endpoint("tcp6:80:interface=\\:\\:1:backlog=5"),
+                         ("::1", 80, 5))
 
 
 class FakePort:

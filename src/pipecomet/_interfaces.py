@@ -5,6 +5,8 @@ replace, as zope.interface interfaces in one place.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from zope.interface import Attribute, Interface
 
 __all__ = ["IBus", "IBusReceiver", "IHistoryBus"]
@@ -90,7 +92,7 @@ class IHistoryBus(IBus):
     again after the bus comes back from a drop.
     """
 
-    def set_limits(limits: object) -> None:
+    def set_limits(limits: Callable[[str], tuple[int, float, float]]) -> None:
         """
         ``limits(topic)`` → ``(history_count, history_age, idempotency_ttl)``:
         the bounds the bus keeps each topic's history and keys within (the

@@ -24,16 +24,20 @@ from __future__ import annotations
 import os
 from collections import deque
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeAlias, Union
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._bus import BusDelivery, StoredMessage, TopicHistory
+if TYPE_CHECKING:
+    from ._bus import BusConfig
 from ._errors import ServiceUnavailable
 from ._interfaces import IBusReceiver, IHistoryBus
 
@@ -54,7 +58,17 @@ class _Incomplete(Exception):
     pass
 
 
-def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
+#: A RESP2 reply: bulk or simple string, integer, array, error, or nil.
+Reply: TypeAlias = Union[bytes, int, list["Reply"], RedisError, None]
+
+#: A command argument, sent as a bulk string.
+Arg: TypeAlias = Union[str, bytes, int, float]
+
+#: ``topic → (history_count, history_age, idempotency_ttl)``.
+Limits: TypeAlias = Callable[[str], tuple[int, float, float]]
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Reply, int]:
     end = buf.find(b"\r\n", pos)
     if end < 0:
         raise _Incomplete
@@ -72,7 +86,7 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
         n = int(line)
         if n < 0:
             return None, pos
-        out = []
+        out: list[Reply] = []
         for _ in range(n):
             value, pos = _parse(buf, pos)
             out.append(value)
@@ -86,17 +100,39 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
     raise ValueError(f"not a RESP reply: {buf[pos - 1:pos + 20]!r}")
 
 
-def encode(args: Sequence[Any]) -> bytes:
+def _bytes(reply: Reply) -> bytes:
+    if not isinstance(reply, bytes):
+        raise RedisError(f"expected a string reply, got {reply!r:.80}")
+    return reply
+
+
+def _int(reply: Reply) -> int:
+    if isinstance(reply, int):
+        return reply
+    if isinstance(reply, bytes) and reply.lstrip(b"-").isdigit():
+        return int(reply)
+    raise RedisError(f"expected an integer reply, got {reply!r:.80}")
+
+
+def _list(reply: Reply) -> list[Reply]:
+    if not isinstance(reply, list):
+        raise RedisError(f"expected an array reply, got {reply!r:.80}")
+    return reply
+
+
+def encode(args: Sequence[Arg]) -> bytes:
     """
     A command as a RESP array of bulk strings.
     """
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         if isinstance(a, str):
-            a = a.encode("utf-8")
-        elif isinstance(a, (int, float)):
-            a = str(a).encode("ascii")
-        out.append(b"$%d\r\n%b\r\n" % (len(a), a))
+            raw = a.encode("utf-8")
+        elif isinstance(a, bytes):
+            raw = a
+        else:
+            raw = str(a).encode("ascii")
+        out.append(b"$%d\r\n%b\r\n" % (len(raw), raw))
     return b"".join(out)
 
 
@@ -111,30 +147,45 @@ class RespProtocol(Protocol):
     """
 
     def __init__(self, on_message: Callable[[bytes, bytes], None] | None = None,
-                 on_lost: Callable[[Any], None] | None = None) -> None:
+                 on_lost: Callable[[Failure | None], None] | None = None) -> None:
         self._buf = b""
-        self._waiting: deque[Deferred] = deque()
+        self._waiting: deque[Deferred[Reply]] = deque()
         self.on_message = on_message
         self.on_lost = on_lost
         self.replies = 0
 
-    def command(self, *args: Any) -> Deferred:
-        d: Deferred = Deferred()
+    def command(self, *args: Arg) -> Deferred[Reply]:
+        if self.transport is None:
+            return fail(_unavailable("not connected to Redis"))
+        d: Deferred[Reply] = Deferred()
         self._waiting.append(d)
         self.transport.write(encode(args))
         return d
 
-    def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Deferred]:
+    def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Deferred[Reply]]:
         """
         Several commands in one write; their Deferreds in order.
         """
-        out = []
+        if self.transport is None:
+            return [fail(_unavailable("not connected to Redis")) for _ in commands]
+        out: list[Deferred[Reply]] = []
         for _ in commands:
-            d: Deferred = Deferred()
+            d: Deferred[Reply] = Deferred()
             self._waiting.append(d)
             out.append(d)
         self.transport.write(b"".join(encode(c) for c in commands))
         return out
+
+    def abort(self) -> None:
+        """
+        Drop the connection at once, unsent data and all (a hung server, a
+        reply that is not RESP, the other connection gone).
+        """
+        tcp = ITCPTransport(self.transport, None)  # TCP and UNIX connections both provide it
+        if tcp is not None:
+            tcp.abortConnection()
+        elif self.transport is not None:
+            self.transport.loseConnection()
 
     @property
     def outstanding(self) -> int:
@@ -151,16 +202,17 @@ class RespProtocol(Protocol):
                 break
             except ValueError as e:
                 log.error("Redis protocol error: {error}", error=e)
-                self.transport.abortConnection()
+                self.abort()
                 return
             pos = pos2
             self._reply(value)
         self._buf = buf[pos:] if pos < n else b""
 
-    def _reply(self, value: Any) -> None:
+    def _reply(self, value: Reply) -> None:
         self.replies += 1
         if (self.on_message is not None and type(value) is list and len(value) == 3
-                and value[0] == b"message"):
+                and value[0] == b"message" and isinstance(value[1], bytes)
+                and isinstance(value[2], bytes)):
             self.on_message(value[1], value[2])
             return
         if not self._waiting:
@@ -171,7 +223,7 @@ class RespProtocol(Protocol):
         else:
             d.callback(value)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         waiting, self._waiting = self._waiting, deque()
         for d in waiting:
             d.errback(_unavailable("the connection to Redis was lost"))
@@ -184,7 +236,7 @@ def _unavailable(message: str, retry_after: float = 1.0) -> ServiceUnavailable:
     return ServiceUnavailable(message, code="bus_unavailable", retry_after=retry_after)
 
 
-def parse_url(url: str) -> tuple[str, Any, int, str | None]:
+def parse_url(url: str) -> tuple[str, tuple[str, int] | str, int, str | None]:
     """
     ``redis://[:password@]host[:port][/db]`` or ``unix:///path[?db=N]``
     → ``(kind, address, db, password)``.
@@ -225,8 +277,7 @@ class RedisBus:
         installer through :meth:`set_limits`).
     """
 
-    def __init__(self, reactor: Any, config: Any,
-                 limits: Callable[[str], tuple[int, float, float]] | None = None) -> None:
+    def __init__(self, reactor: Any, config: BusConfig, limits: Limits | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.kind, self.address, self.db, self.password = parse_url(config.url)
@@ -238,13 +289,13 @@ class RedisBus:
         self._sub: RespProtocol | None = None
         self._state = _DOWN
         self._running = False
-        self._retry_call: Any = None
-        self._watchdog: Any = None
-        self._ping_call: Any = None
+        self._retry_call: IDelayedCall | None = None
+        self._watchdog: IDelayedCall | None = None
+        self._ping_call: IDelayedCall | None = None
         self._backoff = 0.0
         self._sha = b""
         self._script = _script()
-        self._ready: list[Deferred] = []
+        self._ready: list[Deferred[None]] = []
         # figures
         self.published = 0
         self.received = 0
@@ -256,7 +307,7 @@ class RedisBus:
         self.pings = 0
         self.last_error = ""
 
-    def set_limits(self, limits: Callable[[str], tuple[int, float, float]]) -> None:
+    def set_limits(self, limits: Limits) -> None:
         self._limits = limits
 
     @property
@@ -274,17 +325,17 @@ class RedisBus:
         self._running = True
         self._connect()
 
-    def when_connected(self) -> Deferred:
+    def when_connected(self) -> Deferred[None]:
         """
         A Deferred that fires once the bus is up (at once if it is).
         """
         if self._state == _UP:
             return succeed(None)
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._ready.append(d)
         return d
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         self._running = False
         for call in (self._retry_call, self._watchdog, self._ping_call):
             if call is not None and call.active():
@@ -298,9 +349,9 @@ class RedisBus:
         self._state = _DOWN
         return succeed(None)
 
-    def _endpoint(self) -> Any:
+    def _endpoint(self) -> IStreamClientEndpoint:
         timeout = self.config.connect_timeout
-        if self.kind == "tcp":
+        if isinstance(self.address, tuple):
             host, port = self.address
             return TCP4ClientEndpoint(self.reactor, host, port, timeout=timeout)
         return UNIXClientEndpoint(self.reactor, self.address, timeout=timeout)
@@ -314,16 +365,16 @@ class RedisBus:
         cmd = RespProtocol(on_lost=self._lost)
         sub = RespProtocol(on_message=self._message, on_lost=self._lost)
 
-        def both(_: Any) -> Deferred:
+        def both(_: object) -> Deferred[RespProtocol]:
             return connectProtocol(ep, sub)
 
         d = connectProtocol(ep, cmd).addCallback(both)
         d.addCallback(lambda _: self._handshake(cmd, sub))
         d.addErrback(self._connect_failed, cmd, sub)
 
-    def _handshake(self, cmd: RespProtocol, sub: RespProtocol) -> Deferred:
+    def _handshake(self, cmd: RespProtocol, sub: RespProtocol) -> Deferred[None]:
         self._cmd, self._sub = cmd, sub
-        first: list[Deferred] = []
+        first: list[Deferred[Reply]] = []
         for conn in (cmd, sub):
             if self.password:
                 first.append(conn.command("AUTH", self.password))
@@ -334,7 +385,7 @@ class RedisBus:
         subscribed = sub.command("SUBSCRIBE", self.channel)
         self._arm_watchdog()
 
-        def up(results: list[Any]) -> None:
+        def up(results: list[Reply]) -> None:
             self._sha = results[-2] if isinstance(results[-2], bytes) else b""
             self._state = _UP
             self._backoff = 0.0
@@ -353,13 +404,14 @@ class RedisBus:
 
         return gatherResults([*first, load, subscribed], consumeErrors=True).addCallback(up)
 
-    def _connect_failed(self, f: Any, cmd: RespProtocol, sub: RespProtocol) -> None:
-        error = f.value.subFailure.value if hasattr(f.value, "subFailure") else f.value
+    def _connect_failed(self, f: Failure, cmd: RespProtocol, sub: RespProtocol) -> None:
+        error = f.value
+        if isinstance(error, FirstError):  # from gatherResults: the command that failed
+            error = error.subFailure.value
         self.last_error = str(error) or type(error).__name__
         for conn in (cmd, sub):
             conn.on_lost = None
-            if conn.transport is not None:
-                conn.transport.abortConnection()
+            conn.abort()
         if self._cmd is cmd:
             self._cmd = self._sub = None
         self._disarm_watchdog()
@@ -375,7 +427,7 @@ class RedisBus:
                             max(self.config.reconnect_min, self._backoff * 2))
         self._retry_call = self.reactor.callLater(self._backoff, self._connect)
 
-    def _lost(self, reason: Any) -> None:
+    def _lost(self, reason: Failure | None) -> None:
         """
         Either connection ended: both go, the hubs hear it, and we
         reconnect.
@@ -386,8 +438,7 @@ class RedisBus:
         for conn in (cmd, sub):
             if conn is not None:
                 conn.on_lost = None
-                if conn.transport is not None:
-                    conn.transport.abortConnection()
+                conn.abort()
         for call in (self._ping_call,):
             if call is not None and call.active():
                 call.cancel()
@@ -398,7 +449,7 @@ class RedisBus:
         self._state = _DOWN
         if was_up:
             self.drops += 1
-            why = getattr(getattr(reason, "value", None), "__class__", type(None)).__name__
+            why = type(reason.value).__name__ if reason is not None else "no reason"
             self.last_error = f"connection lost ({why})"
             log.warn("comet bus: lost Redis at {url}; reconnecting", url=self.config.url)
             for r in tuple(self._receivers):
@@ -418,7 +469,7 @@ class RedisBus:
             self._watchdog.cancel()
         self._watchdog = None
 
-    def _replied(self, value: Any) -> Any:
+    def _replied(self, value: Reply | Failure) -> Reply | Failure:
         cmd = self._cmd
         if cmd is not None and cmd.outstanding == 0:
             self._disarm_watchdog()
@@ -432,8 +483,8 @@ class RedisBus:
         log.warn("comet bus: Redis gave no reply within {t}s: dropping the connection",
                  t=self.config.command_timeout)
         for conn in (self._cmd, self._sub):
-            if conn is not None and conn.transport is not None:
-                conn.transport.abortConnection()
+            if conn is not None:
+                conn.abort()
 
     def _ping(self) -> None:
         self._ping_call = None
@@ -443,7 +494,7 @@ class RedisBus:
         self.pings += 1
         self._call("PING").addErrback(lambda f: None)
 
-    def _call(self, *args: Any) -> Deferred:
+    def _call(self, *args: Arg) -> Deferred[Reply]:
         cmd = self._cmd
         if cmd is None or self._state != _UP:
             return fail(_unavailable("the comet bus (Redis) is unavailable",
@@ -470,7 +521,8 @@ class RedisBus:
         # One hash tag per topic keeps a topic's keys in one cluster slot.
         return f"{self.prefix}:{{{topic}}}:{kind}"
 
-    def publish(self, topic: str, event: str, data: bytes, key: str | None = None) -> Deferred:
+    def publish(self, topic: str, event: str, data: bytes,
+                key: str | None = None) -> Deferred[BusDelivery]:
         if self._state != _UP:
             self.failed_publishes += 1
             return fail(_unavailable("the comet bus (Redis) is unavailable",
@@ -478,25 +530,28 @@ class RedisBus:
         if event == _END_EVENT:
             payload = b"\n".join((topic.encode(), b"", event.encode(), b"0", data))
             return self._call("PUBLISH", self.channel, payload).addCallback(
-                lambda n: BusDelivery(None, int(n)))
+                lambda n: BusDelivery(None, _int(n)))
         count, age, idem_ttl = self._limits(topic)
         keys = (self._key("meta", topic), self._key("stream", topic),
                 self._key("key:" + key, topic) if key is not None else "")
-        args = (event, data, count, int(age * 1000), max(1, int(idem_ttl)), self.channel,
-                topic, os.urandom(4).hex(), max(1, int(self.config.topic_ttl)))
+        args: tuple[Arg, ...] = (event, data, count, int(age * 1000), max(1, int(idem_ttl)),
+                                 self.channel, topic, os.urandom(4).hex(),
+                                 max(1, int(self.config.topic_ttl)))
 
-        def done(reply: Any) -> BusDelivery:
+        def done(reply: Reply) -> BusDelivery:
+            # The script answers {id, duplicate, receivers}.
+            id_, duplicate, receivers = _list(reply)[:3]
             self.published += 1
-            return BusDelivery(reply[0].decode("ascii"), int(reply[2]), bool(reply[1]))
+            return BusDelivery(_bytes(id_).decode("ascii"), _int(receivers), bool(duplicate))
 
-        def noscript(f: Any) -> Any:
+        def noscript(f: Failure) -> Deferred[Reply] | Failure:
             # The script cache was emptied (SCRIPT FLUSH, a failover): once
             # more with the script itself, which also caches it again.
             if isinstance(f.value, RedisError) and str(f.value).startswith("NOSCRIPT"):
                 return self._call("EVAL", self._script, 3, *keys, *args)
             return f
 
-        def failed(f: Any) -> Any:
+        def failed(f: Failure) -> Deferred[BusDelivery] | Failure:
             self.failed_publishes += 1
             if isinstance(f.value, RedisError):
                 log.error("comet bus: publish script failed: {error}", error=f.value)
@@ -507,7 +562,7 @@ class RedisBus:
         d = self._call("EVALSHA", self._sha, 3, *keys, *args)
         return d.addErrback(noscript).addCallbacks(done, failed)
 
-    def load(self, topic: str, count: int) -> Deferred:
+    def load(self, topic: str, count: int) -> Deferred[TopicHistory]:
         """
         The topic's epoch and last offset (made now when it has none) and
         its newest ``count`` messages, read atomically (MULTI/EXEC).
@@ -521,7 +576,7 @@ class RedisBus:
         meta, stream = self._key("meta", topic), self._key("stream", topic)
         ttl = max(1, int(self.config.topic_ttl))
         epoch = os.urandom(4).hex()
-        commands: list[tuple[Any, ...]] = [
+        commands: list[tuple[Arg, ...]] = [
             ("MULTI",),
             ("HSETNX", meta, "epoch", epoch),
             ("HSETNX", meta, "offset", 0),
@@ -535,17 +590,21 @@ class RedisBus:
         for d in replies[:-1]:
             d.addErrback(lambda f: None)  # EXEC carries the outcome
 
-        def read(results: Any) -> TopicHistory:
+        def read(results: Reply) -> TopicHistory:
             if results is None:
                 raise _unavailable("the comet bus (Redis) aborted a read")
-            (ep, last), entries = results[3], results[4]
+            # EXEC's array: HSETNX, HSETNX, EXPIRE, HMGET, XREVRANGE.
+            replies = _list(results)
+            ep, last = _list(replies[3])[:2]
             msgs = []
-            for entry_id, fields in reversed(entries or []):
-                f = dict(zip(fields[::2], fields[1::2]))
-                msgs.append(StoredMessage(int(entry_id.split(b"-")[0]),
+            for entry in reversed(_list(replies[4]) if replies[4] is not None else []):
+                entry_id, fields = _list(entry)[:2]
+                values = [_bytes(v) for v in _list(fields)]
+                f = dict(zip(values[::2], values[1::2]))
+                msgs.append(StoredMessage(int(_bytes(entry_id).split(b"-")[0]),
                                           f[b"e"].decode("ascii"), f[b"d"],
                                           int(f[b"t"]) / 1000.0))
-            return TopicHistory(ep.decode("ascii"), int(last), tuple(msgs))
+            return TopicHistory(_bytes(ep).decode("ascii"), _int(last), tuple(msgs))
 
         return replies[-1].addBoth(self._replied).addCallback(read)
 

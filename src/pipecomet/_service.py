@@ -265,15 +265,12 @@ def _supervisor_service(options: Options, app: Any, port: str, count: int) -> IS
     supervisor = Supervisor(reactor, count, port, args, listen=server.processes_listen,
                             stop_timeout=max(30.0, server.drain_grace + 10.0),
                             workers_per_process=app.config.workers.size if pool else 0)
-    if server.processes_listen == "inherit":
-        # Bound now, before the reactor runs: a port in use fails the start.
-        from ._supervisor import bind_listener
-
-        try:
-            supervisor.socket = bind_listener(port)
-        except ConfigError as e:
-            sys.stderr.write(f"pipecomet: {e}\n")
-            raise SystemExit(1) from None
+    # Bound now, before the reactor runs: a port in use fails the start.
+    try:
+        supervisor.bind()
+    except ConfigError as e:
+        sys.stderr.write(f"pipecomet: {e}\n")
+        raise SystemExit(1) from None
     return supervisor
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -37,14 +38,17 @@ from twisted.logger import Logger
 
 from ._config import ConfigError
 
-__all__ = ["Supervisor", "ChildControl", "bind_listener", "parse_tcp_endpoint", "usable_cores",
-           "CONTROL_IN", "CONTROL_OUT", "LISTEN_FD"]
+__all__ = ["Supervisor", "ChildControl", "bind_listener", "bound_endpoint", "parse_tcp_endpoint",
+           "usable_cores", "CONTROL_IN", "CONTROL_OUT", "LISTEN_FD", "LISTEN_MODES"]
 
 log = Logger()
 
 #: The serving process's file descriptors: the inherited listening socket,
 #: the pipe it reports on, the pipe it hears the supervisor on.
 LISTEN_FD, CONTROL_OUT, CONTROL_IN = 3, 4, 5
+
+#: How the serving processes get the listening socket (``[server] processes_listen``).
+LISTEN_MODES = ("inherit", "reuseport")
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -64,7 +68,7 @@ def parse_tcp_endpoint(spec: str) -> tuple[str, int, int]:
     ``tcp:PORT[:interface=ADDR][:backlog=N]`` (or a bare port) → ``(interface,
     port, backlog)``; ``--processes`` serves TCP only.
     """
-    parts = spec.split(":")
+    parts = re.split(r"(?<!\\):", spec)  # "\:" is a colon inside a value (an IPv6 address)
     if parts[0].isdigit() and len(parts) == 1:
         return "0.0.0.0", int(parts[0]), 1024
     if parts[0] not in ("tcp", "tcp6") or len(parts) < 2 or not parts[1].isdigit():
@@ -83,9 +87,10 @@ def parse_tcp_endpoint(spec: str) -> tuple[str, int, int]:
     return interface, int(parts[1]), backlog
 
 
-def bind_listener(spec: str, reuseport: bool = False) -> socket.socket:
+def bind_listener(spec: str, reuseport: bool = False, listen: bool = True) -> socket.socket:
     """
-    A listening, non-blocking TCP socket for ``spec``.
+    A listening, non-blocking TCP socket for ``spec`` (bound only, not
+    listening, when ``listen`` is false).
     """
     interface, port, backlog = parse_tcp_endpoint(spec)
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
@@ -98,9 +103,22 @@ def bind_listener(spec: str, reuseport: bool = False) -> socket.socket:
     except OSError as e:
         s.close()
         raise ConfigError(f"cannot listen on {spec}: {e.strerror}") from None
-    s.listen(backlog)
+    if listen:
+        s.listen(backlog)
     s.setblocking(False)
     return s
+
+
+def bound_endpoint(spec: str, sock: socket.socket) -> str:
+    """
+    ``spec`` with the port ``sock`` is bound to (``tcp:0`` made definite),
+    for the serving processes that bind their own sockets.
+    """
+    interface, _, backlog = parse_tcp_endpoint(spec)
+    port = sock.getsockname()[1]
+    kind = "tcp6" if ":" in interface else "tcp"
+    escaped = interface.replace(":", "\\:")
+    return f"{kind}:{port}:interface={escaped}:backlog={backlog}"
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +202,9 @@ class Supervisor(Service):
     :param child_args: the ``twistd pipecomet`` options every serving
         process gets (app, config...), without ``--port``/``--processes``.
     :param listen: ``"inherit"`` (one socket, adopted by each) or
-        ``"reuseport"`` (each binds its own with SO_REUSEPORT).
+        ``"reuseport"`` (each binds its own with SO_REUSEPORT; the
+        supervisor's socket then only holds the port: bound, never
+        listening, so the kernel gives it no connections).
     """
 
     name = "supervisor"
@@ -195,6 +215,8 @@ class Supervisor(Service):
                  restart_max: float = 5.0, stop_timeout: float = 30.0,
                  status_interval: float = 1.0, workers_per_process: int | None = None,
                  env: dict[str, str] | None = None, kill: Any = os.kill) -> None:
+        if listen not in LISTEN_MODES:
+            raise ValueError(f"listen: {listen!r} is not one of {LISTEN_MODES}")
         self.reactor = reactor
         self.count = count
         self.port = port
@@ -221,10 +243,25 @@ class Supervisor(Service):
 
     # -- lifecycle
 
+    def bind(self) -> None:
+        """
+        Bind the address now (before the reactor runs, so that a port in
+        use fails the start): the listening socket every serving process
+        adopts, or, with ``reuseport``, a socket that holds the port
+        without listening (a listening one would join the SO_REUSEPORT
+        group and be handed connections nobody accepts).
+
+        :raises ConfigError: the address cannot be bound.
+        """
+        if self.listen == "reuseport":
+            self.socket = bind_listener(self.port, reuseport=True, listen=False)
+        else:
+            self.socket = bind_listener(self.port)
+
     def startService(self) -> None:
         super().startService()
         if self.socket is None:
-            self.socket = bind_listener(self.port, reuseport=self.listen == "reuseport")
+            self.bind()
         for i in range(self.count):
             self._spawn(i)
         self._broadcast = self.reactor.callLater(self.status_interval, self._send_set)
@@ -261,7 +298,8 @@ class Supervisor(Service):
             fds[LISTEN_FD] = self.socket.fileno()
             args += ["--listen-fd", str(LISTEN_FD)]
         else:
-            args += ["--port", self.port, "--reuseport"]
+            assert self.socket is not None
+            args += ["--port", bound_endpoint(self.port, self.socket), "--reuseport"]
         env = dict(os.environ if self.env is None else self.env)
         self.reactor.spawnProcess(child, sys.executable, args, env=env, childFDs=fds)
         self.children[index] = child
@@ -516,7 +554,9 @@ class ServingProcess(Service):
         self.app.runtime.status_sources["processes"] = self.control.status
         self.control.ready()
         hub = getattr(self.app.runtime.events, "comet", None)
-        if hub is not None and self.control.total > 1:
+        # Only with the one shared socket: a process that stops reading its
+        # own SO_REUSEPORT socket leaves the connections hashed to it waiting.
+        if hub is not None and self.control.total > 1 and opts["listen-fd"] is not None:
             self.balancer = AcceptBalancer(self.reactor, self.port, hub, self.control)
             self.balancer.start()
             self.control.balancer = self.balancer
