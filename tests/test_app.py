@@ -82,7 +82,7 @@ class RoutingTests(SynchronousTestCase):
         from treq.testing import StubTreq
 
         self.app.route("/k/<name>", [Pipe(lambda i, c, r: i.path_params["name"], name="n")])
-        stub = StubTreq(self.app.klein.resource())
+        stub = StubTreq(self.app.mount_in_klein().resource())
         response = self.successResultOf(stub.get("http://x/k/abc"))
         self.assertEqual(self.successResultOf(response.json()), "abc")
 
