@@ -14,7 +14,7 @@ the server itself never routes chains through Klein).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -26,6 +26,8 @@ from werkzeug.exceptions import NotFound as WzNotFound
 from ._backend._pipes import BackendPipe
 from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeInput
 from ._config import Config, ConfigError
+from ._events import Condition
+from ._interfaces import IPipecometReactor
 from ._errors import MethodNotAllowed, NotFound, PipecometError, error_body
 from ._responders import RESPONDERS, choose_responder, send_error
 from ._observe import KLEIN, UNMATCHED, RequestObserver
@@ -124,11 +126,13 @@ class App:
     """
     A pipecomet application.
 
-    :param reactor: the reactor; the global one when None (looked up on use).
+    :param reactor: the reactor; the global one when None (looked up on
+        first use, never at import).
     :param name: shown in logs and status.
+    :param builtin_routes: serve ``/_pipecomet/status``.
     """
 
-    def __init__(self, *, reactor: Any = None, name: str = "pipecomet",
+    def __init__(self, *, reactor: IPipecometReactor | None = None, name: str = "pipecomet",
                  builtin_routes: bool = True) -> None:
         from klein import Klein
 
@@ -149,11 +153,14 @@ class App:
             self.route("/_pipecomet/status", [Pipe(self._status, name="status")])
 
     @property
-    def reactor(self) -> Any:
+    def reactor(self) -> IPipecometReactor:
+        """
+        The app's reactor (the one given, else the global one).
+        """
         if self.runtime.reactor is None:
             from twisted.internet import reactor
 
-            self.runtime.reactor = reactor
+            self.runtime.reactor = cast(IPipecometReactor, reactor)
         return self.runtime.reactor
 
     # -- declaring
@@ -243,7 +250,9 @@ class App:
     def check(self) -> None:
         """
         Fail with :class:`ConfigError` when a route uses a part or a quota
-        category that is not there.
+        category that is not there (a thread pipe without a quota pool, a
+        process pipe without workers, a condition pipe without an event
+        keeper or, for a comet stream, without a comet hub).
         """
         for route in self.routes:
             for p in route.chain.walk():
@@ -259,12 +268,26 @@ class App:
                     raise ConfigError(f"route {route.path}: pipe {p.name!r} runs in a worker "
                                       "process but no worker pool is configured")
                 func = inspect.unwrap(p.func)  # metrics may time the pipe
+                if isinstance(func, Condition):
+                    if func.mode == "many" and self.runtime.comet is None:
+                        raise ConfigError(f"route {route.path}: condition pipe {p.name!r} streams "
+                                          "topics but no comet hub is installed ([comet])")
+                    if self.runtime.events is None:
+                        raise ConfigError(f"route {route.path}: condition pipe {p.name!r} waits "
+                                          "for events but no event keeper is installed ([comet])")
                 if isinstance(func, BackendPipe):
                     backends = self.runtime.backends
                     if backends is None or func.service not in backends:
                         known = backends.names() if backends is not None else []
                         raise ConfigError(f"route {route.path}: pipe {p.name!r} calls unknown "
                                           f"backend service {func.service!r}; known: {known}")
+
+    @property
+    def configured(self) -> bool:
+        """
+        True once :meth:`configure` has run.
+        """
+        return self._configured
 
     # -- serving
 

@@ -16,7 +16,6 @@ unless a pipe returns one.  Results reach the client through a responder
 
 from __future__ import annotations
 
-import inspect
 from types import CoroutineType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
@@ -24,9 +23,14 @@ from urllib.parse import unquote_to_bytes
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
+from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
 
 from ._errors import BadRequest, GatewayTimeout, InternalError, PipecometError
+from ._interfaces import IBodySource, IChainRequest, IPipeInput
 
 __all__ = [
     "Pipe",
@@ -319,6 +323,7 @@ class Chain:
 # Per-request values
 
 
+@implementer(IBodySource)
 class BufferedBody:
     """
     Body access for a request whose body twisted.web has already read whole.
@@ -414,6 +419,30 @@ def _split_query(uri: bytes, text: bool = False) -> dict[str, list[Any]]:
     return out
 
 
+@implementer(IChainRequest)
+class BufferedRequest:
+    """
+    :class:`IChainRequest` of a twisted.web request that is not
+    pipecomet's own (twisted.web's channel, Klein, tests): its body was
+    read whole, and the run watches ``notifyFinish()`` for a disconnect.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+
+    def body_source(self) -> BufferedBody:
+        return BufferedBody(self.request)
+
+    def hold_run(self, run: Any) -> bool:
+        return False
+
+
+registerAdapter(BufferedRequest, server.Request, IChainRequest)
+registerAdapter(BufferedRequest, IRequest, IChainRequest)
+
+
 def _succeed(value: Any) -> Deferred:
     d: Deferred = Deferred()
     d.callback(value)
@@ -426,6 +455,7 @@ def _fail(error: BaseException) -> Deferred:
     return d
 
 
+@implementer(IPipeInput)
 class PipeInput:
     """
     The request as pipes see it: method, path, path and query parameters,
@@ -458,17 +488,7 @@ class PipeInput:
         Every value of every query parameter.
         """
         if self._query_all is None:
-            args = getattr(self.request, "query_args", None)
-            if args is None:
-                # Split and decoded in one pass: most requests come this way.
-                self._query_all = _split_query(self.request.uri, text=True)
-            else:
-                args = {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v
-                        for k, v in args.items()}
-                self._query_all = {
-                    k: [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in vs]
-                    for k, vs in args.items()
-                }
+            self._query_all = _split_query(self.request.uri, text=True)
         return self._query_all
 
     @property
@@ -499,9 +519,12 @@ class PipeInput:
         return self.request.requestHeaders
 
     @property
-    def body_source(self) -> Any:
+    def body_source(self) -> IBodySource:
+        """
+        Where the body is read from (:class:`~pipecomet.interfaces.IBodySource`).
+        """
         if self._body is None:
-            self._body = getattr(self.request, "pipecomet_body", None) or BufferedBody(self.request)
+            self._body = IChainRequest(self.request).body_source()
         return self._body
 
     def body(self) -> Deferred:
@@ -699,8 +722,7 @@ class ChainRun:
         if self._watching:
             return
         self._watching = True
-        hold = getattr(request, "hold_run", None)
-        if hold is not None and hold(self):
+        if IChainRequest(request).hold_run(self):
             # The request cancels this run itself when its client goes (a
             # LazyRequest): no notifyFinish() Deferred and callbacks kept per
             # held connection.
@@ -995,6 +1017,3 @@ class _BranchRun:
             self._timer = None
         self.parent._branch_done(self.name, value, error)
 
-
-def is_coroutine_function(f: Any) -> bool:
-    return inspect.iscoroutinefunction(f)

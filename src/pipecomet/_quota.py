@@ -51,7 +51,6 @@ __all__ = [
     "JobState",
     "Outcome",
     "Distribution",
-    "SynchronousThreadPool",
     "install",
 ]
 
@@ -450,7 +449,8 @@ class QuotaPool(Service):
     :param reactor: every timed call and the results from threads go
         through it.  A reactor without ``callFromThread`` (a
         :class:`~twisted.internet.task.Clock` in unit tests) gets results
-        delivered directly, which is right for :class:`SynchronousThreadPool`.
+        delivered directly, which is right for
+        :class:`pipecomet.testing.SynchronousThreadPool`.
     :param threadpool: the pool that runs the jobs; a new
         :class:`~twisted.python.threadpool.ThreadPool` of ``config.size``
         daemon threads when None.
@@ -737,78 +737,16 @@ class QuotaPool(Service):
         else:
             log.warn("quota pool stopped with {busy} threads still running; they are left to "
                      "finish on their own", busy=self._busy)
-            # Joining would block the reactor on a hung thread: only ask
-            # the idle ones to quit.
-            quit_team = getattr(getattr(self._threadpool, "_team", None), "quit", None)
-            if quit_team is not None:
-                self._threadpool.joined = True
-                self._threadpool.started = False
-                quit_team()
-            else:
-                self._threadpool.stop()
+            # ThreadPool.stop() joins every thread, the hung ones too: it
+            # runs on a daemon thread of its own, never the reactor's.  The
+            # idle threads quit at once; the hung ones when they return.
+            threading.Thread(target=self._threadpool.stop, name="pipecomet-quota-stop",
+                             daemon=True).start()
         stopped.callback(None)
 
 
 def _direct(f: Callable[..., Any], *args: Any) -> None:
     f(*args)
-
-
-# ---------------------------------------------------------------------------
-# Unit-test stand-in
-
-
-class SynchronousThreadPool:
-    """
-    A stand-in for :class:`~twisted.python.threadpool.ThreadPool` in unit
-    tests: no thread at all.  With ``immediate=True`` a job runs the moment
-    it is handed over (buildbot's ``NonThreadPool``); otherwise it waits in
-    :attr:`running` until the test calls :meth:`finish`, so tests decide
-    when each "thread" returns.
-    """
-
-    def __init__(self, immediate: bool = False) -> None:
-        self.immediate = immediate
-        self.running: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]] = []
-        self.started = False
-        self.joined = False
-        self.most_running = 0
-
-    def start(self) -> None:
-        self.started = True
-        self.joined = False
-
-    def stop(self) -> None:
-        self.started = False
-        self.joined = True
-
-    def callInThreadWithCallback(self, onResult: Any, func: Callable[..., Any],
-                                 *args: Any, **kw: Any) -> None:
-        entry = (func, args, kw, onResult)
-        if self.immediate:
-            self._run(entry)
-            return
-        self.running.append(entry)
-        self.most_running = max(self.most_running, len(self.running))
-
-    def finish(self, index: int = 0) -> None:
-        """
-        Run the ``index``-th held job now and deliver its result.
-        """
-        self._run(self.running.pop(index))
-
-    def finish_all(self) -> None:
-        while self.running:
-            self.finish(0)
-
-    @staticmethod
-    def _run(entry: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]) -> None:
-        func, args, kw, onResult = entry
-        try:
-            result, ok = func(*args, **kw), True
-        except BaseException:
-            result, ok = Failure(), False
-        if onResult is not None:
-            onResult(ok, result)
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorFDSet, ITCPTransport
 from twisted.logger import Logger
 from twisted.python import usage
 
-from ._config import Config, ConfigError, merge_tables, read_tables
+from ._config import Config, ConfigError, ServerConfig, build_section, merge_tables, read_tables
 
 __all__ = ["Options", "makeService", "load_app", "build_app"]
 
@@ -90,11 +90,31 @@ def load_app(spec: str) -> Any:
         raise ConfigError(f"--app {spec!r}: {module_name} has no attribute {attr!r}") from None
 
 
+#: The entry point group an installed package names its apps in; the
+#: ``default`` one is served when no app is given.
+APPS_GROUP = "pipecomet.apps"
+
+
+def default_app_spec() -> str:
+    """
+    ``module:attr`` of the installed default app: the ``default`` entry
+    point of the ``pipecomet.apps`` group (the demo gateway declares it).
+    """
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=APPS_GROUP, name="default")
+    for ep in found:
+        return str(ep.value)
+    raise ConfigError(f"no app given (--app or [server] app) and no {APPS_GROUP!r} "
+                      "entry point named 'default' is installed")
+
+
 def build_app(options: Options) -> Any:
     """
     Read the config file (its tables only: an app factory lays them over
     its own defaults), apply the options that override it, import the app
-    and configure it.  Nothing starts.
+    (which may register tables of its own) and configure it.  Nothing
+    starts.
     """
     from ._app import App
 
@@ -106,16 +126,17 @@ def build_app(options: Options) -> Any:
         tables = merge_tables(tables, {"workers": {"module": options["workers-module"]}})
     if options["log-format"]:
         tables = merge_tables(tables, {"logging": {"format": options["log-format"]}})
-    config = Config.from_dict(tables)
-    spec = spec or config.server.app
+    server = build_section(ServerConfig, tables.get("server", {}), "server")
+    spec = spec or server.app or default_app_spec()
     target = load_app(spec)
+    config = Config.from_dict(tables)
     if isinstance(target, App):
         app = target.configure(config)
     elif callable(target):
         app = target(config=config)
         if not isinstance(app, App):
             raise ConfigError(f"--app {spec!r}: the factory returned {type(app).__name__}, not an App")
-        if not app._configured:
+        if not app.configured:
             app.configure(config)
     else:
         raise ConfigError(f"--app {spec!r} is a {type(target).__name__}, not an App or a factory")

@@ -17,8 +17,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 
-from .._chain import Pipe, PipeContext, PipeInput, PipeResult
-from .._errors import BadRequest, Forbidden
+from pipecomet import BadRequest, Forbidden, Pipe, PipeContext, PipeInput, PipeResult
 from ._gateway import RateLimiter
 
 __all__ = ["install_routes"]

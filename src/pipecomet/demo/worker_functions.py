@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from pipecomet._workers import worker_function
+from pipecomet import worker_function
 
 __all__ = ["cpu_burn", "image_resize", "echo"]
 
