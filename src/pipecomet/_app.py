@@ -28,7 +28,7 @@ from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeInput
 from ._config import Config, ConfigError
 from ._events import Condition
 from ._interfaces import IPipecometReactor
-from ._errors import MethodNotAllowed, NotFound, PipecometError, error_body
+from ._errors import MethodNotAllowed, NotFound, PipecometError, error_response
 from ._responders import RESPONDERS, choose_responder, send_error
 from ._observe import KLEIN, UNMATCHED, RequestObserver
 from ._routing import Matched, Router
@@ -324,17 +324,12 @@ class App:
     def _install_klein_errors(self) -> None:
         @self.klein.handle_errors(WzNotFound)
         def not_found(request: Any, failure: Any) -> bytes:
-            error = NotFound(f"no route for {request.path.decode('utf-8', 'replace')}")
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"application/json")
-            return error_body(error)
+            return error_response(
+                request, NotFound(f"no route for {request.path.decode('utf-8', 'replace')}"))
 
         @self.klein.handle_errors(WzMethodNotAllowed)
         def not_allowed(request: Any, failure: Any) -> bytes:
-            error = MethodNotAllowed("method not allowed here")
-            request.setResponseCode(405)
-            request.setHeader(b"content-type", b"application/json")
-            return error_body(error)
+            return error_response(request, MethodNotAllowed("method not allowed here"))
 
     def _status(self, inp: PipeInput, ctx: PipeContext, res: Any) -> Any:
         return {"app": self.name, **self.runtime.status()}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from types import CoroutineType
 from typing import Any, Callable, Iterable, Mapping, Sequence
-from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
@@ -31,6 +30,7 @@ from zope.interface import implementer
 
 from ._errors import BadRequest, GatewayTimeout, InternalError, PipecometError
 from ._interfaces import IBodySource, IChainRequest, IPipeInput
+from ._query import parse_query, parse_query_text
 
 __all__ = [
     "Pipe",
@@ -72,7 +72,8 @@ class Pipe:
     :param name: key of the pipe's result in :class:`PipeResult`.
     :param run: ``"inline"`` (reactor thread), ``"thread"`` or ``"process"``.
     :param category: quota category of a ``thread`` pipe.
-    :param function: registered worker function of a ``process`` pipe.
+    :param worker_function: name of the registered worker function a
+        ``process`` pipe calls (``func`` computes its payload).
     :param skip_if: ``skip_if(res, ctx)``; when true the pipe does not run.
     :param timeout: seconds an inline Deferred or a process call may take
         before the request gets 504.
@@ -82,7 +83,7 @@ class Pipe:
     name: str = attrs.field(default="")
     run: str = attrs.field(default="inline", validator=attrs.validators.in_(RUN_KINDS))
     category: str | None = None
-    function: str | None = None
+    worker_function: str | None = None
     skip_if: SkipIf | None = None
     timeout: float | None = None
 
@@ -91,7 +92,7 @@ class Pipe:
             object.__setattr__(self, "name", getattr(self.func, "__name__", "pipe"))
         if self.run == "thread" and not self.category:
             raise ValueError(f"pipe {self.name!r}: a thread pipe needs a category")
-        if self.run == "process" and not self.function:
+        if self.run == "process" and not self.worker_function:
             raise ValueError(f"pipe {self.name!r}: a process pipe needs a function name")
 
     def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
@@ -139,7 +140,7 @@ def process_pipe(
         payload,
         name=name or function,
         run="process",
-        function=function,
+        worker_function=function,
         skip_if=skip_if,
         timeout=timeout,
     )
@@ -350,10 +351,10 @@ class BufferedBody:
             form: dict[str, list[str]] = {}
             if self._request.method == b"POST":
                 # twisted.web parsed urlencoded and multipart bodies into args.
-                query = _split_query(self._request.uri)
+                query = parse_query(self._request.uri)
                 for k, vs in self._request.args.items():
+                    extra = vs[len(query.get(k, ())):]
                     key = k.decode("utf-8", "replace")
-                    extra = vs[len(query.get(key, ())):]
                     if extra:
                         form[key] = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
                                      for v in extra]
@@ -373,50 +374,6 @@ class BufferedBody:
             return _succeed(default)
         return _fail(BadRequest(f"missing parameter {name!r}", code="missing_parameter",
                                 details={"param": name}))
-
-
-def _split_query(uri: bytes, text: bool = False) -> dict[str, list[Any]]:
-    """
-    The query of ``uri`` as ``{name: [raw values]}``: the rules of
-    ``urllib.parse.parse_qs(qs, keep_blank_values=True)`` applied to bytes.
-    The stdlib on bytes insists on ASCII (``%C3%A9`` or a raw UTF-8 byte
-    raised), and this runs on every request, so the common case of a
-    plain ``name=value`` skips unquoting.
-
-    :param text: decode the values too (UTF-8, bad bytes replaced).
-    """
-    _, _, qs = uri.partition(b"?")
-    out: dict[str, list[Any]] = {}
-    if not qs:
-        return out
-    if text and b"%" not in qs and b"+" not in qs:
-        # Nothing to unquote: decode once and split text.  "&" and "=" are
-        # ASCII, so this equals decoding every part on its own.
-        for item in qs.decode("utf-8", "replace").split("&"):
-            if item:
-                key, _, value = item.partition("=")
-                values = out.get(key)
-                if values is None:
-                    out[key] = [value]
-                else:
-                    values.append(value)
-        return out
-    for item in qs.split(b"&"):
-        if not item:
-            continue
-        k, _, v = item.partition(b"=")
-        if b"%" in k or b"+" in k:
-            k = unquote_to_bytes(k.replace(b"+", b" "))
-        if b"%" in v or b"+" in v:
-            v = unquote_to_bytes(v.replace(b"+", b" "))
-        key = k.decode("utf-8", "replace")
-        value = v.decode("utf-8", "replace") if text else v
-        values = out.get(key)
-        if values is None:
-            out[key] = [value]
-        else:
-            values.append(value)
-    return out
 
 
 @implementer(IChainRequest)
@@ -488,7 +445,7 @@ class PipeInput:
         Every value of every query parameter.
         """
         if self._query_all is None:
-            self._query_all = _split_query(self.request.uri, text=True)
+            self._query_all = parse_query_text(self.request.uri)
         return self._query_all
 
     @property
@@ -887,7 +844,7 @@ class ChainRun:
             return
         try:
             payload = p.func(self.inp, self.ctx, self.res)
-            d = workers.call(p.function, payload, timeout=p.timeout)
+            d = workers.call(p.worker_function, payload, timeout=p.timeout)
         except BaseException as e:
             self._main_failed(e, p.name)
             return

@@ -15,7 +15,7 @@ import importlib
 import inspect
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -24,6 +24,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ._config import Config, ConfigError, ServerConfig, build_section, merge_tables, read_tables
+
+if TYPE_CHECKING:
+    from ._app import App
 
 __all__ = ["Options", "makeService", "load_app", "build_app"]
 
@@ -269,10 +272,10 @@ def makeService(options: Options) -> IService:
     return root
 
 
-def _supervisor_service(options: Options, app: Any, port: str, count: int) -> IService:
-    from twisted.internet import reactor
-
+def _supervisor_service(options: Options, app: App, port: str, count: int) -> IService:
     from ._supervisor import Supervisor
+
+    reactor = app.reactor
 
     args: list[str] = []
     for name in ("app", "config", "workers-module", "log-format"):
@@ -298,10 +301,10 @@ def _supervisor_service(options: Options, app: Any, port: str, count: int) -> IS
     return supervisor
 
 
-def _serving_process_service(options: Options, app: Any, port: str) -> IService:
-    from twisted.internet import reactor
-
+def _serving_process_service(options: Options, app: App, port: str) -> IService:
     from ._supervisor import ServingProcess
+
+    reactor = app.reactor
 
     root = MultiService()
     app.service.setServiceParent(root)
