@@ -14,7 +14,7 @@ the server itself never routes chains through Klein).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Sequence, cast
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
@@ -65,7 +65,7 @@ class Route:
         self.responders = tuple(responders)
         self._one = RESPONDERS[self.responders[0]] if len(self.responders) == 1 else None
 
-    def serve(self, request: Any, path_params: dict[str, Any] | None = None) -> ChainRun:
+    def serve(self, request: Any, path_params: Mapping[str, Any] | None = None) -> ChainRun:
         """
         Run the chain for ``request``; the responder answers it.  The app's
         observer gives the request its id (``ctx.request_id``) and records
@@ -180,12 +180,11 @@ class App:
             the first being the default; ``("json", "ndjson", "sse")`` for a
             chain with branches, ``("json",)`` otherwise.
         """
-        if not isinstance(chain, Chain):
-            chain = Chain(chain, name=path)
-        chain = self.observer.instrument(chain, path)
+        compiled = chain if isinstance(chain, Chain) else Chain(chain, name=path)
+        compiled = self.observer.instrument(compiled, path)
         if responders is None:
-            responders = ("json", "ndjson", "sse") if chain.has_branches else ("json",)
-        route = Route(self, path, chain, methods, responders)
+            responders = ("json", "ndjson", "sse") if compiled.has_branches else ("json",)
+        route = Route(self, path, compiled, methods, responders)
         self.router.add(route)
         return route
 
@@ -318,7 +317,9 @@ class App:
         site.displayTracebacks = False
         # The [logging] installer's buffered access log records requests
         # (server.access_log), not twisted.web's line per request.
-        site.log = _no_access_log
+        # An instance attribute over the method, on purpose: no call into
+        # twisted.web's log (and its AttributeError) per request.
+        site.log = _no_access_log  # type: ignore[method-assign]
         return site
 
     def _install_klein_errors(self) -> None:

@@ -596,7 +596,8 @@ def as_pipecomet_error(failure: Failure | BaseException, where: str,
     if isinstance(exc, (DeferredTimeout, TimeoutError)):
         return GatewayTimeout(f"{where} timed out")
     err = InternalError()
-    f = failure if isinstance(failure, Failure) else Failure(exc, type(exc), exc.__traceback__)
+    f = failure if isinstance(failure, Failure) else Failure(failure, type(failure),
+                                                             failure.__traceback__)
     log.failure("unexpected error in {where} (error id {error_id})", f, where=where,
                 error_id=err.error_id, request_id=request_id)
     return err

@@ -335,8 +335,8 @@ def reference_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
             rows.extend(reference_rows(_unwrap_optional(typing.get_args(tp)[1]), f"{key}.<name>"))
             continue
         default = f.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory()  # type: ignore[union-attr]
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # a class, typed as a function
+            default = default.factory()
         type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
         rows.append((key, type_name, repr(default), docs.get(f.name, "")))
     return rows

@@ -6,7 +6,7 @@ replace, as zope.interface interfaces in one place (made public by
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from twisted.internet.interfaces import (
     IReactorCore,
@@ -150,13 +150,28 @@ class IEventListener(Interface):
         """
 
 
+class Delivery(Protocol):
+    """
+    What one receiver did with a published message.
+    """
+
+    @property
+    def id(self) -> str | None: ...
+
+    @property
+    def delivered(self) -> int: ...
+
+    @property
+    def duplicate(self) -> bool: ...
+
+
 class IBusReceiver(Interface):
     """
     What a bus delivers to: in pipecomet, the comet hub of one process.
     """
 
     def bus_message(topic: str, event: str, data: bytes, key: str | None,
-                    id: str | None = None) -> object:
+                    id: str | None = None) -> Delivery | None:
         """
         A message published on ``topic`` reached this process.
 
@@ -166,8 +181,8 @@ class IBusReceiver(Interface):
         :param id: ``epoch:offset`` when the bus numbers the messages
             itself (a bus that holds the history, :class:`IHistoryBus`);
             None when the receiver numbers them.
-        :return: what the publish did in this process (the in-memory bus
-            passes it back to the publisher), or None.
+        :return: what the publish did in this process (a :class:`Delivery`;
+            the in-memory bus passes it back to the publisher), or None.
         """
 
     def bus_down(reason: str) -> None:

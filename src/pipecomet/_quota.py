@@ -98,41 +98,52 @@ class ExecutionTimeout(GatewayTimeout):
 # Configuration
 
 
-def _whole(value: Any, field: attrs.Attribute) -> int:
-    # TOML gives ints; refuse bools and fractions instead of truncating them.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ValueError(f"{field.name}: expected a whole number, got {value!r}")
-    return int(value)
+# Converters turn what TOML gives into the field's type when they can and
+# leave anything else as it is; the validators then refuse it, naming the
+# field (attrs hands validators the attribute, not converters).
 
 
-def _optional_whole(value: Any, field: attrs.Attribute) -> int | None:
-    return None if value is None else _whole(value, field)
+def _to_whole(value: Any) -> Any:
+    if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+        return int(value)
+    return value
 
 
-def _secs(value: Any, field: attrs.Attribute) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{field.name}: expected a number of seconds, got {value!r}")
-    return float(value)
+def _to_seconds(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
-def _optional_secs(value: Any, field: attrs.Attribute) -> float | None:
-    return None if value is None else _secs(value, field)
-
-
-def _limit_secs(value: Any, field: attrs.Attribute) -> float | None:
+def _to_limit_seconds(value: Any) -> Any:
     # 0 (TOML has no null) means "no limit".
-    seconds = _optional_secs(value, field)
-    return None if seconds == 0 else seconds
+    value = _to_seconds(value)
+    return None if value == 0 else value
 
 
-_int = attrs.Converter(_whole, takes_field=True)
-_optional_int = attrs.Converter(_optional_whole, takes_field=True)
-_seconds = attrs.Converter(_secs, takes_field=True)
-_optional_seconds = attrs.Converter(_limit_secs, takes_field=True)
-_maybe_seconds = attrs.Converter(_optional_secs, takes_field=True)
+def _whole(instance: Any, field: attrs.Attribute, value: Any) -> None:
+    # TOML gives ints; refuse bools and fractions instead of truncating them.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field.name}: expected a whole number, got {value!r}")
 
 
-_positive = attrs.validators.optional(attrs.validators.gt(0))
+def _seconds(instance: Any, field: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, float):
+        raise ValueError(f"{field.name}: expected a number of seconds, got {value!r}")
+
+
+_optional_whole = attrs.validators.optional(_whole)
+
+
+def _positive(instance: Any, field: attrs.Attribute, value: float | None) -> None:
+    """
+    None, or a number of seconds above 0.
+    """
+    if value is None:
+        return
+    _seconds(instance, field, value)
+    if value <= 0:
+        raise ValueError(f"'{field.name}' must be > 0: {value}")
 
 
 @attrs.frozen
@@ -152,16 +163,19 @@ class CategoryConfig:
         ``retry_after`` if unset.
     """
 
-    reserve: int = attrs.field(default=0, converter=_int, validator=attrs.validators.ge(0))
-    limit: int | None = attrs.field(default=None, converter=_optional_int,
-                                    validator=attrs.validators.optional(attrs.validators.ge(1)))
-    queue: int = attrs.field(default=100, converter=_int, validator=attrs.validators.ge(0))
-    queue_timeout: float | None = attrs.field(default=30.0, converter=_optional_seconds,
+    reserve: int = attrs.field(default=0, converter=_to_whole,
+                               validator=[_whole, attrs.validators.ge(0)])
+    limit: int | None = attrs.field(
+        default=None, converter=_to_whole,
+        validator=[_optional_whole, attrs.validators.optional(attrs.validators.ge(1))])
+    queue: int = attrs.field(default=100, converter=_to_whole,
+                             validator=[_whole, attrs.validators.ge(0)])
+    queue_timeout: float | None = attrs.field(default=30.0, converter=_to_limit_seconds,
                                               validator=_positive)
-    timeout: float | None = attrs.field(default=60.0, converter=_optional_seconds,
+    timeout: float | None = attrs.field(default=60.0, converter=_to_limit_seconds,
                                         validator=_positive)
-    priority: int = attrs.field(default=0, converter=_int)
-    retry_after: float | None = attrs.field(default=None, converter=_maybe_seconds,
+    priority: int = attrs.field(default=0, converter=_to_whole, validator=_whole)
+    retry_after: float | None = attrs.field(default=None, converter=_to_seconds,
                                             validator=_positive)
 
     def __attrs_post_init__(self) -> None:
@@ -185,12 +199,13 @@ class QuotaConfig:
         before it gives up on them (they are daemon threads).
     """
 
-    size: int = attrs.field(default=20, converter=_int, validator=attrs.validators.ge(1))
+    size: int = attrs.field(default=20, converter=_to_whole,
+                            validator=[_whole, attrs.validators.ge(1)])
     categories: dict[str, CategoryConfig] = attrs.field(factory=_default_categories)
-    retry_after: float = attrs.field(default=1.0, converter=_seconds,
-                                     validator=attrs.validators.gt(0))
-    stop_timeout: float = attrs.field(default=10.0, converter=_seconds,
-                                      validator=attrs.validators.ge(0))
+    retry_after: float = attrs.field(default=1.0, converter=_to_seconds,
+                                     validator=[_seconds, attrs.validators.gt(0)])
+    stop_timeout: float = attrs.field(default=10.0, converter=_to_seconds,
+                                      validator=[_seconds, attrs.validators.ge(0)])
 
     def __attrs_post_init__(self) -> None:
         if not self.categories:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._events import EventKeeper
     from ._lazy import LazySiteFactory
     from ._quota import QuotaPool
-    from ._workers import WorkerPool
+    from ._workers._pool import WorkerPool
     from .interfaces import IBus, IPipecometReactor
 
 __all__ = ["Runtime"]

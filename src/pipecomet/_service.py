@@ -157,7 +157,7 @@ class _Serving(MultiService):
     connections.
     """
 
-    def __init__(self, app: Any, listener: IService) -> None:
+    def __init__(self, app: App, listener: IService) -> None:
         super().__init__()
         self._app = app
         self._listener = listener
@@ -172,9 +172,9 @@ class _Serving(MultiService):
         return d
 
     def _flushed(self) -> Deferred | None:
-        reactor = self._app.reactor
-        if not IReactorFDSet.providedBy(reactor):
+        if not IReactorFDSet.providedBy(self._app.reactor):
             return None
+        reactor = self._app.reactor
         timeout = float(getattr(self._app.config.server, "drain_timeout", 5.0))
         deadline = reactor.seconds() + timeout
         done: Deferred = Deferred()

@@ -188,6 +188,7 @@ class WorkerProtocol(ProcessProtocol):
         return self.state is WorkerState.READY or self.state is WorkerState.BUSY
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # makeConnection set it
         self.pid = self.transport.pid
 
     def close_bell(self) -> None:
@@ -451,9 +452,11 @@ class WorkerProtocol(ProcessProtocol):
         self.stop_reason = reason
         if self.state is not WorkerState.STOPPING:
             self._to(WorkerState.STOPPING)
+        if self.transport is None:
+            return  # never started
         try:
             self.transport.signalProcess("KILL")
-        except (ProcessExitedAlready, OSError, AttributeError):
+        except (ProcessExitedAlready, OSError):
             pass
 
     def processExited(self, reason: Failure) -> None:
@@ -866,7 +869,7 @@ class WorkerPool(Service):
         call = _Call(self._next_id, function, chunks, length,
                      timeout if timeout is not None else self.config.call_timeout, reactor.seconds())
         self._next_id += 1
-        d = Deferred(lambda _: self._cancel(call))
+        d: Deferred[Any] = Deferred(lambda _: self._cancel(call))
         call.deferred = d
         if not self._queue:
             worker = self._pick()
@@ -963,13 +966,14 @@ class WorkerPool(Service):
     def call_failed(self, worker: WorkerProtocol, call: _Call, kind: int, value: Any) -> None:
         slot = worker.slot
         if kind == KIND_ERROR and isinstance(value, dict):
-            err: Exception = WorkerFunctionError(call.function, value.get("type", "?"),
-                                                 value.get("message", ""), value.get("traceback", ""))
+            raised = WorkerFunctionError(call.function, value.get("type", "?"),
+                                         value.get("message", ""), value.get("traceback", ""))
+            err: Exception = raised
             log.error("worker function {function!r} raised {exc_type}: {exc_message} "
                       "(error id {error_id}, worker {slot}, pid {pid})\n{traceback}",
-                      function=call.function, exc_type=err.exc_type, exc_message=err.exc_message,
-                      error_id=err.error_id, slot=slot.index, pid=worker.pid,
-                      traceback=err.remote_traceback)
+                      function=call.function, exc_type=raised.exc_type,
+                      exc_message=raised.exc_message, error_id=raised.error_id,
+                      slot=slot.index, pid=worker.pid, traceback=raised.remote_traceback)
             cause = "exception"
         else:
             info = value if isinstance(value, dict) else {}
