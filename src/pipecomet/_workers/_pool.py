@@ -5,8 +5,11 @@ each, fed through the rings of their shared-memory files.
 Everything here runs on the reactor thread.  A call is encoded at once
 (so an unpicklable argument fails in the server, never in a worker), then
 either written into the ring of the least-loaded ready worker or queued.
-Doorbell bytes go through the process pipes only to a side that said it is
-parked, so a loaded pool makes no system call per call.
+Doorbell bytes go only to a side that said it is parked (so a loaded pool
+makes no system call per call): to a worker through a pipe of the pool's
+own, given to it as its stdin, and back through its stdout.  The pool and
+its :class:`WorkerProtocol` objects talk through public methods only
+(``worker_ready``, ``worker_gone``, ``ring_soon``, ``pump``...).
 """
 
 from __future__ import annotations
