@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Site
 from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
@@ -65,7 +66,7 @@ class Route:
         self.responders = tuple(responders)
         self._one = RESPONDERS[self.responders[0]] if len(self.responders) == 1 else None
 
-    def serve(self, request: Any, path_params: Mapping[str, Any] | None = None) -> ChainRun:
+    def serve(self, request: IRequest, path_params: Mapping[str, Any] | None = None) -> ChainRun:
         """
         Run the chain for ``request``; the responder answers it.  The app's
         observer gives the request its id (``ctx.request_id``) and records
@@ -96,7 +97,7 @@ class PipecometResource(Resource):
         self.app = app
         self._klein_resource: Any = None
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: IRequest) -> bytes | int:
         app = self.app
         found = app.router.match(request.method, request.path)
         if isinstance(found, Matched):

@@ -333,7 +333,7 @@ class BufferedBody:
 
     __slots__ = ("_request", "_form")
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: IRequest) -> None:
         self._request = request
         self._form: dict[str, list[str]] | None = None
 
@@ -386,7 +386,7 @@ class BufferedRequest:
 
     __slots__ = ("request",)
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: IRequest) -> None:
         self.request = request
 
     def body_source(self) -> BufferedBody:
@@ -424,7 +424,7 @@ class PipeInput:
 
     __slots__ = ("request", "path_params", "_query", "_query_all", "_body")
 
-    def __init__(self, request: Any, path_params: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, request: IRequest, path_params: Mapping[str, Any] | None = None) -> None:
         self.request = request
         self.path_params = path_params or {}
         self._query: dict[str, str] | None = None
@@ -622,7 +622,7 @@ class ChainRun:
         self.sink = sink
         self.runtime = ctx.runtime
         self._pending: Deferred | None = None
-        self._branches: dict[str, Any] = {}
+        self._branches: dict[str, _BranchRun] = {}
         self._main_done = False
         self._closed = False
         self.cancelled = False
