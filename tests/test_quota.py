@@ -423,6 +423,10 @@ class AdmissionTests(SynchronousTestCase):
 
         from twisted.python.threadpool import ThreadPool
 
+        from twisted.internet.interfaces import IReactorThreads
+        from zope.interface import implementer
+
+        @implementer(IReactorThreads)
         class Reactor(Clock):
             def __init__(self) -> None:
                 super().__init__()

@@ -28,17 +28,21 @@ import enum
 import math
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ._config import ConfigError
 from ._errors import GatewayTimeout, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from .testing import SynchronousThreadPool
 
 __all__ = [
     "CategoryConfig",
@@ -462,7 +466,7 @@ class QuotaPool(Service):
 
     :param config: the ``[quota]`` table.
     :param reactor: every timed call and the results from threads go
-        through it.  A reactor without ``callFromThread`` (a
+        through it.  A reactor that is not an ``IReactorThreads`` (a
         :class:`~twisted.internet.task.Clock` in unit tests) gets results
         delivered directly, which is right for
         :class:`pipecomet.testing.SynchronousThreadPool`.
@@ -473,13 +477,16 @@ class QuotaPool(Service):
 
     name = "quota"
 
-    def __init__(self, config: QuotaConfig, reactor: Any, threadpool: Any = None) -> None:
+    def __init__(self, config: QuotaConfig, reactor: IReactorTime,
+                 threadpool: ThreadPool | SynchronousThreadPool | None = None) -> None:
         self.config = config
         self.size = config.size
         self._reactor = reactor
-        self._threadpool = threadpool if threadpool is not None else _QuotaThreadPool(
-            0, config.size, name="pipecomet-quota")
-        self._from_thread: Callable[..., Any] = getattr(reactor, "callFromThread", None) or _direct
+        self._threadpool: ThreadPool | SynchronousThreadPool = (
+            threadpool if threadpool is not None
+            else _QuotaThreadPool(0, config.size, name="pipecomet-quota"))
+        self._from_thread: Callable[..., Any] = (
+            reactor.callFromThread if IReactorThreads.providedBy(reactor) else _direct)
         self._categories = {name: _Category(self, name, c, config.size, config.retry_after)
                             for name, c in config.categories.items()}
         self._order = sorted(self._categories.values(), key=lambda c: (-c.priority, c.name))
