@@ -362,7 +362,8 @@ def overhead(rounds: int = 5, calls: int = 4000) -> dict[str, Any]:
     from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
 
-    from pipecomet._quota import CategoryConfig, QuotaConfig, QuotaPool, SynchronousThreadPool
+    from pipecomet._quota import CategoryConfig, QuotaConfig, QuotaPool
+    from pipecomet.testing import SynchronousThreadPool
 
     def trivial() -> int:
         return 1

@@ -10,7 +10,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from pipecomet import App, ConfigError, Parallel, Pipe, load_config
+from pipecomet import App, Config, ConfigError, Parallel, Pipe, load_config
 from pipecomet.demo import make_app
 from pipecomet.demo._gateway import SEARCH_LATENCIES, TokenBucket, to_xml
 from pipecomet.testing import MemoryClient, make_clock
@@ -82,7 +82,7 @@ class RoutingTests(SynchronousTestCase):
         from treq.testing import StubTreq
 
         self.app.route("/k/<name>", [Pipe(lambda i, c, r: i.path_params["name"], name="n")])
-        stub = StubTreq(self.app.klein.resource())
+        stub = StubTreq(self.app.mount_in_klein().resource())
         response = self.successResultOf(stub.get("http://x/k/abc"))
         self.assertEqual(self.successResultOf(response.json()), "abc")
 
@@ -293,3 +293,70 @@ class PieceTests(SynchronousTestCase):
     def test_to_xml(self):
         self.assertEqual(to_xml({"a": [1, "<b>"], "n": None}),
                          "<response><a><item>1</item><item>&lt;b&gt;</item></a><n></n></response>")
+
+
+class StartCheckTests(SynchronousTestCase):
+    """
+    A route that needs a part which is not there fails the start
+    (``App.check``, run by ``configure``), naming the route and the pipe.
+    """
+
+    def setUp(self):
+        from pipecomet import Condition
+
+        self.Condition = Condition
+        self.app = App(reactor=make_clock())
+
+    def test_stream_condition_without_comet_hub(self):
+        self.app.route("/c/<topic>", [self.Condition("{topic}", mode="many", name="sub")],
+                       responders=("sse",))
+        with self.assertRaises(ConfigError) as e:
+            self.app.check()
+        self.assertIn("/c/<topic>", str(e.exception))
+        self.assertIn("'sub'", str(e.exception))
+        self.assertIn("no comet hub", str(e.exception))
+
+    def test_once_condition_without_event_keeper(self):
+        self.app.route("/job", [self.Condition("job", name="wait")])
+        with self.assertRaises(ConfigError) as e:
+            self.app.check()
+        self.assertIn("no event keeper", str(e.exception))
+
+    def test_unknown_quota_category_fails_alike(self):
+        self.app.route("/t", [Pipe(lambda i, c, r: 1, name="t", run="thread", category="nope")])
+        with self.assertRaises(ConfigError) as e:
+            self.app.configure(Config())
+        self.assertIn("unknown quota category 'nope'", str(e.exception))
+
+    def test_configured_comet_passes(self):
+        self.app.route("/c/<topic>", [self.Condition("{topic}", mode="many", name="sub")],
+                       responders=("sse",))
+        self.app.route("/job", [self.Condition("job", name="wait")])
+        self.app.configure(Config())
+        self.assertIsNotNone(self.app.runtime.comet)
+
+
+class ChainRequestTests(SynchronousTestCase):
+    """
+    Per-request state is reached by adaptation (``IChainRequest``), as
+    Klein's ``IKleinRequest``: pipecomet's request provides it, any other
+    twisted.web request is adapted to a buffered one.
+    """
+
+    def test_plain_twisted_request_is_adapted(self):
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from pipecomet._chain import BufferedBody
+        from pipecomet.interfaces import IChainRequest
+
+        request = Request(DummyChannel())
+        state = IChainRequest(request)
+        self.assertIsInstance(state.body_source(), BufferedBody)
+        self.assertFalse(state.hold_run(object()))
+
+    def test_own_request_provides_it(self):
+        from pipecomet._http import Request
+        from pipecomet.interfaces import IChainRequest
+
+        self.assertTrue(IChainRequest.implementedBy(Request))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+import pipecomet.demo  # noqa: F401  (the demo's [demo] table is documented too)
 from pipecomet._config import SECTIONS, reference_markdown
 from tests.error_codes import MARKER, collect, parse_table, regenerate
 

@@ -202,7 +202,8 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(m["pipecomet_http_requests_in_flight"], 1)  # the scrape
 
     def test_thread_pipes_are_timed_on_their_thread_and_counted_later(self):
-        from pipecomet import QuotaPool, SynchronousThreadPool
+        from pipecomet._quota import QuotaPool
+        from pipecomet.testing import SynchronousThreadPool
 
         clock = make_clock()
         app = App(reactor=clock)

@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,9 +25,8 @@ from pipecomet._quota import (
     QueueTimeout,
     QuotaConfig,
     QuotaPool,
-    SynchronousThreadPool,
 )
-from pipecomet.testing import MemoryClient, make_clock
+from pipecomet.testing import MemoryClient, SynchronousThreadPool, make_clock
 from tests.conftest import examples
 
 
@@ -411,6 +411,58 @@ class AdmissionTests(SynchronousTestCase):
         pool.stopService().addCallback(done.append)
         clock.advance(pool.config.stop_timeout)
         self.assertEqual(done, [None])
+
+    def test_stop_with_a_hung_real_thread_does_not_block(self) -> None:
+        """
+        A real ThreadPool with a thread that does not return: the stop
+        ends after ``stop_timeout`` without joining on the caller's thread
+        (public ``ThreadPool.stop()`` joins on a thread of its own), and
+        the pool's threads are all gone once the hung one returns.
+        """
+        import threading
+
+        from twisted.python.threadpool import ThreadPool
+
+        from twisted.internet.interfaces import IReactorThreads
+        from zope.interface import implementer
+
+        @implementer(IReactorThreads)
+        class Reactor(Clock):
+            def __init__(self) -> None:
+                super().__init__()
+                self.from_threads: list[Any] = []
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                self.from_threads.append((f, args))
+
+        clock = Reactor()
+        tp = ThreadPool(0, 2)
+        pool = QuotaPool(QuotaConfig(size=2, categories={"a": CategoryConfig(reserve=0)}),
+                         clock, tp)
+        pool.startService()
+        release = threading.Event()
+        entered = threading.Event()
+
+        def hang() -> int:
+            entered.set()
+            release.wait(30)
+            return 1
+
+        pool.run("a", hang).addErrback(lambda f: None)
+        self.assertTrue(entered.wait(30))
+        done: list[Any] = []
+        pool.stopService().addCallback(done.append)
+        self.assertEqual(done, [])
+        clock.advance(pool.config.stop_timeout)
+        self.assertEqual(done, [None])  # no join on this thread
+        stopper = [t for t in threading.enumerate() if t.name == "pipecomet-quota-stop"]
+        self.assertEqual(len(stopper), 1)
+        self.assertTrue(stopper[0].is_alive())  # joining the hung thread
+        release.set()
+        stopper[0].join(30)
+        self.assertFalse(stopper[0].is_alive())
+        self.assertFalse([t for t in tp.threads if t.is_alive()])
+        self.assertTrue(tp.joined)
 
 
 class DemoIsolationTests(SynchronousTestCase):

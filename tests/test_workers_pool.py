@@ -33,20 +33,27 @@ from pipecomet._workers._ring import (
 from pipecomet._workers._shm import SharedFile
 
 
-class FakePipe:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-
 class FakeProcess:
     def __init__(self, pid: int, args: list[str], bell_fd: int) -> None:
         self.pid = pid
         self.args = args
-        self.pipes = {0: FakePipe(bell_fd)}
+        #: The child's copy of its stdin: the read end of the doorbell pipe.
+        self.bell_fd = bell_fd
         self.signals: list[str] = []
+
+    def bells(self) -> bytes:
+        """
+        The doorbell bytes the pool wrote so far (not yet read).
+        """
+        out = b""
+        while True:
+            try:
+                chunk = os.read(self.bell_fd, 4096)
+            except BlockingIOError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
 
     def signalProcess(self, sig: str) -> None:
         self.signals.append(sig)
@@ -66,10 +73,12 @@ class FakeReactor(Clock):
     def spawnProcess(self, proto: Any, executable: str, args: list[str], env: Any = None,
                      childFDs: Any = None, **kw: Any) -> FakeProcess:
         self._pid += 1
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        self.fds += [r, w]
-        transport = FakeProcess(self._pid, args, w)
+        # What a fork would do: the child holds its own copy of the fd the
+        # pool passes as its stdin (the pool closes its copy after spawning).
+        child_stdin = os.dup(childFDs[0])
+        os.set_blocking(child_stdin, False)
+        self.fds.append(child_stdin)
+        transport = FakeProcess(self._pid, args, child_stdin)
         proto.makeConnection(transport)
         self.spawned.append((proto, transport))
         return transport
@@ -156,6 +165,32 @@ class PoolTests(SynchronousTestCase):
         a.send(KIND_RESULT, got_a[0][0], "zero")
         self.assertEqual(self.successResultOf(ds[0]), "zero")
         self.assertEqual([c[2] for c in a.calls()], [4])  # the queued call moved in
+
+    def test_a_call_to_a_parked_worker_rings_its_stdin(self) -> None:
+        """
+        The doorbell is the pool's own pipe, handed to the child as its
+        stdin (``childFDs``): a parked worker gets one byte, written at
+        once; a worker that is not parked gets none.
+        """
+        pool = self.pool(size=1)
+        w = self.worker(0)
+        w.hello()
+        w.transport.bells()
+        w.requests.set_consumer_parked(True)
+        pool.call("echo", 1)
+        self.assertEqual(w.transport.bells(), b"\x01")
+        pool.call("echo", 2)  # still busy with the first: no syscall
+        self.assertEqual(w.transport.bells(), b"")
+
+    def test_the_doorbell_closes_when_the_worker_dies(self) -> None:
+        self.pool(size=1)
+        w = self.worker(0)
+        w.hello()
+        self.assertGreaterEqual(w.proto.bell_fd, 0)
+        w.dies(RuntimeError("gone"))
+        self.assertEqual(w.proto.bell_fd, -1)
+        os.set_blocking(w.transport.bell_fd, True)
+        self.assertEqual(os.read(w.transport.bell_fd, 10), b"")  # EOF: no writer left
 
     def test_queue_full_and_queue_timeout(self) -> None:
         pool = self.pool(size=1, max_in_flight=1, queue=1)

@@ -5,13 +5,21 @@ A request runs through a chain of small stateless pipes; a chain can answer
 at once, move blocking work onto a quota thread pool, send CPU-heavy work to
 worker processes, stream the results of parallel branches, or wait for
 events and push them to the client.
+
+This module exports what an app author uses.  Beside it:
+:mod:`pipecomet.config` (the configuration tables and the hook to add one),
+:mod:`pipecomet.errors` (every error an app may raise or see),
+:mod:`pipecomet.interfaces` (the seams, as zope interfaces),
+:mod:`pipecomet.testing` (an in-memory client and test doubles),
+:mod:`pipecomet.backend` (the backend client) and :mod:`pipecomet.client`
+(a comet consumer).  Everything else is private and may change.
 """
 
-from ._app import App, PipecometResource, Route
+from ._app import App
+from ._backend import call, proxy
 from ._chain import (
     Answer,
     Chain,
-    ChainRun,
     Parallel,
     Pipe,
     PipeContext,
@@ -23,146 +31,49 @@ from ._chain import (
 )
 from ._config import Config, ConfigError, load_config
 from ._errors import (
-    BadGateway,
     BadRequest,
     Forbidden,
     GatewayTimeout,
-    HeadersTooLarge,
-    InternalError,
-    MethodNotAllowed,
     NotFound,
-    PayloadTooLarge,
     PipecometError,
-    RequestTimeout,
     ServiceUnavailable,
     TooManyRequests,
     Unauthorized,
 )
-from ._runtime import Runtime
-from ._bus import MemoryBus
-from ._comet import CometConfig, CometHub, Published, Subscription
-from ._events import Condition, Event, EventKeeper, EventState
-from ._interfaces import IBus, IBusReceiver
-from ._quota import (
-    CategoryConfig,
-    ExecutionTimeout,
-    PoolClosing,
-    QueueFull,
-    QueueTimeout,
-    QuotaConfig,
-    QuotaPool,
-    SynchronousThreadPool,
-)
-from ._workers import (
-    WorkerCallError,
-    WorkerCrashed,
-    WorkerFunctionError,
-    WorkerPool,
-    WorkersConfig,
-    WorkersUnavailable,
-    WorkerTimeout,
-    worker_function,
-)
-from ._lazy import LazyBody, LazyRequest, LazySite, LimitsConfig, UploadedFile
-from ._backend import (
-    BackendBusy,
-    BackendError,
-    BackendQueueTimeout,
-    BackendResponseTooLarge,
-    Backends,
-    BackendsConfig,
-    BackendService,
-    BackendTimeout,
-    NoBackend,
-    ServiceConfig,
-    call,
-    proxy,
-)
-from ._backend import Response as BackendResponse
-from ._observe import LoggingConfig, MetricsConfig, MetricsResource, trace_headers
+from ._events import Condition
+from ._lazy import UploadedFile
+from ._observe import trace_headers
+from ._workers import worker_function
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "App",
     "Answer",
-    "BadGateway",
+    "App",
     "BadRequest",
     "Chain",
-    "ChainRun",
+    "Condition",
     "Config",
     "ConfigError",
     "Forbidden",
     "GatewayTimeout",
-    "HeadersTooLarge",
-    "InternalError",
-    "MethodNotAllowed",
     "NotFound",
     "Parallel",
-    "PayloadTooLarge",
     "Pipe",
     "PipeContext",
     "PipeInput",
     "PipeResult",
     "PipecometError",
-    "PipecometResource",
-    "RequestTimeout",
-    "Route",
-    "Runtime",
-    "MemoryBus",
-    "CometConfig",
-    "CometHub",
-    "Published",
-    "Subscription",
-    "Condition",
-    "Event",
-    "EventKeeper",
-    "EventState",
-    "IBus",
-    "IBusReceiver",
-    "CategoryConfig",
-    "ExecutionTimeout",
-    "PoolClosing",
-    "QueueFull",
-    "QueueTimeout",
-    "QuotaConfig",
-    "QuotaPool",
-    "SynchronousThreadPool",
     "ServiceUnavailable",
     "SkipRest",
     "TooManyRequests",
     "Unauthorized",
+    "UploadedFile",
+    "call",
     "load_config",
     "pipe",
     "process_pipe",
-    "WorkerCallError",
-    "WorkerCrashed",
-    "WorkerFunctionError",
-    "WorkerPool",
-    "WorkersConfig",
-    "WorkersUnavailable",
-    "WorkerTimeout",
-    "worker_function",
-    "LazyBody",
-    "LazyRequest",
-    "LazySite",
-    "LimitsConfig",
-    "UploadedFile",
-    "BackendBusy",
-    "BackendError",
-    "BackendQueueTimeout",
-    "BackendResponse",
-    "BackendResponseTooLarge",
-    "Backends",
-    "BackendsConfig",
-    "BackendService",
-    "BackendTimeout",
-    "NoBackend",
-    "ServiceConfig",
-    "call",
     "proxy",
-    "LoggingConfig",
-    "MetricsConfig",
-    "MetricsResource",
     "trace_headers",
+    "worker_function",
 ]

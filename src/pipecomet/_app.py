@@ -1,33 +1,38 @@
 """
-The app: routes bound to chains, served through twisted.web and Klein.
+The app: routes bound to chains, served through twisted.web.
 
-``App`` wraps a :class:`klein.Klein`: every chain route is registered there
-(so a Klein app can mount it), and plain Klein handlers can be added with
-``app.klein.route``.  Serving goes through :class:`PipecometResource`, which
-finds chain routes itself (an exact-path table, then a werkzeug map bound
-once) and hands everything else to Klein; that keeps the per-request cost of
-a chain below Klein's own routing.
+``App.route`` puts a chain route in the app's one :class:`~._routing.Router`;
+every server path finds routes through ``router.match``: the
+:class:`PipecometResource` on twisted.web's channel and pipecomet's own
+HTTP/1.1 protocol.  Plain Klein handlers (``app.klein_route``) are served
+beside the chains by the wrapped :class:`klein.Klein` when no chain route
+matches; :meth:`App.mount_in_klein` registers the chain routes on a Klein
+app, for mounting a pipecomet app inside a Klein one (an explicit option:
+the server itself never routes chains through Klein).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from twisted.application.service import IService, MultiService
 from twisted.logger import Logger
 from twisted.web.resource import Resource
+from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Site
 from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
-from werkzeug.routing import Map, Rule
 
 from ._backend._pipes import BackendPipe
 from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeInput
 from ._config import Config, ConfigError
-from ._errors import MethodNotAllowed, NotFound, PipecometError, error_body
+from ._events import Condition
+from ._interfaces import IPipecometReactor
+from ._errors import MethodNotAllowed, NotFound, PipecometError, error_response
 from ._responders import RESPONDERS, choose_responder, send_error
 from ._observe import KLEIN, UNMATCHED, RequestObserver
+from ._routing import Matched, Router
 from ._runtime import Runtime
 
 __all__ = ["App", "Route", "PipecometResource"]
@@ -47,7 +52,7 @@ class Route:
     A path and methods bound to a chain and the responders it offers.
     """
 
-    __slots__ = ("path", "methods", "chain", "responders", "app", "_responder", "_one")
+    __slots__ = ("path", "methods", "chain", "responders", "app", "_one")
 
     def __init__(self, app: App, path: str, chain: Chain, methods: Sequence[str],
                  responders: Sequence[str]) -> None:
@@ -61,7 +66,7 @@ class Route:
         self.responders = tuple(responders)
         self._one = RESPONDERS[self.responders[0]] if len(self.responders) == 1 else None
 
-    def serve(self, request: Any, path_params: dict[str, Any] | None = None) -> ChainRun:
+    def serve(self, request: IRequest, path_params: Mapping[str, Any] | None = None) -> ChainRun:
         """
         Run the chain for ``request``; the responder answers it.  The app's
         observer gives the request its id (``ctx.request_id``) and records
@@ -92,18 +97,11 @@ class PipecometResource(Resource):
         self.app = app
         self._klein_resource: Any = None
 
-    def render(self, request: Any) -> Any:
+    def render(self, request: IRequest) -> bytes | int:
         app = self.app
-        by_method = app._exact.get(request.path)
-        if by_method is not None:
-            route = by_method.get(request.method)
-            if route is not None:
-                route.serve(request)
-                return NOT_DONE_YET
-        found = app._match(request)
-        if found is not None:
-            route, params = found
-            route.serve(request, params)
+        found = app.router.match(request.method, request.path)
+        if isinstance(found, Matched):
+            found.route.serve(request, found.params)
             return NOT_DONE_YET
         observer = app.observer  # request id, figures, access log
         if app._plain_klein_routes:
@@ -115,8 +113,9 @@ class PipecometResource(Resource):
             return out
         record = observer.begin(request, UNMATCHED)
         error: PipecometError
-        if by_method is not None or app._path_exists(request):
-            error = MethodNotAllowed(f"method {request.method.decode('ascii', 'replace')} not allowed here")
+        if found is not None:
+            error = MethodNotAllowed(f"method {request.method.decode('ascii', 'replace')} not allowed here",
+                                     headers={"Allow": found.allow_header})
         else:
             error = NotFound(f"no route for {request.path.decode('utf-8', 'replace')}")
         send_error(request, error)
@@ -128,21 +127,20 @@ class App:
     """
     A pipecomet application.
 
-    :param reactor: the reactor; the global one when None (looked up on use).
+    :param reactor: the reactor; the global one when None (looked up on
+        first use, never at import).
     :param name: shown in logs and status.
+    :param builtin_routes: serve ``/_pipecomet/status``.
     """
 
-    def __init__(self, *, reactor: Any = None, name: str = "pipecomet",
+    def __init__(self, *, reactor: IPipecometReactor | None = None, name: str = "pipecomet",
                  builtin_routes: bool = True) -> None:
         from klein import Klein
 
         self.name = name
         self.klein = Klein()
-        self.routes: list[Route] = []
-        self._exact: dict[bytes, dict[bytes, Route]] = {}
-        self._map = Map(strict_slashes=False)
-        self._rules: dict[str, Route] = {}
-        self._adapter: Any = None
+        #: The chain routes: the one table every server path looks up.
+        self.router = Router()
         self._plain_klein_routes = False
         self.runtime = Runtime(reactor)
         #: Request ids, request figures and the access log (pipecomet._observe).
@@ -156,11 +154,14 @@ class App:
             self.route("/_pipecomet/status", [Pipe(self._status, name="status")])
 
     @property
-    def reactor(self) -> Any:
+    def reactor(self) -> IPipecometReactor:
+        """
+        The app's reactor (the one given, else the global one).
+        """
         if self.runtime.reactor is None:
             from twisted.internet import reactor
 
-            self.runtime.reactor = reactor
+            self.runtime.reactor = cast(IPipecometReactor, reactor)
         return self.runtime.reactor
 
     # -- declaring
@@ -180,30 +181,41 @@ class App:
             the first being the default; ``("json", "ndjson", "sse")`` for a
             chain with branches, ``("json",)`` otherwise.
         """
-        if not isinstance(chain, Chain):
-            chain = Chain(chain, name=path)
-        chain = self.observer.instrument(chain, path)
+        compiled = chain if isinstance(chain, Chain) else Chain(chain, name=path)
+        compiled = self.observer.instrument(compiled, path)
         if responders is None:
-            responders = ("json", "ndjson", "sse") if chain.has_branches else ("json",)
-        route = Route(self, path, chain, methods, responders)
-        self.routes.append(route)
-        if "<" not in path:
-            table = self._exact.setdefault(path.encode("utf-8"), {})
-            for m in route.methods:
-                table[m.encode("ascii")] = route
-                if m == "GET":
-                    table.setdefault(b"HEAD", route)
-        endpoint = f"pipecomet:{len(self.routes)}:{path}"
-        self._rules[endpoint] = route
-        self._map.add(Rule(path, endpoint=endpoint, methods=list(route.methods)))
-        self._adapter = None
-
-        def handler(request: Any, **params: Any) -> Any:
-            return route.serve(request, params).when_done()
-
-        handler.__name__ = endpoint
-        self.klein.route(path, methods=list(route.methods), endpoint=endpoint)(handler)
+            responders = ("json", "ndjson", "sse") if compiled.has_branches else ("json",)
+        route = Route(self, path, compiled, methods, responders)
+        self.router.add(route)
         return route
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """
+        The chain routes, in declaration order (a read-only view of
+        :attr:`router`).
+        """
+        return self.router.routes
+
+    def mount_in_klein(self, klein: Any = None) -> Any:
+        """
+        Register every chain route declared so far on ``klein`` (the wrapped
+        :attr:`klein` when None) and return it, so that a Klein app serves
+        them: ``parent.subroute("/api")`` mounting, or ``klein.resource()``.
+        Requests served that way go through Klein's own routing; the
+        app's server does not need this.
+        """
+        if klein is None:
+            klein = self.klein
+        for i, route in enumerate(self.router.routes):
+            endpoint = f"pipecomet:{i + 1}:{route.path}"
+
+            def handler(request: Any, _route: Route = route, **params: Any) -> Any:
+                return _route.serve(request, params).when_done()
+
+            handler.__name__ = endpoint
+            klein.route(route.path, methods=list(route.methods), endpoint=endpoint)(handler)
+        return klein
 
     def klein_route(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
         """
@@ -238,7 +250,9 @@ class App:
     def check(self) -> None:
         """
         Fail with :class:`ConfigError` when a route uses a part or a quota
-        category that is not there.
+        category that is not there (a thread pipe without a quota pool, a
+        process pipe without workers, a condition pipe without an event
+        keeper or, for a comet stream, without a comet hub).
         """
         for route in self.routes:
             for p in route.chain.walk():
@@ -254,12 +268,26 @@ class App:
                     raise ConfigError(f"route {route.path}: pipe {p.name!r} runs in a worker "
                                       "process but no worker pool is configured")
                 func = inspect.unwrap(p.func)  # metrics may time the pipe
+                if isinstance(func, Condition):
+                    if func.mode == "many" and self.runtime.comet is None:
+                        raise ConfigError(f"route {route.path}: condition pipe {p.name!r} streams "
+                                          "topics but no comet hub is installed ([comet])")
+                    if self.runtime.events is None:
+                        raise ConfigError(f"route {route.path}: condition pipe {p.name!r} waits "
+                                          "for events but no event keeper is installed ([comet])")
                 if isinstance(func, BackendPipe):
                     backends = self.runtime.backends
                     if backends is None or func.service not in backends:
                         known = backends.names() if backends is not None else []
                         raise ConfigError(f"route {route.path}: pipe {p.name!r} calls unknown "
                                           f"backend service {func.service!r}; known: {known}")
+
+    @property
+    def configured(self) -> bool:
+        """
+        True once :meth:`configure` has run.
+        """
+        return self._configured
 
     # -- serving
 
@@ -290,47 +318,20 @@ class App:
         site.displayTracebacks = False
         # The [logging] installer's buffered access log records requests
         # (server.access_log), not twisted.web's line per request.
-        site.log = _no_access_log
+        # An instance attribute over the method, on purpose: no call into
+        # twisted.web's log (and its AttributeError) per request.
+        site.log = _no_access_log  # type: ignore[method-assign]
         return site
-
-    def _match(self, request: Any) -> tuple[Route, dict[str, Any]] | None:
-        if self._adapter is None:
-            self._adapter = self._map.bind("localhost", "/")
-        try:
-            endpoint, params = self._adapter.match(request.path.decode("utf-8", "replace"),
-                                                   request.method.decode("ascii", "replace"))
-        except (WzNotFound, WzMethodNotAllowed):
-            return None
-        except Exception:
-            # werkzeug raises RequestRedirect for slash fixes; treat as a miss.
-            return None
-        return self._rules[endpoint], params
-
-    def _path_exists(self, request: Any) -> bool:
-        if self._adapter is None:
-            self._adapter = self._map.bind("localhost", "/")
-        try:
-            self._adapter.match(request.path.decode("utf-8", "replace"), "GET")
-            return True
-        except WzMethodNotAllowed:
-            return True
-        except Exception:
-            return False
 
     def _install_klein_errors(self) -> None:
         @self.klein.handle_errors(WzNotFound)
         def not_found(request: Any, failure: Any) -> bytes:
-            error = NotFound(f"no route for {request.path.decode('utf-8', 'replace')}")
-            request.setResponseCode(404)
-            request.setHeader(b"content-type", b"application/json")
-            return error_body(error)
+            return error_response(
+                request, NotFound(f"no route for {request.path.decode('utf-8', 'replace')}"))
 
         @self.klein.handle_errors(WzMethodNotAllowed)
         def not_allowed(request: Any, failure: Any) -> bytes:
-            error = MethodNotAllowed("method not allowed here")
-            request.setResponseCode(405)
-            request.setHeader(b"content-type", b"application/json")
-            return error_body(error)
+            return error_response(request, MethodNotAllowed("method not allowed here"))
 
     def _status(self, inp: PipeInput, ctx: PipeContext, res: Any) -> Any:
         return {"app": self.name, **self.runtime.status()}

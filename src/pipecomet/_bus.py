@@ -19,7 +19,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from ._interfaces import IBus, IBusReceiver
+from ._interfaces import Delivery, IBus, IBusReceiver
 
 __all__ = ["MemoryBus", "BusConfig", "BusDelivery", "TopicHistory", "StoredMessage", "install"]
 
@@ -83,7 +83,7 @@ class MemoryBus:
 
     def publish(self, topic: str, event: str, data: bytes, key: str | None = None) -> Deferred:
         self.published += 1
-        first: Any = None
+        first: Delivery | None = None
         delivered = 0
         for r in tuple(self._receivers):
             done = r.bus_message(topic, event, data, key)

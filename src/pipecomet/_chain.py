@@ -16,17 +16,21 @@ unless a pipe returns one.  Results reach the client through a responder
 
 from __future__ import annotations
 
-import inspect
 from types import CoroutineType
 from typing import Any, Callable, Iterable, Mapping, Sequence
-from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
 from twisted.logger import Logger
+from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
 
 from ._errors import BadRequest, GatewayTimeout, InternalError, PipecometError
+from ._interfaces import IBodySource, IChainRequest, IPipeInput
+from ._query import parse_query, parse_query_text
 
 __all__ = [
     "Pipe",
@@ -68,7 +72,8 @@ class Pipe:
     :param name: key of the pipe's result in :class:`PipeResult`.
     :param run: ``"inline"`` (reactor thread), ``"thread"`` or ``"process"``.
     :param category: quota category of a ``thread`` pipe.
-    :param function: registered worker function of a ``process`` pipe.
+    :param worker_function: name of the registered worker function a
+        ``process`` pipe calls (``func`` computes its payload).
     :param skip_if: ``skip_if(res, ctx)``; when true the pipe does not run.
     :param timeout: seconds an inline Deferred or a process call may take
         before the request gets 504.
@@ -78,7 +83,7 @@ class Pipe:
     name: str = attrs.field(default="")
     run: str = attrs.field(default="inline", validator=attrs.validators.in_(RUN_KINDS))
     category: str | None = None
-    function: str | None = None
+    worker_function: str | None = None
     skip_if: SkipIf | None = None
     timeout: float | None = None
 
@@ -87,7 +92,7 @@ class Pipe:
             object.__setattr__(self, "name", getattr(self.func, "__name__", "pipe"))
         if self.run == "thread" and not self.category:
             raise ValueError(f"pipe {self.name!r}: a thread pipe needs a category")
-        if self.run == "process" and not self.function:
+        if self.run == "process" and not self.worker_function:
             raise ValueError(f"pipe {self.name!r}: a process pipe needs a function name")
 
     def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
@@ -135,7 +140,7 @@ def process_pipe(
         payload,
         name=name or function,
         run="process",
-        function=function,
+        worker_function=function,
         skip_if=skip_if,
         timeout=timeout,
     )
@@ -323,6 +328,7 @@ class Chain:
 # Per-request values
 
 
+@implementer(IBodySource)
 class BufferedBody:
     """
     Body access for a request whose body twisted.web has already read whole.
@@ -331,7 +337,7 @@ class BufferedBody:
 
     __slots__ = ("_request", "_form")
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: IRequest) -> None:
         self._request = request
         self._form: dict[str, list[str]] | None = None
 
@@ -349,10 +355,10 @@ class BufferedBody:
             form: dict[str, list[str]] = {}
             if self._request.method == b"POST":
                 # twisted.web parsed urlencoded and multipart bodies into args.
-                query = _split_query(self._request.uri)
+                query = parse_query(self._request.uri)
                 for k, vs in self._request.args.items():
+                    extra = vs[len(query.get(k, ())):]
                     key = k.decode("utf-8", "replace")
-                    extra = vs[len(query.get(key, ())):]
                     if extra:
                         form[key] = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
                                      for v in extra]
@@ -374,48 +380,28 @@ class BufferedBody:
                                 details={"param": name}))
 
 
-def _split_query(uri: bytes, text: bool = False) -> dict[str, list[Any]]:
+@implementer(IChainRequest)
+class BufferedRequest:
     """
-    The query of ``uri`` as ``{name: [raw values]}``: the rules of
-    ``urllib.parse.parse_qs(qs, keep_blank_values=True)`` applied to bytes.
-    The stdlib on bytes insists on ASCII (``%C3%A9`` or a raw UTF-8 byte
-    raised), and this runs on every request, so the common case of a
-    plain ``name=value`` skips unquoting.
+    :class:`IChainRequest` of a twisted.web request that is not
+    pipecomet's own (twisted.web's channel, Klein, tests): its body was
+    read whole, and the run watches ``notifyFinish()`` for a disconnect.
+    """
 
-    :param text: decode the values too (UTF-8, bad bytes replaced).
-    """
-    _, _, qs = uri.partition(b"?")
-    out: dict[str, list[Any]] = {}
-    if not qs:
-        return out
-    if text and b"%" not in qs and b"+" not in qs:
-        # Nothing to unquote: decode once and split text.  "&" and "=" are
-        # ASCII, so this equals decoding every part on its own.
-        for item in qs.decode("utf-8", "replace").split("&"):
-            if item:
-                key, _, value = item.partition("=")
-                values = out.get(key)
-                if values is None:
-                    out[key] = [value]
-                else:
-                    values.append(value)
-        return out
-    for item in qs.split(b"&"):
-        if not item:
-            continue
-        k, _, v = item.partition(b"=")
-        if b"%" in k or b"+" in k:
-            k = unquote_to_bytes(k.replace(b"+", b" "))
-        if b"%" in v or b"+" in v:
-            v = unquote_to_bytes(v.replace(b"+", b" "))
-        key = k.decode("utf-8", "replace")
-        value = v.decode("utf-8", "replace") if text else v
-        values = out.get(key)
-        if values is None:
-            out[key] = [value]
-        else:
-            values.append(value)
-    return out
+    __slots__ = ("request",)
+
+    def __init__(self, request: IRequest) -> None:
+        self.request = request
+
+    def body_source(self) -> BufferedBody:
+        return BufferedBody(self.request)
+
+    def hold_run(self, run: Any) -> bool:
+        return False
+
+
+registerAdapter(BufferedRequest, server.Request, IChainRequest)
+registerAdapter(BufferedRequest, IRequest, IChainRequest)
 
 
 def _succeed(value: Any) -> Deferred:
@@ -430,6 +416,7 @@ def _fail(error: BaseException) -> Deferred:
     return d
 
 
+@implementer(IPipeInput)
 class PipeInput:
     """
     The request as pipes see it: method, path, path and query parameters,
@@ -441,7 +428,7 @@ class PipeInput:
 
     __slots__ = ("request", "path_params", "_query", "_query_all", "_body")
 
-    def __init__(self, request: Any, path_params: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, request: IRequest, path_params: Mapping[str, Any] | None = None) -> None:
         self.request = request
         self.path_params = path_params or {}
         self._query: dict[str, str] | None = None
@@ -462,17 +449,7 @@ class PipeInput:
         Every value of every query parameter.
         """
         if self._query_all is None:
-            args = getattr(self.request, "query_args", None)
-            if args is None:
-                # Split and decoded in one pass: most requests come this way.
-                self._query_all = _split_query(self.request.uri, text=True)
-            else:
-                args = {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v
-                        for k, v in args.items()}
-                self._query_all = {
-                    k: [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in vs]
-                    for k, vs in args.items()
-                }
+            self._query_all = parse_query_text(self.request.uri)
         return self._query_all
 
     @property
@@ -503,9 +480,12 @@ class PipeInput:
         return self.request.requestHeaders
 
     @property
-    def body_source(self) -> Any:
+    def body_source(self) -> IBodySource:
+        """
+        Where the body is read from (:class:`~pipecomet.interfaces.IBodySource`).
+        """
         if self._body is None:
-            self._body = getattr(self.request, "pipecomet_body", None) or BufferedBody(self.request)
+            self._body = IChainRequest(self.request).body_source()
         return self._body
 
     def body(self) -> Deferred:
@@ -620,7 +600,8 @@ def as_pipecomet_error(failure: Failure | BaseException, where: str,
     if isinstance(exc, (DeferredTimeout, TimeoutError)):
         return GatewayTimeout(f"{where} timed out")
     err = InternalError()
-    f = failure if isinstance(failure, Failure) else Failure(exc, type(exc), exc.__traceback__)
+    f = failure if isinstance(failure, Failure) else Failure(failure, type(failure),
+                                                             failure.__traceback__)
     log.failure("unexpected error in {where} (error id {error_id})", f, where=where,
                 error_id=err.error_id, request_id=request_id)
     return err
@@ -645,7 +626,7 @@ class ChainRun:
         self.sink = sink
         self.runtime = ctx.runtime
         self._pending: Deferred | None = None
-        self._branches: dict[str, Any] = {}
+        self._branches: dict[str, _BranchRun] = {}
         self._main_done = False
         self._closed = False
         self.cancelled = False
@@ -703,8 +684,7 @@ class ChainRun:
         if self._watching:
             return
         self._watching = True
-        hold = getattr(request, "hold_run", None)
-        if hold is not None and hold(self):
+        if IChainRequest(request).hold_run(self):
             # The request cancels this run itself when its client goes (a
             # LazyRequest): no notifyFinish() Deferred and callbacks kept per
             # held connection.
@@ -869,7 +849,7 @@ class ChainRun:
             return
         try:
             payload = p.func(self.inp, self.ctx, self.res)
-            d = workers.call(p.function, payload, timeout=p.timeout)
+            d = workers.call(p.worker_function, payload, timeout=p.timeout)
         except BaseException as e:
             self._main_failed(e, p.name)
             return
@@ -999,6 +979,3 @@ class _BranchRun:
             self._timer = None
         self.parent._branch_done(self.name, value, error)
 
-
-def is_coroutine_function(f: Any) -> bool:
-    return inspect.iscoroutinefunction(f)

@@ -1609,6 +1609,7 @@ def install(app: Any, config: CometConfig) -> None:
         runtime.bus.set_limits(lambda name: _bus_limits(config, name))
     hub = CometHub(app.reactor, keeper, runtime.bus, config)
     keeper.comet = hub
+    runtime.comet = hub
     runtime.events = keeper
     runtime.status_sources["comet"] = hub.status
     runtime.status_sources["events"] = keeper.status

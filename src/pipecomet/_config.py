@@ -2,10 +2,11 @@
 Configuration: one TOML file, one frozen attrs class per table.
 
 Each part of pipecomet owns a table (``[server]``, ``[quota]``, ``[workers]``,
-``[bus]``, ``[comet]``, ``[limits]``, ``[demo]``...) and registers its class and its
-installer in :data:`SECTIONS`.  Loading rejects unknown tables and keys and
-bad values with a :class:`ConfigError` that names the key, e.g.
-``quota.categories.slow.reserve: must be >= 0``.
+``[bus]``, ``[comet]``, ``[limits]``...) and registers its class and its
+installer in :data:`SECTIONS`; an app adds tables of its own with
+:func:`register_section` (the demo's ``[demo]``).  Loading rejects unknown
+tables and keys and bad values with a :class:`ConfigError` that names the
+key, e.g. ``quota.categories.slow.reserve: must be >= 0``.
 
 An app declares its defaults as tables (the demo's are ``demo.toml``);
 :meth:`Config.with_defaults` lays a file over them key by key, so a file
@@ -19,12 +20,12 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 
 __all__ = ["ConfigError", "Config", "ServerConfig", "SECTIONS", "load_config", "read_tables",
-           "merge_tables", "build_section"]
+           "merge_tables", "build_section", "register_section", "Installer"]
 
 
 class ConfigError(ValueError):
@@ -39,7 +40,9 @@ class ServerConfig:
     ``[server]``: where and what to serve.
 
     :ivar port: Twisted endpoint string.
-    :ivar app: ``module:attr`` of the app (an ``App`` or a factory).
+    :ivar app: ``module:attr`` of the app (an ``App`` or a factory); empty
+        for the installed default app (the ``default`` entry point of the
+        ``pipecomet.apps`` group: the demo gateway).
     :ivar idle_timeout: seconds a connection may stay silent (held comet
         requests are exempt).
     :ivar access_log: ``"on"`` (one line per request on standard output,
@@ -65,8 +68,7 @@ class ServerConfig:
     """
 
     port: str = attrs.field(default="tcp:8080", validator=attrs.validators.instance_of(str))
-    app: str = attrs.field(default="pipecomet.demo:make_app",
-                           validator=attrs.validators.instance_of(str))
+    app: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
     idle_timeout: float = attrs.field(default=60.0, converter=float,
                                       validator=attrs.validators.gt(0))
     access_log: str = attrs.field(default="on", validator=[attrs.validators.instance_of(str),
@@ -89,11 +91,14 @@ class ServerConfig:
             raise ValueError(f"processes: must be a number >= 1 or \"auto\", not {value!r}")
 
 
-#: table name → (``module:Class`` of its config, ``module:function`` that
-#: installs the part on an app from that config, or None).
-SECTIONS: dict[str, tuple[str, str | None]] = {
+#: What installs a part on an app from its table: ``install(app, config)``.
+Installer = Callable[[Any, Any], object]
+
+#: table name → (its config class, or ``module:Class``; the installer that
+#: builds the part on an app from that config, or ``module:function``, or
+#: None).  Installers run in this order.
+SECTIONS: dict[str, tuple[type | str, Installer | str | None]] = {
     "server": ("pipecomet._config:ServerConfig", None),
-    "demo": ("pipecomet.demo._config:DemoConfig", None),
     "bus": ("pipecomet._bus:BusConfig", "pipecomet._bus:install"),
     "comet": ("pipecomet._comet:CometConfig", "pipecomet._comet:install"),
     "quota": ("pipecomet._quota:QuotaConfig", "pipecomet._quota:install"),
@@ -109,7 +114,30 @@ SECTIONS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def _resolve(spec: str) -> Any:
+def register_section(name: str, config_class: type, installer: Installer | None = None) -> None:
+    """
+    Add the table ``[name]`` to the configuration: a config file may have
+    it, ``config.<name>`` gives its ``config_class`` (an attrs class, built
+    as the other tables are: unknown keys and bad values fail naming the
+    key), and ``installer(app, section)`` runs in :meth:`App.configure
+    <pipecomet.App.configure>` after pipecomet's own parts.  Registering the
+    same class again (a module imported twice) changes nothing.
+
+    :raise ValueError: ``name`` is taken by another class.
+    """
+    if not attrs.has(config_class):
+        raise ValueError(f"section {name!r}: {config_class!r} is not an attrs class")
+    known = SECTIONS.get(name)
+    if known is not None:
+        if _resolve(known[0]) is config_class:
+            return
+        raise ValueError(f"section {name!r} is already registered")
+    SECTIONS[name] = (config_class, installer)
+
+
+def _resolve(spec: Any) -> Any:
+    if not isinstance(spec, str):
+        return spec
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -266,7 +294,7 @@ class Config:
                    if self._data is None or name not in self._data}
         return Config({**built._sections, **objects}, data=merged)
 
-    def installers(self) -> list[tuple[str, Any]]:
+    def installers(self) -> list[tuple[str, Installer]]:
         """
         ``(name, install)`` for every registered part with an installer.
         """
@@ -333,8 +361,8 @@ def reference_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
             rows.extend(reference_rows(_unwrap_optional(typing.get_args(tp)[1]), f"{key}.<name>"))
             continue
         default = f.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            default = default.factory()  # type: ignore[union-attr]
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # a class, typed as a function
+            default = default.factory()
         type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
         rows.append((key, type_name, repr(default), docs.get(f.name, "")))
     return rows

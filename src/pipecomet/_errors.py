@@ -31,6 +31,7 @@ __all__ = [
     "InternalError",
     "new_error_id",
     "error_body",
+    "error_response",
 ]
 
 
@@ -163,3 +164,19 @@ def error_body(error: PipecometError) -> bytes:
     The JSON body of an error response.
     """
     return json.dumps({"error": error.to_json()}, separators=(",", ":")).encode("utf-8")
+
+
+def error_response(request: Any, error: PipecometError) -> bytes:
+    """
+    Set the status and headers of ``error``'s response on ``request`` (a
+    twisted.web request) and return its body: the one place an error
+    response is written.  The caller writes the body and finishes the
+    request, or returns it from ``render``.
+    """
+    body = error_body(error)
+    request.setResponseCode(error.status)
+    for k, v in error.headers.items():
+        request.setHeader(k, v)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body

@@ -26,8 +26,10 @@ from typing import Any, Callable, Hashable, Iterable
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ._errors import GatewayTimeout
+from ._interfaces import IEventListener
 
 __all__ = [
     "EventState",
@@ -83,6 +85,7 @@ class InvalidTransition(RuntimeError):
     """
 
 
+@implementer(IEventListener)
 class EventListener:
     """
     What an event runs on its transitions.  Subclass and override; the

@@ -1,15 +1,168 @@
 """
 The seams of pipecomet that have more than one implementation or that tests
-replace, as zope.interface interfaces in one place.
+replace, as zope.interface interfaces in one place (made public by
+:mod:`pipecomet.interfaces`).  Nothing here imports the rest of pipecomet.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping, Protocol
 
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFDSet,
+    IReactorProcess,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+)
 from zope.interface import Attribute, Interface
 
-__all__ = ["IBus", "IBusReceiver", "IHistoryBus"]
+__all__ = [
+    "IBodySource",
+    "IBus",
+    "IBusReceiver",
+    "IChainRequest",
+    "IEventListener",
+    "IHistoryBus",
+    "IPipeInput",
+    "IPipecometReactor",
+]
+
+
+class IPipecometReactor(IReactorTime, IReactorCore, IReactorThreads, IReactorTCP,
+                        IReactorProcess, IReactorFDSet):
+    """
+    The reactor an app is given (as Synapse's ``ISynapseReactor``): timed
+    calls, threads, TCP, processes.  Unit tests hand in a fake clock that
+    provides only the timed calls the code under test uses.
+    """
+
+
+class IBodySource(Interface):
+    """
+    A request's body as pipes reach it (``PipeInput.body()``, ``form()``,
+    ``param()``): read whole by twisted.web already, or parsed lazily while
+    it still arrives (``pipecomet._lazy.LazyBody``).
+    """
+
+    def body() -> Any:
+        """
+        A Deferred of the whole body as bytes.
+        """
+
+    def form() -> Any:
+        """
+        A Deferred of the body's form fields, ``{name: [values]}``.
+        """
+
+    def param(name: str, default: Any = ..., query: Mapping[str, str] | None = None) -> Any:
+        """
+        A Deferred of parameter ``name``: from ``query`` when it is there,
+        else from the body as soon as that field is complete; fails with
+        400 ``missing_parameter`` when the body ends without it and no
+        ``default`` is given.
+        """
+
+
+class IChainRequest(Interface):
+    """
+    The per-request state the chain runner needs beside twisted.web's
+    ``IRequest``, reached as Klein reaches ``IKleinRequest``:
+    ``IChainRequest(request)``.  pipecomet's own request provides it
+    itself; any other ``IRequest`` is adapted (its body read whole).
+    """
+
+    def body_source() -> IBodySource:
+        """
+        Where the request's body is read from.
+        """
+
+    def hold_run(run: Any) -> bool:
+        """
+        Cancel ``run`` (a chain run, ``run.cancel()``) when the client goes,
+        without a ``notifyFinish()`` Deferred kept for the life of the
+        request.  False when the caller must watch ``notifyFinish()``
+        itself.
+        """
+
+
+class IPipeInput(Interface):
+    """
+    The request as a pipe sees it (``inp`` in ``pipe(inp, ctx, res)``).
+    """
+
+    request = Attribute("The underlying twisted.web request (IRequest, IChainRequest).")
+    method = Attribute("The method, as text.")
+    path = Attribute("The path, as text (no query).")
+    path_params = Attribute("Parameters taken from the route's path.")
+    query = Attribute("The first value of each query parameter, as text.")
+    query_all = Attribute("Every value of every query parameter, as text.")
+    headers = Attribute("The request headers (twisted.web Headers).")
+    body_source = Attribute("The IBodySource of the request.")
+
+    def header(name: str, default: str | None = None) -> str | None:
+        """
+        The first value of header ``name`` as text (400 ``bad_header``
+        when it is not UTF-8).
+        """
+
+    def body() -> Any:
+        """
+        A Deferred of the whole body as bytes.
+        """
+
+    def form() -> Any:
+        """
+        A Deferred of the body's form fields.
+        """
+
+    def param(name: str, default: Any = ...) -> Any:
+        """
+        A Deferred of parameter ``name`` from the query, else the body.
+        """
+
+
+class IEventListener(Interface):
+    """
+    What an event of the event keeper runs on its transitions (init →
+    invoke (repeatable) / complete / timeout / cancel).
+    """
+
+    def on_invoke(event: Any, value: Any) -> None:
+        """
+        The event fired and goes on waiting (comet push).
+        """
+
+    def on_complete(event: Any, value: Any) -> None:
+        """
+        The event fired and stops waiting.
+        """
+
+    def on_timeout(event: Any) -> None:
+        """
+        The event's deadline passed.
+        """
+
+    def on_cancel(event: Any) -> None:
+        """
+        The waiter went away (client disconnect).
+        """
+
+
+class Delivery(Protocol):
+    """
+    What one receiver did with a published message.
+    """
+
+    @property
+    def id(self) -> str | None: ...
+
+    @property
+    def delivered(self) -> int: ...
+
+    @property
+    def duplicate(self) -> bool: ...
 
 
 class IBusReceiver(Interface):
@@ -18,7 +171,7 @@ class IBusReceiver(Interface):
     """
 
     def bus_message(topic: str, event: str, data: bytes, key: str | None,
-                    id: str | None = None) -> object:
+                    id: str | None = None) -> Delivery | None:
         """
         A message published on ``topic`` reached this process.
 
@@ -28,8 +181,8 @@ class IBusReceiver(Interface):
         :param id: ``epoch:offset`` when the bus numbers the messages
             itself (a bus that holds the history, :class:`IHistoryBus`);
             None when the receiver numbers them.
-        :return: what the publish did in this process (the in-memory bus
-            passes it back to the publisher), or None.
+        :return: what the publish did in this process (a :class:`Delivery`;
+            the in-memory bus passes it back to the publisher), or None.
         """
 
     def bus_down(reason: str) -> None:

@@ -28,17 +28,21 @@ import enum
 import math
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ._config import ConfigError
 from ._errors import GatewayTimeout, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from .testing import SynchronousThreadPool
 
 __all__ = [
     "CategoryConfig",
@@ -51,7 +55,6 @@ __all__ = [
     "JobState",
     "Outcome",
     "Distribution",
-    "SynchronousThreadPool",
     "install",
 ]
 
@@ -99,41 +102,52 @@ class ExecutionTimeout(GatewayTimeout):
 # Configuration
 
 
-def _whole(value: Any, field: attrs.Attribute) -> int:
-    # TOML gives ints; refuse bools and fractions instead of truncating them.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ValueError(f"{field.name}: expected a whole number, got {value!r}")
-    return int(value)
+# Converters turn what TOML gives into the field's type when they can and
+# leave anything else as it is; the validators then refuse it, naming the
+# field (attrs hands validators the attribute, not converters).
 
 
-def _optional_whole(value: Any, field: attrs.Attribute) -> int | None:
-    return None if value is None else _whole(value, field)
+def _to_whole(value: Any) -> Any:
+    if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+        return int(value)
+    return value
 
 
-def _secs(value: Any, field: attrs.Attribute) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{field.name}: expected a number of seconds, got {value!r}")
-    return float(value)
+def _to_seconds(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
-def _optional_secs(value: Any, field: attrs.Attribute) -> float | None:
-    return None if value is None else _secs(value, field)
-
-
-def _limit_secs(value: Any, field: attrs.Attribute) -> float | None:
+def _to_limit_seconds(value: Any) -> Any:
     # 0 (TOML has no null) means "no limit".
-    seconds = _optional_secs(value, field)
-    return None if seconds == 0 else seconds
+    value = _to_seconds(value)
+    return None if value == 0 else value
 
 
-_int = attrs.Converter(_whole, takes_field=True)
-_optional_int = attrs.Converter(_optional_whole, takes_field=True)
-_seconds = attrs.Converter(_secs, takes_field=True)
-_optional_seconds = attrs.Converter(_limit_secs, takes_field=True)
-_maybe_seconds = attrs.Converter(_optional_secs, takes_field=True)
+def _whole(instance: Any, field: attrs.Attribute, value: Any) -> None:
+    # TOML gives ints; refuse bools and fractions instead of truncating them.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field.name}: expected a whole number, got {value!r}")
 
 
-_positive = attrs.validators.optional(attrs.validators.gt(0))
+def _seconds(instance: Any, field: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, float):
+        raise ValueError(f"{field.name}: expected a number of seconds, got {value!r}")
+
+
+_optional_whole = attrs.validators.optional(_whole)
+
+
+def _positive(instance: Any, field: attrs.Attribute, value: float | None) -> None:
+    """
+    None, or a number of seconds above 0.
+    """
+    if value is None:
+        return
+    _seconds(instance, field, value)
+    if value <= 0:
+        raise ValueError(f"'{field.name}' must be > 0: {value}")
 
 
 @attrs.frozen
@@ -153,16 +167,19 @@ class CategoryConfig:
         ``retry_after`` if unset.
     """
 
-    reserve: int = attrs.field(default=0, converter=_int, validator=attrs.validators.ge(0))
-    limit: int | None = attrs.field(default=None, converter=_optional_int,
-                                    validator=attrs.validators.optional(attrs.validators.ge(1)))
-    queue: int = attrs.field(default=100, converter=_int, validator=attrs.validators.ge(0))
-    queue_timeout: float | None = attrs.field(default=30.0, converter=_optional_seconds,
+    reserve: int = attrs.field(default=0, converter=_to_whole,
+                               validator=[_whole, attrs.validators.ge(0)])
+    limit: int | None = attrs.field(
+        default=None, converter=_to_whole,
+        validator=[_optional_whole, attrs.validators.optional(attrs.validators.ge(1))])
+    queue: int = attrs.field(default=100, converter=_to_whole,
+                             validator=[_whole, attrs.validators.ge(0)])
+    queue_timeout: float | None = attrs.field(default=30.0, converter=_to_limit_seconds,
                                               validator=_positive)
-    timeout: float | None = attrs.field(default=60.0, converter=_optional_seconds,
+    timeout: float | None = attrs.field(default=60.0, converter=_to_limit_seconds,
                                         validator=_positive)
-    priority: int = attrs.field(default=0, converter=_int)
-    retry_after: float | None = attrs.field(default=None, converter=_maybe_seconds,
+    priority: int = attrs.field(default=0, converter=_to_whole, validator=_whole)
+    retry_after: float | None = attrs.field(default=None, converter=_to_seconds,
                                             validator=_positive)
 
     def __attrs_post_init__(self) -> None:
@@ -186,12 +203,13 @@ class QuotaConfig:
         before it gives up on them (they are daemon threads).
     """
 
-    size: int = attrs.field(default=20, converter=_int, validator=attrs.validators.ge(1))
+    size: int = attrs.field(default=20, converter=_to_whole,
+                            validator=[_whole, attrs.validators.ge(1)])
     categories: dict[str, CategoryConfig] = attrs.field(factory=_default_categories)
-    retry_after: float = attrs.field(default=1.0, converter=_seconds,
-                                     validator=attrs.validators.gt(0))
-    stop_timeout: float = attrs.field(default=10.0, converter=_seconds,
-                                      validator=attrs.validators.ge(0))
+    retry_after: float = attrs.field(default=1.0, converter=_to_seconds,
+                                     validator=[_seconds, attrs.validators.gt(0)])
+    stop_timeout: float = attrs.field(default=10.0, converter=_to_seconds,
+                                      validator=[_seconds, attrs.validators.ge(0)])
 
     def __attrs_post_init__(self) -> None:
         if not self.categories:
@@ -448,9 +466,10 @@ class QuotaPool(Service):
 
     :param config: the ``[quota]`` table.
     :param reactor: every timed call and the results from threads go
-        through it.  A reactor without ``callFromThread`` (a
+        through it.  A reactor that is not an ``IReactorThreads`` (a
         :class:`~twisted.internet.task.Clock` in unit tests) gets results
-        delivered directly, which is right for :class:`SynchronousThreadPool`.
+        delivered directly, which is right for
+        :class:`pipecomet.testing.SynchronousThreadPool`.
     :param threadpool: the pool that runs the jobs; a new
         :class:`~twisted.python.threadpool.ThreadPool` of ``config.size``
         daemon threads when None.
@@ -458,13 +477,16 @@ class QuotaPool(Service):
 
     name = "quota"
 
-    def __init__(self, config: QuotaConfig, reactor: Any, threadpool: Any = None) -> None:
+    def __init__(self, config: QuotaConfig, reactor: IReactorTime,
+                 threadpool: ThreadPool | SynchronousThreadPool | None = None) -> None:
         self.config = config
         self.size = config.size
         self._reactor = reactor
-        self._threadpool = threadpool if threadpool is not None else _QuotaThreadPool(
-            0, config.size, name="pipecomet-quota")
-        self._from_thread: Callable[..., Any] = getattr(reactor, "callFromThread", None) or _direct
+        self._threadpool: ThreadPool | SynchronousThreadPool = (
+            threadpool if threadpool is not None
+            else _QuotaThreadPool(0, config.size, name="pipecomet-quota"))
+        self._from_thread: Callable[..., Any] = (
+            reactor.callFromThread if IReactorThreads.providedBy(reactor) else _direct)
         self._categories = {name: _Category(self, name, c, config.size, config.retry_after)
                             for name, c in config.categories.items()}
         self._order = sorted(self._categories.values(), key=lambda c: (-c.priority, c.name))
@@ -737,78 +759,16 @@ class QuotaPool(Service):
         else:
             log.warn("quota pool stopped with {busy} threads still running; they are left to "
                      "finish on their own", busy=self._busy)
-            # Joining would block the reactor on a hung thread: only ask
-            # the idle ones to quit.
-            quit_team = getattr(getattr(self._threadpool, "_team", None), "quit", None)
-            if quit_team is not None:
-                self._threadpool.joined = True
-                self._threadpool.started = False
-                quit_team()
-            else:
-                self._threadpool.stop()
+            # ThreadPool.stop() joins every thread, the hung ones too: it
+            # runs on a daemon thread of its own, never the reactor's.  The
+            # idle threads quit at once; the hung ones when they return.
+            threading.Thread(target=self._threadpool.stop, name="pipecomet-quota-stop",
+                             daemon=True).start()
         stopped.callback(None)
 
 
 def _direct(f: Callable[..., Any], *args: Any) -> None:
     f(*args)
-
-
-# ---------------------------------------------------------------------------
-# Unit-test stand-in
-
-
-class SynchronousThreadPool:
-    """
-    A stand-in for :class:`~twisted.python.threadpool.ThreadPool` in unit
-    tests: no thread at all.  With ``immediate=True`` a job runs the moment
-    it is handed over (buildbot's ``NonThreadPool``); otherwise it waits in
-    :attr:`running` until the test calls :meth:`finish`, so tests decide
-    when each "thread" returns.
-    """
-
-    def __init__(self, immediate: bool = False) -> None:
-        self.immediate = immediate
-        self.running: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]] = []
-        self.started = False
-        self.joined = False
-        self.most_running = 0
-
-    def start(self) -> None:
-        self.started = True
-        self.joined = False
-
-    def stop(self) -> None:
-        self.started = False
-        self.joined = True
-
-    def callInThreadWithCallback(self, onResult: Any, func: Callable[..., Any],
-                                 *args: Any, **kw: Any) -> None:
-        entry = (func, args, kw, onResult)
-        if self.immediate:
-            self._run(entry)
-            return
-        self.running.append(entry)
-        self.most_running = max(self.most_running, len(self.running))
-
-    def finish(self, index: int = 0) -> None:
-        """
-        Run the ``index``-th held job now and deliver its result.
-        """
-        self._run(self.running.pop(index))
-
-    def finish_all(self) -> None:
-        while self.running:
-            self.finish(0)
-
-    @staticmethod
-    def _run(entry: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]) -> None:
-        func, args, kw, onResult = entry
-        try:
-            result, ok = func(*args, **kw), True
-        except BaseException:
-            result, ok = Failure(), False
-        if onResult is not None:
-            onResult(ok, result)
 
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 from typing import Any, Callable
 
 from ._chain import Answer, ChainSink, as_pipecomet_error
-from ._errors import PipecometError, error_body
+from ._errors import PipecometError, error_response
 from ._twcompat import request_gone as _gone
 from ._observe._requests import note_error
 
@@ -74,13 +74,7 @@ def send_error(request: Any, error: PipecometError) -> None:
         request.finish()
         return
     note_error(request, error)  # the access log and the figures show code and id
-    body = error_body(error)
-    request.setResponseCode(error.status)
-    for k, v in error.headers.items():
-        request.setHeader(k, v)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
+    request.write(error_response(request, error))
     request.finish()
 
 

@@ -1,16 +1,28 @@
 """
-What a running app shares with its pipes: the reactor and the pools.
+What a running app shares with its pipes: the reactor and the parts.
 
 One :class:`Runtime` per :class:`~pipecomet.App`.  The chain runner reaches
-the quota thread pool, the worker pool and the event keeper through it, so
-pipes never import globals and tests can hand in fakes and a fake clock.
+the quota thread pool, the worker pool, the event keeper and the comet hub
+through it, so pipes never import globals and tests can hand in fakes and a
+fake clock.  Each part is None until its ``[table]``'s installer has put it
+there (``App.configure``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
+
+if TYPE_CHECKING:
+    from ._backend import Backends
+    from ._comet import CometHub
+    from ._config import Config
+    from ._events import EventKeeper
+    from ._lazy import LazySiteFactory
+    from ._quota import QuotaPool
+    from ._workers._pool import WorkerPool
+    from .interfaces import IBus, IPipecometReactor
 
 __all__ = ["Runtime"]
 
@@ -20,25 +32,29 @@ class Runtime:
     """
     The parts a chain may use while it runs.
 
-    :ivar reactor: the reactor every timed call and socket goes through.
-    :ivar quota: the quota thread pool (``QuotaPool``) for ``thread`` pipes.
-    :ivar workers: the worker process pool (``WorkerPool``) for ``process`` pipes.
-    :ivar events: the ``EventKeeper`` for condition pipes.
-    :ivar bus: the publish/subscribe bus behind the event keeper.
-    :ivar backends: the backend services (``pipecomet._backend.Backends``)
-        that ``ctx.backend(name)`` reaches.
+    :ivar reactor: the reactor every timed call and socket goes through
+        (a fake one in unit tests).
+    :ivar quota: the quota thread pool for ``thread`` pipes.
+    :ivar workers: the worker process pool for ``process`` pipes.
+    :ivar events: the event keeper of condition pipes.
+    :ivar comet: the comet hub of many-mode condition pipes (comet streams).
+    :ivar bus: the publish/subscribe bus behind the comet hub.
+    :ivar lazy: the ``[limits]`` part: lazy bodies and the site factory.
+    :ivar config: the configuration the app was configured with.
+    :ivar backends: the backend services ``ctx.backend(name)`` reaches.
     :ivar status_sources: name → callable giving a JSON-able dict of live
         figures; ``/_pipecomet/status`` shows them all.
     """
 
-    reactor: Any
-    quota: Any = None
-    workers: Any = None
-    events: Any = None
-    bus: Any = None
-    lazy: Any = None
-    config: Any = None
-    backends: Any = None
+    reactor: IPipecometReactor | None
+    quota: QuotaPool | None = None
+    workers: WorkerPool | None = None
+    events: EventKeeper | None = None
+    comet: CometHub | None = None
+    bus: IBus | None = None
+    lazy: LazySiteFactory | None = None
+    config: Config | None = None
+    backends: Backends | None = None
     status_sources: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
 
     def status(self) -> dict[str, Any]:

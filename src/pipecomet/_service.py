@@ -15,7 +15,7 @@ import importlib
 import inspect
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -23,7 +23,10 @@ from twisted.internet.interfaces import IReactorFDSet, ITCPTransport
 from twisted.logger import Logger
 from twisted.python import usage
 
-from ._config import Config, ConfigError, merge_tables, read_tables
+from ._config import Config, ConfigError, ServerConfig, build_section, merge_tables, read_tables
+
+if TYPE_CHECKING:
+    from ._app import App
 
 __all__ = ["Options", "makeService", "load_app", "build_app"]
 
@@ -90,11 +93,31 @@ def load_app(spec: str) -> Any:
         raise ConfigError(f"--app {spec!r}: {module_name} has no attribute {attr!r}") from None
 
 
+#: The entry point group an installed package names its apps in; the
+#: ``default`` one is served when no app is given.
+APPS_GROUP = "pipecomet.apps"
+
+
+def default_app_spec() -> str:
+    """
+    ``module:attr`` of the installed default app: the ``default`` entry
+    point of the ``pipecomet.apps`` group (the demo gateway declares it).
+    """
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=APPS_GROUP, name="default")
+    for ep in found:
+        return str(ep.value)
+    raise ConfigError(f"no app given (--app or [server] app) and no {APPS_GROUP!r} "
+                      "entry point named 'default' is installed")
+
+
 def build_app(options: Options) -> Any:
     """
     Read the config file (its tables only: an app factory lays them over
     its own defaults), apply the options that override it, import the app
-    and configure it.  Nothing starts.
+    (which may register tables of its own) and configure it.  Nothing
+    starts.
     """
     from ._app import App
 
@@ -106,16 +129,17 @@ def build_app(options: Options) -> Any:
         tables = merge_tables(tables, {"workers": {"module": options["workers-module"]}})
     if options["log-format"]:
         tables = merge_tables(tables, {"logging": {"format": options["log-format"]}})
-    config = Config.from_dict(tables)
-    spec = spec or config.server.app
+    server = build_section(ServerConfig, tables.get("server", {}), "server")
+    spec = spec or server.app or default_app_spec()
     target = load_app(spec)
+    config = Config.from_dict(tables)
     if isinstance(target, App):
         app = target.configure(config)
     elif callable(target):
         app = target(config=config)
         if not isinstance(app, App):
             raise ConfigError(f"--app {spec!r}: the factory returned {type(app).__name__}, not an App")
-        if not app._configured:
+        if not app.configured:
             app.configure(config)
     else:
         raise ConfigError(f"--app {spec!r} is a {type(target).__name__}, not an App or a factory")
@@ -133,7 +157,7 @@ class _Serving(MultiService):
     connections.
     """
 
-    def __init__(self, app: Any, listener: IService) -> None:
+    def __init__(self, app: App, listener: IService) -> None:
         super().__init__()
         self._app = app
         self._listener = listener
@@ -148,9 +172,9 @@ class _Serving(MultiService):
         return d
 
     def _flushed(self) -> Deferred | None:
-        reactor = self._app.reactor
-        if not IReactorFDSet.providedBy(reactor):
+        if not IReactorFDSet.providedBy(self._app.reactor):
             return None
+        reactor = self._app.reactor
         timeout = float(getattr(self._app.config.server, "drain_timeout", 5.0))
         deadline = reactor.seconds() + timeout
         done: Deferred = Deferred()
@@ -248,10 +272,10 @@ def makeService(options: Options) -> IService:
     return root
 
 
-def _supervisor_service(options: Options, app: Any, port: str, count: int) -> IService:
-    from twisted.internet import reactor
-
+def _supervisor_service(options: Options, app: App, port: str, count: int) -> IService:
     from ._supervisor import Supervisor
+
+    reactor = app.reactor
 
     args: list[str] = []
     for name in ("app", "config", "workers-module", "log-format"):
@@ -274,10 +298,10 @@ def _supervisor_service(options: Options, app: Any, port: str, count: int) -> IS
     return supervisor
 
 
-def _serving_process_service(options: Options, app: Any, port: str) -> IService:
-    from twisted.internet import reactor
-
+def _serving_process_service(options: Options, app: App, port: str) -> IService:
     from ._supervisor import ServingProcess
+
+    reactor = app.reactor
 
     root = MultiService()
     app.service.setServiceParent(root)

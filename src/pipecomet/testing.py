@@ -2,7 +2,8 @@
 Test helpers for pipecomet apps, for trial and pytest alike.
 
 :class:`MemoryClient` drives an app's real ``Site`` and resources in memory
-(``treq.testing.StubTreq``) on a fake clock, so a test is synchronous: make
+(a real ``Agent`` joined to the site by ``twisted.test.iosim``, as treq's
+``RequestTraversalAgent``) on a fake clock, so a test is synchronous: make
 a call, move the clock, read what the client has received so far::
 
     app = make_app()                       # built with reactor=client.clock
@@ -12,16 +13,29 @@ a call, move the clock, read what the client has received so far::
     assert call.lines()[0]["name"] == "main"
 
 No socket, thread or real time is involved; put those in integration tests.
+
+Test doubles for the parts: :class:`SynchronousThreadPool` runs a quota
+pool's jobs at once on the calling thread (``QuotaPool(config, clock,
+threadpool=SynchronousThreadPool())``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.web.client import Agent
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from zope.interface import implementer
 
-__all__ = ["MemoryClient", "Call", "make_clock"]
+__all__ = ["MemoryClient", "Call", "make_clock", "SynchronousThreadPool"]
 
 
 def make_clock() -> Clock:
@@ -42,8 +56,8 @@ class Call:
         self.response: Any = None
         self.chunks: list[bytes] = []
         self.done = False
-        self.failure: Any = None
-        self._pump: Any = None
+        self.failure: Failure | None = None
+        self._connection: iosim.FakeTransport | None = None
 
     @property
     def started(self) -> bool:
@@ -110,9 +124,64 @@ class Call:
         return out
 
 
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body handed over at once (treq's default producer would
+    cooperate on the global reactor).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _body_producer(data: Any) -> IBodyProducer:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not isinstance(data, bytes):
+        data = data.read()  # a file
+    return _BytesProducer(data)
+
+
+@implementer(IAgentEndpointFactory)
+class _MemoryEndpoints:
+    """
+    Plain TCP endpoints on a memory reactor: a connection attempt is only
+    recorded (``MemoryReactor.tcpClients``) for :class:`MemoryClient` to
+    wire up.
+    """
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self._reactor = reactor
+
+    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
+        return TCP4ClientEndpoint(self._reactor, uri.host, uri.port)
+
+
 class MemoryClient:
     """
     An in-memory HTTP client for an :class:`~pipecomet.App`.
+
+    Built as treq's ``RequestTraversalAgent`` is, on public APIs only: a
+    real :class:`~twisted.web.client.Agent` connects on a
+    :class:`~twisted.internet.testing.MemoryReactorClock`, and each
+    connection it asks for is joined to a protocol of the app's own
+    ``Site`` (its request class, limits and clock) by
+    :func:`twisted.test.iosim.connect`.
 
     :param app: the app; give it ``reactor=client.clock`` (or pass ``clock``
         that the app was made with) so its timers follow :meth:`advance`.
@@ -120,17 +189,36 @@ class MemoryClient:
     """
 
     def __init__(self, app: Any, clock: Clock | None = None) -> None:
-        from treq.testing import StubTreq
+        from treq.client import HTTPClient
 
         if clock is None:
             rt = app.runtime.reactor
             clock = rt if isinstance(rt, Clock) else make_clock()
         self.clock = clock
         self.app = app
-        self._treq = StubTreq(app.resource())
-        # Serve through the app's own Site (its request class, timeouts and
-        # clock), not the plain one StubTreq makes.
-        self._treq._agent._serverFactory = app.site()
+        self.site = app.site()
+        self._network = MemoryReactorClock()
+        agent = Agent.usingEndpointFactory(self._network, _MemoryEndpoints(self._network))
+        self._http = HTTPClient(agent, data_to_body_producer=_body_producer)
+        self._pumps: list[iosim.IOPump] = []
+
+    def _connect(self) -> iosim.FakeTransport | None:
+        """
+        Join the connection the agent just asked for to the app's site.
+        """
+        if not self._network.tcpClients:
+            return None
+        host, port, factory, _timeout, _bind = self._network.tcpClients.pop()
+        server_address = IPv4Address("TCP", "127.0.0.1", port)
+        client_address = IPv4Address("TCP", "127.0.0.1", 31337)
+        server = self.site.buildProtocol(client_address)
+        server_io = iosim.FakeTransport(server, isServer=True, hostAddress=server_address,
+                                        peerAddress=client_address)
+        client = factory.buildProtocol(server_address)
+        client_io = iosim.FakeTransport(client, isServer=False, hostAddress=client_address,
+                                        peerAddress=server_address)
+        self._pumps.append(iosim.connect(server, server_io, client, client_io))
+        return client_io
 
     def request(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
                 data: Any = None, json_body: Any = None) -> Call:
@@ -146,10 +234,8 @@ class MemoryClient:
             kwargs["headers"].setdefault("content-type", "application/json")
         elif data is not None:
             kwargs["data"] = data
-        pumps = set(self._treq._agent._pumps)
-        d = self._treq.request(method, "http://pipecomet.test" + path, **kwargs)
-        new = set(self._treq._agent._pumps) - pumps
-        call._pump = new.pop() if new else None
+        d = self._http.request(method, "http://pipecomet.test" + path, **kwargs)
+        call._connection = self._connect()
 
         def got(response: Any) -> Any:
             call.response = response
@@ -158,7 +244,7 @@ class MemoryClient:
         def finished(_: Any) -> None:
             call.done = True
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             call.failure = f
             call.done = True
 
@@ -176,7 +262,11 @@ class MemoryClient:
         """
         Deliver every byte that is ready, both ways.
         """
-        self._treq.flush()
+        pumps, self._pumps = self._pumps, []
+        for pump in pumps:
+            pump.flush()
+            if not (pump.clientIO.disconnected and pump.serverIO.disconnected):
+                self._pumps.append(pump)
 
     def advance(self, seconds: float) -> None:
         """
@@ -189,7 +279,59 @@ class MemoryClient:
         """
         Drop the connection of ``call`` as a client going away would.
         """
-        if call._pump is None:
+        if call._connection is None:
             raise AssertionError("this call has no connection to drop")
-        call._pump.clientIO.loseConnection()
+        call._connection.loseConnection()
         self.flush()
+
+
+class SynchronousThreadPool:
+    """
+    A stand-in for :class:`~twisted.python.threadpool.ThreadPool` in unit
+    tests: no thread at all.  With ``immediate=True`` a job runs the moment
+    it is handed over (buildbot's ``NonThreadPool``); otherwise it waits in
+    :attr:`running` until the test calls :meth:`finish`, so tests decide
+    when each "thread" returns.
+    """
+
+    def __init__(self, immediate: bool = False) -> None:
+        self.immediate = immediate
+        self.running: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]] = []
+        self.started = False
+        self.joined = False
+
+    def start(self) -> None:
+        self.started = True
+        self.joined = False
+
+    def stop(self) -> None:
+        self.started = False
+        self.joined = True
+
+    def callInThreadWithCallback(self, onResult: Any, func: Callable[..., Any],
+                                 *args: Any, **kw: Any) -> None:
+        entry = (func, args, kw, onResult)
+        if self.immediate:
+            self._run(entry)
+            return
+        self.running.append(entry)
+
+    def finish(self, index: int = 0) -> None:
+        """
+        Run the ``index``-th held job now and deliver its result.
+        """
+        self._run(self.running.pop(index))
+
+    def finish_all(self) -> None:
+        while self.running:
+            self.finish(0)
+
+    @staticmethod
+    def _run(entry: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]) -> None:
+        func, args, kw, onResult = entry
+        try:
+            result, ok = func(*args, **kw), True
+        except BaseException:
+            result, ok = Failure(), False
+        if onResult is not None:
+            onResult(ok, result)

@@ -22,9 +22,12 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web import http, server
-from twisted.web.http import parse_qs
+from zope.interface import implementer
 
+from .._chain import BufferedBody
 from .._errors import InternalError, PayloadTooLarge, PipecometError
+from .._interfaces import IBodySource, IChainRequest
+from .._query import parse_query
 from .._lazy._body import BodyState, LazyBody
 from .._responders import send_error
 
@@ -34,6 +37,7 @@ log = Logger()
 
 
 
+@implementer(IChainRequest)
 class Request(server.Request):
     """
     One request on an :class:`~._protocol.HTTP11Protocol`.
@@ -81,8 +85,7 @@ class Request(server.Request):
     def args(self) -> dict[bytes, list[bytes]]:
         args = self._args
         if args is None:
-            _, sep, argstring = self.uri.partition(b"?")
-            args = self._args = parse_qs(argstring, 1) if sep else {}
+            args = self._args = parse_query(self.uri)
         return args
 
     @args.setter
@@ -277,6 +280,13 @@ class Request(server.Request):
         does not apply to it, and a client EOF means the client has gone.
         """
         self._proto.hold()
+
+    def body_source(self) -> IBodySource:
+        """
+        The lazy body of a lazy chain request, else the buffered body.
+        """
+        body = self.pipecomet_body
+        return body if body is not None else BufferedBody(self)
 
     def hold_run(self, run: Any) -> bool:
         """

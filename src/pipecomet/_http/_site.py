@@ -17,6 +17,7 @@ from twisted.web import http, server
 
 from .._errors import PipecometError
 from .._lazy._config import LimitsConfig
+from .._routing import Matched
 from ._protocol import HTTP11Protocol
 from ._request import Request
 from ._stats import HTTPStats
@@ -70,12 +71,8 @@ class Site(server.Site):
         app = self.app
         if app is None:
             return None
-        by_method = app._exact.get(request.path)
-        if by_method is not None:
-            route = by_method.get(request.method)
-            if route is not None:
-                return route, None
-        return app._match(request)
+        found = app.router.match(request.method, request.path)
+        return (found.route, found.params) if isinstance(found, Matched) else None
 
     def stats_refused(self, error: PipecometError) -> None:
         self.stats.refused(error.status)

@@ -1,10 +1,10 @@
 """
-Lazy request parsing (the seed's LazyParser): a chain route's pipes run
+Lazy request parsing (what the seed calls its LazyParser): a chain route's pipes run
 while the request body is still arriving, and an invalid request is
 answered before the rest of its body is read.
 
 ``install(app, config)`` is the ``[limits]`` table's installer: it puts a
-:class:`LazyParser` on ``app.runtime.lazy``; ``App.site()`` then serves
+:class:`LazySiteFactory` on ``app.runtime.lazy``; ``App.site()`` then serves
 through a :class:`LazySite`.
 """
 
@@ -23,9 +23,9 @@ __all__ = [
     "JSONParser",
     "LazyBody",
     "LazyChannel",
-    "LazyParser",
     "LazyRequest",
     "LazySite",
+    "LazySiteFactory",
     "LazyStats",
     "LimitsConfig",
     "MultipartParser",
@@ -36,10 +36,11 @@ __all__ = [
 ]
 
 
-class LazyParser:
+class LazySiteFactory:
     """
-    The part on ``app.runtime.lazy``: the limits, the figures, and the site
-    factory ``App.site()`` uses.
+    The ``[limits]`` part on ``app.runtime.lazy``: makes the sites
+    ``App.site()`` serves with the limits, and keeps their figures.  (The
+    parsers are in :mod:`._parsers`; this parses nothing.)
     """
 
     def __init__(self, config: LimitsConfig) -> None:
@@ -60,6 +61,6 @@ def install(app: Any, config: LimitsConfig) -> None:
     """
     ``[limits]`` installer: serve the app's sites through :class:`LazySite`.
     """
-    part = LazyParser(config)
+    part = LazySiteFactory(config)
     app.runtime.lazy = part
     app.runtime.status_sources["lazy"] = part.status

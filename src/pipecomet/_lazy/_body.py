@@ -16,8 +16,10 @@ from typing import Any, Callable, Mapping
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
 
 from .._errors import BadRequest, PipecometError
+from .._interfaces import IBodySource
 from ._config import LimitsConfig
 from ._parsers import RawParser, make_parser
 
@@ -80,6 +82,7 @@ def _missing(name: str) -> BadRequest:
                       details={"param": name})
 
 
+@implementer(IBodySource)
 class LazyBody:
     """
     Body access while the body arrives: ``param``, ``form``, ``files``,

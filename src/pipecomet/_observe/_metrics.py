@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from .._chain import Chain, Parallel, Pipe
-from .._errors import Forbidden, error_body
+from .._errors import Forbidden, error_response
 
 __all__ = [
     "BUCKETS",
@@ -737,8 +737,6 @@ class MetricsResource(Resource):
     def render_GET(self, request: Any) -> bytes:
         denied = check_access(request, self.allow_loopback, self.token)
         if denied is not None:
-            request.setResponseCode(denied.status)
-            request.setHeader(b"content-type", b"application/json")
-            return error_body(denied)
+            return error_response(request, denied)
         request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
         return exposition(self.registry)

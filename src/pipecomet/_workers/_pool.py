@@ -5,8 +5,11 @@ each, fed through the rings of their shared-memory files.
 Everything here runs on the reactor thread.  A call is encoded at once
 (so an unpicklable argument fails in the server, never in a worker), then
 either written into the ring of the least-loaded ready worker or queued.
-Doorbell bytes go through the process pipes only to a side that said it is
-parked, so a loaded pool makes no system call per call.
+Doorbell bytes go only to a side that said it is parked (so a loaded pool
+makes no system call per call): to a worker through a pipe of the pool's
+own, given to it as its stdin, and back through its stdout.  The pool and
+its :class:`WorkerProtocol` objects talk through public methods only
+(``worker_ready``, ``worker_gone``, ``ring_soon``, ``pump``...).
 """
 
 from __future__ import annotations
@@ -188,12 +191,22 @@ class WorkerProtocol(ProcessProtocol):
         return self.state is WorkerState.READY or self.state is WorkerState.BUSY
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # makeConnection set it
         self.pid = self.transport.pid
-        self.bell_fd = self.transport.pipes[0].fileno()
+
+    def close_bell(self) -> None:
+        """
+        Close the write end of the doorbell pipe (the worker is gone).
+        """
+        fd, self.bell_fd = self.bell_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def ring(self) -> None:
         """
-        One doorbell byte to the worker's stdin.
+        One doorbell byte to the worker's stdin: written at once by this
+        process (a pipe of its own, given to the child as its stdin through
+        ``spawnProcess``'s ``childFDs``), not queued behind the reactor.
         """
         try:
             os.write(self.bell_fd, b"\x01")
@@ -226,12 +239,7 @@ class WorkerProtocol(ProcessProtocol):
         fence()
         if requests.take_consumer_parked():
             pool = self.pool
-            if pool._in_drain:
-                # Calls sent from result callbacks: one bell when the drain
-                # ends wakes the worker to a batch instead of to each call.
-                pool._bells.append(self)
-            else:
-                self.ring()
+            pool.ring_soon(self)
         if not done:
             self.backlog.append((msg, call))
             self._wait_for_room()
@@ -292,7 +300,7 @@ class WorkerProtocol(ProcessProtocol):
             return
         responses = self.responses
         pool = self.pool
-        pool._in_drain += 1
+        pool.drain_begins()
         try:
             while True:
                 responses.set_consumer_parked(False)
@@ -308,13 +316,9 @@ class WorkerProtocol(ProcessProtocol):
                 fence()
                 if not responses.has_data():
                     break
-            pool._pump()
+            pool.pump()
         finally:
-            pool._in_drain -= 1
-            if not pool._in_drain and pool._bells:
-                bells, pool._bells = pool._bells, []
-                for worker in bells:
-                    worker.ring()
+            pool.drain_ends()
 
     def drain(self) -> None:
         """
@@ -360,7 +364,7 @@ class WorkerProtocol(ProcessProtocol):
         if self.state is WorkerState.STARTING:
             self._to(WorkerState.READY)
             self.slot.ever_ready = True
-            self.pool._worker_ready(self)
+            self.pool.worker_ready(self)
 
     def _completed(self, call: _Call, kind: int, value: Any) -> None:
         pool = self.pool
@@ -374,7 +378,7 @@ class WorkerProtocol(ProcessProtocol):
         self.completed += 1
         if pool.recycling and self.state is not WorkerState.DRAINING:
             # Before the callbacks run: they may send the next call at once.
-            pool._maybe_recycle(self)
+            pool.maybe_recycle(self)
         d = call.deferred
         if kind == KIND_RESULT:
             slot.completed += 1
@@ -383,7 +387,7 @@ class WorkerProtocol(ProcessProtocol):
             if not d.called:
                 d.callback(value)
         else:
-            pool._call_failed(self, call, kind, value)
+            pool.call_failed(self, call, kind, value)
         if self.state is WorkerState.DRAINING and not self.calls:
             self.stop(self.stop_reason or "shutdown")
 
@@ -419,7 +423,7 @@ class WorkerProtocol(ProcessProtocol):
                  call_id=head.id, function=head.function, timeout=head.timeout)
         self.kill("timeout")
 
-    def _start_timed_out(self) -> None:
+    def start_timed_out(self) -> None:
         self.start_timer = None
         if self.state is WorkerState.STARTING:
             log.warn("worker {slot} (pid {pid}) did not say hello within {t}s; killing it",
@@ -451,9 +455,11 @@ class WorkerProtocol(ProcessProtocol):
         self.stop_reason = reason
         if self.state is not WorkerState.STOPPING:
             self._to(WorkerState.STOPPING)
+        if self.transport is None:
+            return  # never started
         try:
             self.transport.signalProcess("KILL")
-        except (ProcessExitedAlready, OSError, AttributeError):
+        except (ProcessExitedAlready, OSError):
             pass
 
     def processExited(self, reason: Failure) -> None:
@@ -475,12 +481,13 @@ class WorkerProtocol(ProcessProtocol):
         cause = self._cause(exit_code, sig)
         planned = self.stop_reason in ("recycle", "shutdown") and exit_code == 0
         # The file goes before anyone hears of the death (a stop Deferred
-        # may fire inside _worker_gone).
+        # may fire inside worker_gone).
         self.view = None
         self.requests = self.responses = None  # type: ignore[assignment]
         self.shm.close()
         self.shm.unlink()
-        self.pool._worker_gone(self, running, cause, planned, exit_code, sig)
+        self.close_bell()
+        self.pool.worker_gone(self, running, cause, planned, exit_code, sig)
 
     def _cause(self, exit_code: int | None, sig: int | None) -> str:
         who = f"worker {self.slot.index} (pid {self.pid})"
@@ -679,18 +686,26 @@ class WorkerPool(Service):
                 "--module", cfg.module, "--server-pid", str(pid),
                 "--memory-limit", str(cfg.memory_limit_mb * MiB),
                 "--oom-score-adj", str(cfg.oom_score_adj), "--spin-us", str(cfg.spin_us)]
+        # The doorbell: a pipe of our own as the child's stdin, so a bell is
+        # one os.write() now (no reactor write buffer in between).
+        bell_read, bell_write = os.pipe()
+        os.set_blocking(bell_write, False)
         try:
             self.reactor.spawnProcess(proto, self._python, args, env=self._environment(),
-                                      childFDs={0: "w", 1: "r", 2: "r"})
+                                      childFDs={0: bell_read, 1: "r", 2: "r"})
         except Exception as e:
+            os.close(bell_write)
             shm.close()
             shm.unlink()
             self._files.discard(path)
             log.error("worker {slot}: cannot start: {e}", slot=slot.index, e=e)
             self._after_crash(slot, f"cannot start: {e}")
             return
+        finally:
+            os.close(bell_read)  # the child has its copy
+        proto.bell_fd = bell_write
         slot.worker = proto
-        proto.start_timer = self.reactor.callLater(cfg.start_timeout, proto._start_timed_out)
+        proto.start_timer = self.reactor.callLater(cfg.start_timeout, proto.start_timed_out)
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -704,7 +719,7 @@ class WorkerPool(Service):
             env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         return env
 
-    def _worker_ready(self, worker: WorkerProtocol) -> None:
+    def worker_ready(self, worker: WorkerProtocol) -> None:
         functions = worker.info.get("functions", ())
         self._known = frozenset(functions)
         log.info("worker {slot} ready (pid {pid}, {n} functions from {module})",
@@ -713,13 +728,13 @@ class WorkerPool(Service):
         if self.state is not PoolState.RUNNING:
             worker.stop("shutdown")
             return
-        self._pump()
+        self.pump()
         if self._ready_waiters and self._all_ready():
             waiters, self._ready_waiters = self._ready_waiters, []
             for d in waiters:
                 d.callback(self)
 
-    def _worker_gone(self, worker: WorkerProtocol, running: int, cause: str, planned: bool,
+    def worker_gone(self, worker: WorkerProtocol, running: int, cause: str, planned: bool,
                      exit_code: int | None, sig: int | None) -> None:
         slot = worker.slot
         if slot.worker is worker:
@@ -772,7 +787,7 @@ class WorkerPool(Service):
             self._spawn(slot)
         else:
             self._after_crash(slot, cause)
-        self._pump()
+        self.pump()
 
     def _after_crash(self, slot: _Slot, cause: str) -> None:
         cfg = self.config
@@ -812,7 +827,7 @@ class WorkerPool(Service):
 
     # -- recycling
 
-    def _maybe_recycle(self, worker: WorkerProtocol) -> None:
+    def maybe_recycle(self, worker: WorkerProtocol) -> None:
         cfg = self.config
         reason = ""
         if cfg.recycle_calls and worker.completed >= cfg.recycle_calls:
@@ -857,7 +872,7 @@ class WorkerPool(Service):
         call = _Call(self._next_id, function, chunks, length,
                      timeout if timeout is not None else self.config.call_timeout, reactor.seconds())
         self._next_id += 1
-        d = Deferred(lambda _: self._cancel(call))
+        d: Deferred[Any] = Deferred(lambda _: self._cancel(call))
         call.deferred = d
         if not self._queue:
             worker = self._pick()
@@ -897,7 +912,36 @@ class WorkerPool(Service):
                         break
         return best
 
-    def _pump(self) -> None:
+    # -- called by the WorkerProtocols
+
+    def ring_soon(self, worker: WorkerProtocol) -> None:
+        """
+        Ring ``worker``'s doorbell: now, or once the drain of results in
+        progress ends when calls are sent from result callbacks (one bell
+        then wakes the worker to a batch instead of to each call).
+        """
+        if self._in_drain:
+            self._bells.append(worker)
+        else:
+            worker.ring()
+
+    def drain_begins(self) -> None:
+        """
+        A worker starts handing out results (see :meth:`ring_soon`).
+        """
+        self._in_drain += 1
+
+    def drain_ends(self) -> None:
+        """
+        The drain is over: ring the bells held meanwhile.
+        """
+        self._in_drain -= 1
+        if not self._in_drain and self._bells:
+            bells, self._bells = self._bells, []
+            for worker in bells:
+                worker.ring()
+
+    def pump(self) -> None:
         queue = self._queue
         while queue:
             worker = self._pick()
@@ -922,16 +966,17 @@ class WorkerPool(Service):
         if not call.deferred.called:
             call.deferred.errback(Failure(error))
 
-    def _call_failed(self, worker: WorkerProtocol, call: _Call, kind: int, value: Any) -> None:
+    def call_failed(self, worker: WorkerProtocol, call: _Call, kind: int, value: Any) -> None:
         slot = worker.slot
         if kind == KIND_ERROR and isinstance(value, dict):
-            err: Exception = WorkerFunctionError(call.function, value.get("type", "?"),
-                                                 value.get("message", ""), value.get("traceback", ""))
+            raised = WorkerFunctionError(call.function, value.get("type", "?"),
+                                         value.get("message", ""), value.get("traceback", ""))
+            err: Exception = raised
             log.error("worker function {function!r} raised {exc_type}: {exc_message} "
                       "(error id {error_id}, worker {slot}, pid {pid})\n{traceback}",
-                      function=call.function, exc_type=err.exc_type, exc_message=err.exc_message,
-                      error_id=err.error_id, slot=slot.index, pid=worker.pid,
-                      traceback=err.remote_traceback)
+                      function=call.function, exc_type=raised.exc_type,
+                      exc_message=raised.exc_message, error_id=raised.error_id,
+                      slot=slot.index, pid=worker.pid, traceback=raised.remote_traceback)
             cause = "exception"
         else:
             info = value if isinstance(value, dict) else {}

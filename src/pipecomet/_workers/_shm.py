@@ -42,7 +42,7 @@ def sweep_stale(directory: str) -> list[str]:
     Remove worker files whose server is no longer running; the names
     removed.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

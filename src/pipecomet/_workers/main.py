@@ -222,7 +222,7 @@ class Worker:
                 self._after_consume()
                 self._fail(call_id, "undecodable", f"cannot unpickle the argument: {type(e).__name__}: {e}")
                 continue
-            segments = None
+            del segments  # the views into the ring go before release()
             requests.release()
             self._after_consume()
             func = functions.get(name)

@@ -2,7 +2,11 @@
 The demo gateway: an open-API platform in miniature.
 
 ``make_app`` is what ``pipecomet serve`` (and ``twistd -n pipecomet``)
-serves when no ``--app`` is given.  Each part of pipecomet adds its own
+serves when no ``--app`` is given: it is the ``default`` entry point of
+the ``pipecomet.apps`` group (``pyproject.toml``).  The demo is built on
+the public API only (``pipecomet``, ``pipecomet.config``,
+``pipecomet.errors``, ``pipecomet.backend``) and registers its ``[demo]``
+table itself (:func:`pipecomet.config.register_section`).  Each part of pipecomet adds its own
 routes from a module listed in :data:`DEMO_ROUTE_MODULES`; the demo's
 defaults are the tables of ``demo.toml`` beside this file (package data),
 and a config file overrides only the keys it names.
@@ -14,10 +18,17 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from .._app import App
-from .._config import Config, read_tables
+import tomllib
+
+from pipecomet import App, Config
+from pipecomet.config import register_section
+
+from ._config import DemoConfig
 
 __all__ = ["make_app", "demo_defaults", "DEMO_CONFIG", "DEMO_ROUTE_MODULES", "PUBLISH_TOKEN"]
+
+# The demo's own table; the core knows nothing of it.
+register_section("demo", DemoConfig)
 
 #: The demo's default tables (what it runs with when no ``--config`` is given).
 DEMO_CONFIG = Path(__file__).with_name("demo.toml")
@@ -41,7 +52,8 @@ def demo_defaults() -> dict[str, Any]:
     """
     The demo's default tables, read from ``demo.toml``.
     """
-    return read_tables(DEMO_CONFIG)
+    with open(DEMO_CONFIG, "rb") as f:
+        return tomllib.load(f)
 
 
 def make_app(config: Config | None = None, reactor: Any = None) -> App:

@@ -28,11 +28,9 @@ from twisted.web.resource import Resource
 from twisted.web.http import Request
 from twisted.web.server import Site
 
-from .._backend import Endpoint, StaticDiscovery, call, proxy
-from .._backend._config import BackendsConfig, ServiceConfig
-from .._chain import Parallel, Pipe, PipeContext, PipeInput, PipeResult
-from .._config import Config
-from .._errors import BadRequest
+from pipecomet import BadRequest, Config, Parallel, Pipe, PipeContext, PipeInput, PipeResult, call, proxy
+from pipecomet.backend import Endpoint, StaticDiscovery
+from pipecomet.config import BackendsConfig, ServiceConfig
 from ._gateway import auth_pipes
 
 if TYPE_CHECKING:

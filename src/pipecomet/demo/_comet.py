@@ -24,9 +24,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from .._chain import Answer, Pipe
-from .._errors import BadRequest, Forbidden
-from .._events import Condition
+from pipecomet import Answer, BadRequest, Condition, Forbidden, Pipe
 
 __all__ = ["install_routes", "TickerService", "PAGE"]
 
@@ -137,7 +135,7 @@ class TickerService(Service):
     def _tick(self) -> None:
         self._call = self.app.reactor.callLater(self.period, self._tick)
         self.n += 1
-        hub = self.app.runtime.events.comet
+        hub = self.app.runtime.comet
         price = round(100 + 10 * math.sin(self.n / 10), 2)
         d = hub.publish("ticker", {"n": self.n, "price": price}, event="ticker")
         # With a networked bus a tick can fail (bus down): the next one tries again.

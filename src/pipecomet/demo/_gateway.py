@@ -16,9 +16,20 @@ from xml.sax.saxutils import escape
 
 from twisted.internet.defer import Deferred
 
-from .._chain import Answer, Parallel, Pipe, PipeContext, PipeInput, PipeResult
-from .._errors import BadRequest, Forbidden, TooManyRequests, Unauthorized
-from .._responders import dumps
+from pipecomet import (
+    Answer,
+    BadRequest,
+    Forbidden,
+    Parallel,
+    Pipe,
+    PipeContext,
+    PipeInput,
+    PipeResult,
+    TooManyRequests,
+    Unauthorized,
+)
+
+from ._json import dumps
 
 __all__ = ["install_routes", "auth_pipes", "TokenBucket", "RateLimiter"]
 

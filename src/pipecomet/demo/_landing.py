@@ -13,8 +13,9 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from .._chain import Answer, Pipe, PipeContext, PipeInput, PipeResult
-from .._responders import dumps
+from pipecomet import Answer, Pipe, PipeContext, PipeInput, PipeResult
+
+from ._json import dumps
 
 __all__ = ["install_routes", "ENDPOINTS", "endpoints"]
 

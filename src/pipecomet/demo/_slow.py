@@ -19,8 +19,7 @@ import threading
 import time
 from typing import Any
 
-from .._chain import Pipe, PipeContext, PipeInput, PipeResult
-from .._errors import BadRequest
+from pipecomet import BadRequest, Pipe, PipeContext, PipeInput, PipeResult
 from ._gateway import auth_pipes
 
 __all__ = ["install_routes", "SLOW_SECONDS", "FAST_SECONDS"]

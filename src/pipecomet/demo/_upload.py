@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.python.failure import Failure
 
-from .._chain import Pipe, PipeContext, PipeInput, PipeResult
-from .._errors import BadRequest, Forbidden
+from pipecomet import BadRequest, Forbidden, Pipe, PipeContext, PipeInput, PipeResult
 from ._gateway import RateLimiter
 
 __all__ = ["install_routes"]
@@ -71,7 +71,15 @@ def receive(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
         }
 
     return gatherResults([inp.form(), files], consumeErrors=True).addCallback(done).addErrback(
-        lambda f: f.value.subFailure if hasattr(f.value, "subFailure") else f)
+        _first_error)
+
+
+def _first_error(f: Failure) -> Failure:
+    """
+    The failure of the part that failed first (not the ``FirstError``
+    ``gatherResults`` wraps it in).
+    """
+    return f.value.subFailure if isinstance(f.value, FirstError) else f
 
 
 def install_routes(app: Any) -> None:

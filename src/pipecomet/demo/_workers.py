@@ -17,8 +17,8 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-from .._chain import Answer, Pipe, PipeContext, PipeInput, PipeResult, process_pipe
-from .._errors import BadRequest, PayloadTooLarge
+from pipecomet import Answer, BadRequest, Pipe, PipeContext, PipeInput, PipeResult, process_pipe
+from pipecomet.errors import PayloadTooLarge
 from ._gateway import auth_pipes
 
 __all__ = ["install_routes", "MAX_BURN_MS", "MAX_SIDE", "FORMATS"]

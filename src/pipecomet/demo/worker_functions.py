@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from pipecomet._workers import worker_function
+from pipecomet import worker_function
 
 __all__ = ["cpu_burn", "image_resize", "echo"]
 
@@ -62,7 +62,7 @@ def image_resize(job: dict[str, Any]) -> dict[str, Any]:
     try:
         # open() reads only the header: the size is known before a pixel
         # is decoded, so a decompression bomb is refused at no cost.
-        im = Image.open(io.BytesIO(job["image"]))
+        im: Image.Image = Image.open(io.BytesIO(job["image"]))
     except Image.DecompressionBombError:
         return _too_large(max_pixels)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
