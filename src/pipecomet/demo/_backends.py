@@ -34,7 +34,7 @@ from pipecomet.config import BackendsConfig, ServiceConfig
 from ._gateway import auth_pipes
 
 if TYPE_CHECKING:
-    from .._app import App
+    from pipecomet import App
 
 __all__ = ["install_routes", "with_demo_services", "DemoService", "INSTANCES"]
 
