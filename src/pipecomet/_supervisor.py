@@ -18,17 +18,21 @@ is told to stop, so the socket always has a process accepting.  Each
 serving process reports its status over a pipe every
 ``status_interval`` seconds and the supervisor sends the whole set back,
 so ``/_pipecomet/status`` on any process shows every process and which
-one answered.
+one answered.  A scrape of ``/_pipecomet/metrics`` on any process is
+answered for all of them: the supervisor asks each serving process for its
+metric families and sends them back to the one that was asked
+(:class:`MetricsGathering`, ``pipecomet._observe._multiprocess``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import socket
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -36,6 +40,7 @@ from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 
 from ._config import ConfigError
+from ._observe._multiprocess import Gathered
 
 __all__ = ["Supervisor", "ChildControl", "bind_listener", "parse_tcp_endpoint", "usable_cores",
            "CONTROL_IN", "CONTROL_OUT", "LISTEN_FD"]
@@ -148,6 +153,10 @@ class _Child(ProcessProtocol):
             elif msg.get("op") == "held":
                 self.held = int(msg.get("held", 0))
                 self.supervisor._send_held()
+            elif msg.get("op") == "scrape":
+                self.supervisor._scrape(self, msg)
+            elif msg.get("op") == "families":
+                self.supervisor._families(self, msg)
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.transport is not None and self.pid is not None:
@@ -218,6 +227,8 @@ class Supervisor(Service):
         self.restarts = 0
         self.reloads = 0
         self.deaths = 0
+        self._gatherings: dict[int, MetricsGathering] = {}
+        self._gathering_ids = itertools.count(1)
 
     # -- lifecycle
 
@@ -268,6 +279,8 @@ class Supervisor(Service):
         return child
 
     def _ended(self, child: _Child, code: Any, sig: Any) -> None:
+        for gathering in list(self._gatherings.values()):
+            gathering.gone(child)
         if self.children.get(child.index) is not child:
             return  # replaced (reload): its successor is already serving
         del self.children[child.index]
@@ -362,6 +375,32 @@ class Supervisor(Service):
         self._reloading = d.addBoth(finished)
         return d
 
+    # -- metrics of every serving process in one scrape
+
+    def _scrape(self, asker: _Child, msg: dict[str, Any]) -> None:
+        """
+        ``asker`` was scraped: ask every ready serving process for its
+        families, answer ``asker`` with all that came within the timeout.
+        """
+        try:
+            timeout = min(60.0, max(0.001, float(msg.get("timeout", 2.0))))
+        except (TypeError, ValueError):
+            timeout = 2.0
+        gid = next(self._gathering_ids)
+        asked = [c for _, c in sorted(self.children.items()) if c.ready and not c.stopping]
+        gathering = MetricsGathering(self, gid, asker, msg.get("id"), asked, self.count)
+        self._gatherings[gid] = gathering
+        gathering.timer = self.reactor.callLater(timeout, gathering.finish)
+        for child in asked:
+            child.send({"op": "collect", "id": gid})
+        if not asked:
+            gathering.finish()
+
+    def _families(self, child: _Child, msg: dict[str, Any]) -> None:
+        gathering = self._gatherings.get(msg.get("id", -1))
+        if gathering is not None:
+            gathering.answered(child, msg.get("families") or [])
+
     # -- status
 
     def _send_held(self) -> None:
@@ -392,6 +431,54 @@ class Supervisor(Service):
         }
 
 
+class MetricsGathering:
+    """
+    One scrape's round of the serving processes: who was asked, who
+    answered, and the answer for the process that was scraped.
+    """
+
+    def __init__(self, supervisor: Supervisor, gid: int, asker: _Child, request_id: Any,
+                 asked: list[_Child], count: int) -> None:
+        self.supervisor = supervisor
+        self.gid = gid
+        self.asker = asker
+        self.request_id = request_id
+        self.waiting = {id(c): c for c in asked}
+        self.count = count
+        self.families: dict[str, list[Any]] = {}
+        self.timer: Any = None
+        self.done = False
+
+    def answered(self, child: _Child, families: list[Any]) -> None:
+        if self.waiting.pop(id(child), None) is None:
+            return
+        self.families[str(child.index)] = families
+        if not self.waiting:
+            self.finish()
+
+    def gone(self, child: _Child) -> None:
+        """
+        ``child`` ended: it will not answer.
+        """
+        if self.waiting.pop(id(child), None) is not None and not self.waiting:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        sup = self.supervisor
+        sup._gatherings.pop(self.gid, None)
+        up = {str(i): str(i) in self.families for i in range(self.count)}
+        self.asker.send({"op": "scraped", "id": self.request_id, "processes": self.families,
+                         "up": up, "supervisor": {"processes": sup.count,
+                                                  "restarts": sup.restarts,
+                                                  "deaths": sup.deaths,
+                                                  "reloads": sup.reloads}})
+
+
 # ---------------------------------------------------------------------------
 # The serving process side
 
@@ -415,6 +502,11 @@ class ChildControl(Protocol):
         self.held_elsewhere: dict[str, int] = {}
         self.balancer: Any = None
         self.stopping = False
+        #: this process's metric families, for the supervisor's scrapes
+        #: (set when the app serves metrics)
+        self.families: Callable[[], list[Any]] | None = None
+        self._scrapes: dict[int, Deferred[Gathered | None]] = {}
+        self._scrape_ids = itertools.count(1)
         self._buf = b""
         self._call: Any = None
 
@@ -447,6 +539,38 @@ class ChildControl(Protocol):
                 held = msg.get("held", {})
                 held.pop(str(self.index), None)
                 self.held_elsewhere = held
+            elif msg.get("op") == "collect":
+                families = self.families() if self.families is not None else []
+                self._write({"op": "families", "id": msg.get("id"), "families": families})
+            elif msg.get("op") == "scraped":
+                d = self._scrapes.pop(msg.get("id", -1), None)
+                if d is not None:
+                    d.callback({"processes": msg.get("processes", {}), "up": msg.get("up", {}),
+                                "supervisor": msg.get("supervisor", {})})
+
+    def gather_metrics(self, timeout: float) -> Deferred[Gathered | None]:
+        """
+        Every serving process's metric families, through the supervisor,
+        which waits up to ``timeout`` seconds for them; fires None when
+        the supervisor itself has not answered a second after that.
+        """
+        sid = next(self._scrape_ids)
+        d: Deferred[Gathered | None] = Deferred()
+        self._scrapes[sid] = d
+        self._write({"op": "scrape", "id": sid, "timeout": timeout})
+
+        def late() -> None:
+            if self._scrapes.pop(sid, None) is d:
+                d.callback(None)
+
+        timer = self.reactor.callLater(timeout + 1.0, late)
+
+        def settled(result: Gathered | None) -> Gathered | None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(settled)
 
     def report_held(self, held: int) -> None:
         self._write({"op": "held", "held": held})
@@ -514,6 +638,11 @@ class ServingProcess(Service):
                                     int(opts["supervisor-pid"] or 0))
         StandardIO(self.control, stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=self.reactor)
         self.app.runtime.status_sources["processes"] = self.control.status
+        metrics = self.app.observer.metrics
+        if metrics is not None and self.control.total > 1:
+            # One scrape of any process gives every process's series.
+            self.control.families = metrics.families
+            metrics.serve_as_process(index, self.control.total, self.control.gather_metrics)
         self.control.ready()
         hub = getattr(self.app.runtime.events, "comet", None)
         if hub is not None and self.control.total > 1:
