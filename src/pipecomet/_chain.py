@@ -141,6 +141,12 @@ def process_pipe(
     )
 
 
+def _branches(value: Iterable[Pipe | Chain]) -> tuple[Pipe | Chain, ...]:
+    # A typed converter: with converter=tuple, mypy's attrs plugin cannot
+    # type the constructor's argument.
+    return tuple(value)
+
+
 @attrs.frozen
 class Parallel:
     """
@@ -154,7 +160,7 @@ class Parallel:
         error record with code ``timeout`` and the others go on.
     """
 
-    branches: tuple[Pipe | Chain, ...] = attrs.field(converter=tuple)
+    branches: tuple[Pipe | Chain, ...] = attrs.field(converter=_branches)
     name: str = "parallel"
     timeout: float | None = None
 
