@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -89,7 +90,7 @@ class FileWriter:
         would exceed it is refused (:meth:`write` returns False).
     """
 
-    def __init__(self, reactor: Any, path: str, max_pending: int) -> None:
+    def __init__(self, reactor: IReactorTime, path: str, max_pending: int) -> None:
         self.reactor = reactor
         self.path = path
         self.max_pending = max_pending
@@ -100,6 +101,7 @@ class FileWriter:
         self._done: Deferred = Deferred()
         self._thread: threading.Thread | None = None
         self._sync = False
+        self._threads: IReactorFromThreads | None = None
 
     def start(self) -> None:
         """
@@ -115,10 +117,12 @@ class FileWriter:
             self._fd = os.dup(1)
         else:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if getattr(self.reactor, "callFromThread", None) is None:
+        threads = IReactorFromThreads(self.reactor, None)
+        if threads is None:
             # A fake clock (unit tests): no thread, batches are written at once.
             self._sync = True
             return
+        self._threads = threads
         self._thread = threading.Thread(target=self._run, name="pipecomet-access-log",
                                         daemon=True)
         self._thread.start()
@@ -153,7 +157,8 @@ class FileWriter:
                 os.close(self._fd)
             except OSError:
                 pass
-            self.reactor.callFromThread(self._finished)
+            if self._threads is not None:
+                self._threads.callFromThread(self._finished)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -326,7 +331,7 @@ class AccessLogService(Service):
 
     name = "access-log"
 
-    def __init__(self, access: AccessLog, reactor: Any, interval: float) -> None:
+    def __init__(self, access: AccessLog, reactor: IReactorTime, interval: float) -> None:
         self.access = access
         self._call = LoopingCall(access.flush)
         self._call.clock = reactor
@@ -337,7 +342,7 @@ class AccessLogService(Service):
         self.access.writer.start()
         self._call.start(self.interval, now=False)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._call.running:
             self._call.stop()
