@@ -92,17 +92,19 @@ def serve(variant: str, port: int, logdir: str) -> None:
     reactor.run()
 
 
-def in_process(logdir: str, rounds: int = 15, batch: int = 2000) -> dict[str, float]:
+def in_process(logdir: str, rounds: int = 15, batch: int = 2000,
+               variants: tuple[str, ...] = VARIANTS) -> dict[str, float]:
     """
     CPU µs per request of each variant without sockets (see ``bench.http_servers``).
-    ``twisted-log`` goes last: it starts global logging.
+    ``twisted-log`` goes last: it starts global logging.  The user agent
+    is wrk's, so the text and JSON lines are as long as under wrk.
     """
     from twisted.internet import reactor
     from twisted.internet.testing import StringTransport
 
-    line = f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    line = f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: wrk/4.2.0\r\n\r\n".encode()
     setups = {}
-    for variant in VARIANTS:
+    for variant in variants:
         app, site = make_site(variant, reactor, logdir)
         app.service.startService()
         site.startFactory()
@@ -277,10 +279,13 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int)
     parser.add_argument("--logdir")
     parser.add_argument("--in-process", action="store_true")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="with --in-process: the variants to measure, comma-separated")
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port, args.logdir)
     elif args.in_process:
-        print(json.dumps(in_process(args.logdir)))
+        chosen = tuple(v for v in VARIANTS if v in args.variants.split(","))
+        print(json.dumps(in_process(args.logdir, variants=chosen)))
     else:
         main()

@@ -13,9 +13,19 @@ measured run, stop it by its PID.  Rounds are interleaved (every kind once
 per round) so drift from other load on the machine hits all kinds alike; the
 table shows the median over rounds and the spread.
 
+The access log's cost (issue 13) is measured on the "hello" of
+:mod:`bench.accesslog` (a 1-pipe chain with the default metrics), served
+with and without the access log (text lines to a file in a temporary
+directory, as ``server.access_log = PATH`` writes them, the app's services
+started so the log is written once a second by its own thread):
+``hello``, ``hello-log`` and ``hello-log-json``, with an in-process table of
+their CPU per request.
+
 Targets (issue 2): pipecomet ≥ 1.0× bare Klein req/s, pipecomet p99 ≤ 1.2×
 bare Klein p99.  Issue 10: the 1-pipe chain (own protocol, no access log)
 ≥ 1.0× aiohttp req/s, the 5-pipe chain ≥ 0.9×, p99 ≤ 1.2× aiohttp's.
+Issue 13: the access log costs ≤ 10 % of hello's req/s (median of the
+per-round paired losses).
 
 Settings come from the environment so the Makefile target needs no
 arguments: ``BENCH_HTTP_ROUNDS`` (3), ``BENCH_HTTP_DURATION`` (10 s),
@@ -32,6 +42,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -47,7 +58,14 @@ LABELS = {
     "pipecomet-5-twisted": "pipecomet, 5-pipe chain, twisted.web channel, access log off",
     "tornado": "bare Tornado (anchor)",
     "aiohttp": "bare aiohttp (asyncio loop, access log off)",
+    "hello": "pipecomet hello (1 pipe, metrics on), access log off",
+    "hello-log": "pipecomet hello, access log on (text, to a file)",
+    "hello-log-json": "pipecomet hello, access log on (JSON, to a file)",
 }
+#: Kinds served by :mod:`bench.accesslog` (kind → its variant): the access
+#: log's cost, with and without it.
+ACCESS_LOG_KINDS = {"hello": "metrics", "hello-log": "text", "hello-log-json": "json"}
+ALL_KINDS = (*KINDS, *ACCESS_LOG_KINDS)
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
 #: No run may outlive this, whatever the settings.
@@ -102,10 +120,15 @@ class Server:
     One benchmark server process, started and stopped by its PID.
     """
 
-    def __init__(self, kind: str, pinned: bool) -> None:
+    def __init__(self, kind: str, pinned: bool, logdir: str) -> None:
         self.kind = kind
         self.port = free_port()
-        cmd = [sys.executable, "-m", "bench.http_servers", "--kind", kind, "--port", str(self.port)]
+        if kind in ACCESS_LOG_KINDS:
+            cmd = [sys.executable, "-m", "bench.accesslog", "--serve", ACCESS_LOG_KINDS[kind],
+                   "--port", str(self.port), "--logdir", logdir]
+        else:
+            cmd = [sys.executable, "-m", "bench.http_servers", "--kind", kind,
+                   "--port", str(self.port)]
         self.proc = subprocess.Popen(_pin(SERVER_CORE, cmd, pinned), stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, start_new_session=True,
                                      cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -130,8 +153,9 @@ def run_wrk(port: int, seconds: int, connections: int, pinned: bool) -> dict[str
     return parse_wrk(p.stdout)
 
 
-def measure(kind: str, *, seconds: int, warmup: int, connections: int, pinned: bool) -> dict[str, Any]:
-    server = Server(kind, pinned)
+def measure(kind: str, *, seconds: int, warmup: int, connections: int, pinned: bool,
+            logdir: str) -> dict[str, Any]:
+    server = Server(kind, pinned, logdir)
     try:
         server.wait_ready()
         if warmup:
@@ -165,6 +189,21 @@ def in_process_breakdown(pinned: bool) -> dict[str, float]:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def access_log_in_process(pinned: bool, logdir: str) -> dict[str, float]:
+    """
+    ``bench.accesslog --in-process`` for the hello's variants: µs of CPU
+    per request without sockets, with and without the access log.
+    """
+    variants = ",".join(ACCESS_LOG_KINDS.values())
+    cmd = _pin(SERVER_CORE, [sys.executable, "-m", "bench.accesslog", "--in-process",
+                             "--logdir", logdir, "--variants", variants], pinned)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    if p.returncode != 0:
+        raise RuntimeError(f"access-log in-process run failed: {p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def _spread(values: list[float]) -> float:
     """
     (max - min) / median, in percent: how much the rounds disagreed.
@@ -179,10 +218,10 @@ def main() -> None:
     seconds = _env_int("BENCH_HTTP_DURATION", 10)
     warmup = _env_int("BENCH_HTTP_WARMUP", 3)
     connections = _env_int("BENCH_HTTP_CONNECTIONS", 50)
-    kinds = [k for k in os.environ.get("BENCH_HTTP_KINDS", ",".join(KINDS)).split(",") if k]
+    kinds = [k for k in os.environ.get("BENCH_HTTP_KINDS", ",".join(ALL_KINDS)).split(",") if k]
     for k in kinds:
-        if k not in KINDS:
-            raise SystemExit(f"unknown kind {k!r}; known: {KINDS}")
+        if k not in ALL_KINDS:
+            raise SystemExit(f"unknown kind {k!r}; known: {ALL_KINDS}")
     for k in ("klein", "pipecomet"):
         if k not in kinds:
             raise SystemExit(f"BENCH_HTTP_KINDS must include {k!r}")
@@ -195,19 +234,27 @@ def main() -> None:
 
     load_before = loadavg()
     per_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-    for r in range(rounds):
-        # Rotate the order each round so no kind always runs first or last.
-        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
-        for kind in order:
-            out = measure(kind, seconds=seconds, warmup=warmup, connections=connections,
-                          pinned=pinned)
-            per_kind[kind].append(out)
-            print(f"round {r + 1}/{rounds} {kind:10s} {out['rps']:9.0f} req/s  "
-                  f"p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms  "
-                  f"cpu {out['cpu_us_per_req']:6.1f} us/req  busy {out['server_busy_pct']:3.0f}%",
-                  flush=True)
-    load_after = loadavg()
-    breakdown = in_process_breakdown(pinned)
+    logdir = tempfile.mkdtemp(prefix="pipecomet-bench-http-")
+    try:
+        for r in range(rounds):
+            # Rotate the order each round so no kind always runs first or last.
+            order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+            for kind in order:
+                out = measure(kind, seconds=seconds, warmup=warmup, connections=connections,
+                              pinned=pinned, logdir=logdir)
+                per_kind[kind].append(out)
+                print(f"round {r + 1}/{rounds} {kind:10s} {out['rps']:9.0f} req/s  "
+                      f"p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms  "
+                      f"cpu {out['cpu_us_per_req']:6.1f} us/req  "
+                      f"busy {out['server_busy_pct']:3.0f}%", flush=True)
+        load_after = loadavg()
+        log_written = {name: os.path.getsize(os.path.join(logdir, name))
+                       for name in sorted(os.listdir(logdir))}
+        breakdown = in_process_breakdown(pinned)
+        access_cpu = (access_log_in_process(pinned, logdir)
+                      if any(k in ACCESS_LOG_KINDS for k in kinds) else {})
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
 
     med: dict[str, dict[str, float]] = {}
     rows = []
@@ -268,6 +315,49 @@ def main() -> None:
          "value": round(ratios["pipecomet/klein p99"], 3),
          "met": ratios["pipecomet/klein p99"] <= 1.2},
     ]
+    access_notes: list[str] = []
+    access_tables: list[dict[str, Any]] = []
+    if "hello" in med:
+        base_runs = per_kind["hello"]
+        access_rows = [[LABELS["hello"], round(med["hello"]["rps"]),
+                        round(med["hello"]["p99"], 2), round(med["hello"]["cpu"], 1), "—", "—",
+                        round(access_cpu["metrics"], 1) if access_cpu else "—", "—"]]
+        for kind in ("hello-log", "hello-log-json"):
+            if kind not in med:
+                continue
+            losses = [100 * (1 - a["rps"] / b["rps"])
+                      for a, b in zip(per_kind[kind], base_runs)]
+            loss = statistics.median(losses)
+            cpu_more = 100 * (med[kind]["cpu"] / med["hello"]["cpu"] - 1)
+            variant = ACCESS_LOG_KINDS[kind]
+            in_proc = (100 * (access_cpu[variant] / access_cpu["metrics"] - 1)
+                       if access_cpu else None)
+            ratios[f"{kind}/hello req/s"] = med[kind]["rps"] / med["hello"]["rps"]
+            access_rows.append([
+                LABELS[kind], round(med[kind]["rps"]), round(med[kind]["p99"], 2),
+                round(med[kind]["cpu"], 1), f"{loss:+.1f}%", f"{cpu_more:+.1f}%",
+                round(access_cpu[variant], 1) if access_cpu else "—",
+                f"{in_proc:+.1f}%" if in_proc is not None else "—"])
+            targets.append({"what": f"access log ({variant}) cost in hello req/s, median of "
+                            "paired rounds", "target": "≤ 10 %", "value": f"{loss:.1f} %",
+                            "met": loss <= 10.0})
+            access_notes.append(f"{kind}: per-round req/s lost against hello "
+                                f"{', '.join(f'{x:+.1f}' for x in losses)} %.")
+        access_tables.append({
+            "title": "The access log's cost: pipecomet hello (1 pipe, metrics on), with and "
+                     "without it",
+            "columns": ["server", "req/s (median)", "p99 ms", "server CPU µs/req",
+                        "req/s lost (paired median)", "CPU/req more", "in-process µs/req",
+                        "in-process CPU more"],
+            "rows": access_rows,
+        })
+        access_notes.append(
+            "access log: text or JSON lines to a file in a temporary directory, written by "
+            "the log's own thread once a second (the app's services started, as twistd "
+            "does); written per kind: "
+            + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in log_written.items()) + ". "
+            "The in-process figures are bench.accesslog's (raw requests into the real Site, "
+            "minimum of 15 batches of 2,000), the steadier measure of what a line costs.")
     elapsed = time.monotonic() - started
     notes = [
         f"{rounds} interleaved rounds per server, each a {warmup} s warm-up then a {seconds} s "
@@ -290,6 +380,8 @@ def main() -> None:
         "in-process table: raw requests fed to each kind's real Site and HTTPChannel over an "
         "in-memory transport (parsing, headers, access log included; kernel socket work and "
         "reactor polling not), minimum over 15 interleaved batches of 2,000 requests.",
+        *access_notes,
+        "run on a shared 2-core machine while other engineers ran tests and benchmarks.",
         f"run took {elapsed:.0f} s.",
     ]
     write_result(
@@ -308,7 +400,7 @@ def main() -> None:
             "columns": ["server", "µs/req", "µs more than bare twisted.web"],
             "rows": [[label, round(breakdown[k], 1), round(breakdown[k] - breakdown["twisted"], 1)]
                      for k, label in IN_PROCESS_KINDS.items()],
-        }],
+        }, *access_tables],
         ratios=ratios,
         targets=targets,
         peers=[LABELS[k] for k in kinds if k != "pipecomet"],
@@ -317,7 +409,7 @@ def main() -> None:
         raw={"wrk": tool_version(["wrk", "--version"]), "settings": {
             "rounds": rounds, "duration_s": seconds, "warmup_s": warmup,
             "connections": connections, "pinned": pinned}, "runs": per_kind,
-             "in_process_us_per_req": breakdown},
+             "in_process_us_per_req": breakdown, "access_log_in_process_us_per_req": access_cpu},
     )
 
 

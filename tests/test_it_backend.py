@@ -228,6 +228,14 @@ async def test_calls_reach_the_backend_with_the_deadline_and_keep_connections() 
             body = await r.json()
             assert body["uri"] == f"/users/{i}?x=1"
             assert 0 < int(body["deadline"]) <= 4000
+            # The request id the client got goes to the backend, with a
+            # traceparent whose trace-id is that id and whose parent-id is new.
+            (rid,) = r.headers.getRawHeaders("x-request-id")
+            assert body["headers"]["x-request-id"] == [rid]
+            (parent,) = body["headers"]["traceparent"]
+            version, trace_id, span_id, flags = parent.split("-")
+            assert (version, trace_id, flags) == ("00", rid, "01")
+            assert len(span_id) == 16
         pool = gw.status()["endpoints"][0]["pool"]
         assert (pool["connects"], pool["idle"]) == (1, 1)  # one kept-alive connection
         r = await gw.get("/one/status/404")
@@ -525,7 +533,9 @@ async def test_proxy_forwards_the_request_and_streams_the_answer() -> None:
     try:
         r = await gw.request("POST", "/proxy/users/7?a=1&b=2", data=b"hello",
                              headers={"X-Custom": "yes", "Connection": "keep-alive, X-Hop",
-                                      "X-Hop": "drop-me", "Content-Type": "text/plain"})
+                                      "X-Hop": "drop-me", "Content-Type": "text/plain",
+                                      "X-Request-Id": "proxy-trace-1",
+                                      "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
         assert r.code == 200
         assert r.headers.getRawHeaders("x-backend") == ["b"]
         body = await r.json()
@@ -536,6 +546,12 @@ async def test_proxy_forwards_the_request_and_streams_the_answer() -> None:
         assert headers["x-forwarded-for"] == ["127.0.0.1"]
         assert headers["x-forwarded-proto"] == ["http"]
         assert headers["x-forwarded-host"][0].startswith("127.0.0.1:")
+        # The request's id goes on, with a traceparent of this call (the
+        # client's X-Request-Id wins over its traceparent's trace-id).
+        assert headers["x-request-id"] == ["proxy-trace-1"]
+        (parent,) = headers["traceparent"]
+        assert parent.startswith("00-") and parent.endswith("-01")
+        assert parent.split("-")[2] != "cd" * 8
         r = await gw.request("GET", "/proxy/status/418")
         assert r.code == 418
         r = await gw.request("GET", "/proxy/big?n=3000000")

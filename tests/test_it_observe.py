@@ -70,6 +70,15 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+def post(port: int, path: str, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
 def test_json_logs_access_log_and_metrics_under_twistd(tmp_path: Path):
     access = tmp_path / "access.log"
     server_log = tmp_path / "server.log"
@@ -197,20 +206,24 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
                 "document.getElementById('chart-requests').toDataURL()")
             # (The browser's own favicon request may be a not_found already.)
             assert "invalid_app_key" not in before["errors"]["series"]
-            # Traffic for a few seconds: answers and errors with a code of their own.
+            assert before["workers"]["max"] == 0
+            # Traffic for a few seconds: answers, errors with a code of their
+            # own, and calls on the worker processes.
             end = time.monotonic() + 3.5
             sent = 0
             while time.monotonic() < end:
                 assert get(port, "/api/time.get?app_key=demo-key")[0] == 200
                 assert get(port, "/api/time.get?app_key=nope")[0] == 403
-                sent += 2
+                assert post(port, "/api/cpu.burn?app_key=demo-key&ms=5")[0] == 200
+                sent += 3
                 time.sleep(0.01)
 
             def changed() -> Any:
                 charts = json.loads(tools.evaluate(
                     "JSON.stringify(window.pipecometDashboard.charts)"))
                 if (charts["requests"]["max"] > 0
-                        and "invalid_app_key" in charts["errors"]["series"]):
+                        and "invalid_app_key" in charts["errors"]["series"]
+                        and charts["workers"]["max"] > 0):
                     return charts
                 return None
 
@@ -219,6 +232,8 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
             assert after["latency"]["series"] == ["p50", "p90", "p99"]
             assert "2xx" in after["requests"]["series"]
             assert set(after["comet"]["series"]) == {"sse", "ndjson", "longpoll"}
+            assert after["workers"]["last"]["calls/s"] >= 0
+            assert "calls/s" in after["workers"]["series"]
             assert any(name.startswith("slow") for name in after["quota"]["series"])
             assert tools.evaluate(
                 "document.getElementById('chart-requests').toDataURL()") != canvas_before

@@ -701,6 +701,67 @@ class QuantileTests(SynchronousTestCase):
         self.assertIn("pipecomet_http_requests", families)
 
 
+class SeveralProcessesTests(SynchronousTestCase):
+    """
+    The scrape of a serving process among several (the supervisor's round
+    faked; the real one is in test_supervisor and test_it_metrics_processes).
+    """
+
+    def test_every_process_is_labelled_and_the_silent_ones_are_down(self):
+        a, ca, _ = make()
+        b, cb, _ = make()
+        cb.get("/hello")
+        cb.get("/hello")
+        ca.get("/hello")
+        asked: list[float] = []
+        pending: list[Deferred] = []
+
+        def gather(timeout: float) -> Deferred:
+            asked.append(timeout)
+            d: Deferred = Deferred()
+            pending.append(d)
+            return d
+
+        a.observer.metrics.serve_as_process(0, 3, gather)
+        call = ca.get("/_pipecomet/metrics")
+        self.assertEqual(asked, [2.0])  # [metrics] scrape_timeout
+        pending[0].callback({"processes": {"0": a.observer.metrics.families(),
+                                           "1": b.observer.metrics.families()},
+                             "up": {"0": True, "1": True, "2": False},
+                             "supervisor": {"processes": 3, "restarts": 4}})
+        ca.flush()
+        self.assertEqual(call.status, 200)
+        got = {}
+        for family in text_string_to_metric_families(call.body.decode()):
+            for s in family.samples:
+                got[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        hello = [("method", "GET"), ("route", "/hello"), ("status", "200")]
+        self.assertEqual(got[("pipecomet_http_requests_total", (*hello[:1], ("process", "0"),
+                                                                *hello[1:]))], 1)
+        self.assertEqual(got[("pipecomet_http_requests_total", (*hello[:1], ("process", "1"),
+                                                                *hello[1:]))], 2)
+        self.assertEqual(got[("pipecomet_scrape_process_up", (("process", "2"),))], 0)
+        self.assertEqual(got[("pipecomet_supervisor_restarts_total", ())], 4)
+        self.assertFalse([k for k in got if not k[0].startswith("pipecomet_s")
+                          and "process" not in dict(k[1])])
+
+    def test_without_the_supervisor_a_process_answers_for_itself(self):
+        a, ca, _ = make()
+        a.observer.metrics.serve_as_process(3, 4, lambda timeout: Deferred.fromCoroutine(
+            _none()))
+        call = ca.get("/_pipecomet/metrics")
+        self.assertEqual(call.status, 200)
+        fams = {f.name: f for f in text_string_to_metric_families(call.body.decode())}
+        self.assertEqual([(s.labels, s.value) for s in fams["pipecomet_scrape_process_up"].samples],
+                         [({"process": "3"}, 1.0)])
+        self.assertTrue(all(s.labels.get("process") == "3"
+                            for s in fams["pipecomet_http_requests"].samples))
+
+
+async def _none() -> None:
+    return None
+
+
 class DocsTests(SynchronousTestCase):
     def test_every_metric_is_in_docs_observability(self):
         """

@@ -244,3 +244,122 @@ class BalancerTests(SynchronousTestCase):
         self.assertEqual(b.pauses, 1)
         b.stop()
         self.assertTrue(port.reading)
+
+
+def said(child: Any) -> list[dict[str, Any]]:
+    """
+    What the supervisor sent ``child``, as messages.
+    """
+    return [json.loads(line) for line in child.transport.sent]
+
+
+def send(child: Any, msg: dict[str, Any]) -> None:
+    child.childDataReceived(4, json.dumps(msg).encode() + b"\n")
+
+
+FAMILY = {"name": "pipecomet_x", "help": "X.", "type": "counter", "unit": "",
+          "samples": [["pipecomet_x_total", {"route": "/a"}, 3.0]]}
+
+
+class MetricsGatheringTests(SynchronousTestCase):
+    """
+    A scrape of one serving process: the supervisor asks every ready one
+    for its families and answers the one asked.
+    """
+
+    def setUp(self) -> None:
+        self.sup, self.reactor, _ = make(3)
+        self.addCleanup(lambda: self.sup.socket and self.sup.socket.close())
+        for c in self.sup.children.values():
+            ready(c)
+        self.c0, self.c1, self.c2 = (self.sup.children[i] for i in range(3))
+
+    def collect_ids(self, child: Any) -> list[int]:
+        return [m["id"] for m in said(child) if m["op"] == "collect"]
+
+    def test_every_process_is_asked_and_the_asker_gets_all(self) -> None:
+        send(self.c1, {"op": "scrape", "id": 7, "timeout": 2})
+        gid = self.collect_ids(self.c0)[-1]
+        self.assertEqual([gid], self.collect_ids(self.c1))
+        self.assertEqual([gid], self.collect_ids(self.c2))
+        for c in (self.c0, self.c1):
+            send(c, {"op": "families", "id": gid, "families": [FAMILY]})
+        self.assertFalse([m for m in said(self.c1) if m["op"] == "scraped"])
+        send(self.c2, {"op": "families", "id": gid, "families": []})
+        answer = [m for m in said(self.c1) if m["op"] == "scraped"]
+        self.assertEqual(len(answer), 1)
+        self.assertEqual(answer[0]["id"], 7)
+        self.assertEqual(set(answer[0]["processes"]), {"0", "1", "2"})
+        self.assertEqual(answer[0]["up"], {"0": True, "1": True, "2": True})
+        self.assertEqual(answer[0]["supervisor"]["processes"], 3)
+        # Nobody else was sent the answer; a late reply changes nothing.
+        self.assertFalse([m for m in said(self.c0) if m["op"] == "scraped"])
+        send(self.c0, {"op": "families", "id": gid, "families": [FAMILY]})
+        self.assertEqual(len([m for m in said(self.c1) if m["op"] == "scraped"]), 1)
+
+    def test_a_silent_process_is_left_out_after_the_timeout(self) -> None:
+        send(self.c0, {"op": "scrape", "id": 1, "timeout": 0.5})
+        gid = self.collect_ids(self.c0)[-1]
+        send(self.c0, {"op": "families", "id": gid, "families": [FAMILY]})
+        send(self.c2, {"op": "families", "id": gid, "families": [FAMILY]})
+        self.reactor.advance(0.49)
+        self.assertFalse([m for m in said(self.c0) if m["op"] == "scraped"])
+        self.reactor.advance(0.01)
+        (answer,) = [m for m in said(self.c0) if m["op"] == "scraped"]
+        self.assertEqual(answer["up"], {"0": True, "1": False, "2": True})
+        self.assertEqual(set(answer["processes"]), {"0", "2"})
+        self.assertFalse(self.sup._gatherings)
+
+    def test_a_process_that_ends_is_not_waited_for(self) -> None:
+        send(self.c0, {"op": "scrape", "id": 1, "timeout": 5})
+        gid = self.collect_ids(self.c0)[-1]
+        send(self.c0, {"op": "families", "id": gid, "families": []})
+        send(self.c1, {"op": "families", "id": gid, "families": []})
+        end(self.c2)
+        (answer,) = [m for m in said(self.c0) if m["op"] == "scraped"]
+        self.assertEqual(answer["up"], {"0": True, "1": True, "2": False})
+
+
+class ChildScrapeTests(SynchronousTestCase):
+    """
+    The serving process's side: it answers the supervisor's ``collect``
+    with its families and gets the whole set back for its scrape.
+    """
+
+    def make(self) -> tuple[Clock, ChildControl, list[Any]]:
+        clock = Clock()
+        control = ChildControl(clock, None, 1, 2, 1)
+        sent: list[Any] = []
+        control._write = sent.append  # type: ignore[method-assign]
+        return clock, control, sent
+
+    def test_collect_is_answered_with_the_families(self) -> None:
+        clock, control, sent = self.make()
+        control.dataReceived(b'{"op": "collect", "id": 4}\n')
+        self.assertEqual(sent, [{"op": "families", "id": 4, "families": []}])
+        control.families = lambda: [FAMILY]
+        control.dataReceived(b'{"op": "collect", "id": 5}\n')
+        self.assertEqual(sent[-1], {"op": "families", "id": 5, "families": [FAMILY]})
+
+    def test_gather_fires_with_the_supervisors_answer(self) -> None:
+        clock, control, sent = self.make()
+        d = control.gather_metrics(0.5)
+        self.assertEqual(sent, [{"op": "scrape", "id": 1, "timeout": 0.5}])
+        self.assertNoResult(d)
+        control.dataReceived(json.dumps({"op": "scraped", "id": 1,
+                                         "processes": {"1": [FAMILY]}, "up": {"1": True},
+                                         "supervisor": {"restarts": 2}}).encode() + b"\n")
+        got = self.successResultOf(d)
+        self.assertEqual(got["processes"], {"1": [FAMILY]})
+        self.assertEqual(got["supervisor"], {"restarts": 2})
+        self.assertFalse(clock.getDelayedCalls())
+
+    def test_gather_fires_none_when_the_supervisor_is_silent(self) -> None:
+        clock, control, sent = self.make()
+        d = control.gather_metrics(0.5)
+        clock.advance(1.49)
+        self.assertNoResult(d)
+        clock.advance(0.01)
+        self.assertIsNone(self.successResultOf(d))
+        # A late answer is ignored.
+        control.dataReceived(b'{"op": "scraped", "id": 1, "processes": {}}\n')

@@ -147,6 +147,8 @@ def process_pipe(
 
 
 def _branches(value: Iterable[Pipe | Chain]) -> tuple[Pipe | Chain, ...]:
+    # A typed converter: with converter=tuple, mypy's attrs plugin cannot
+    # type the constructor's argument.
     return tuple(value)
 
 

@@ -18,25 +18,49 @@ is told to stop, so the socket always has a process accepting.  Each
 serving process reports its status over a pipe every
 ``status_interval`` seconds and the supervisor sends the whole set back,
 so ``/_pipecomet/status`` on any process shows every process and which
-one answered.
+one answered.  A scrape of ``/_pipecomet/metrics`` on any process is
+answered for all of them: the supervisor asks each serving process for its
+metric families and sends them back to the one that was asked
+(:class:`MetricsGathering`, ``pipecomet._observe._multiprocess``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import signal
 import socket
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, AnyStr, Callable, Mapping, Sequence
+from typing import Protocol as TypingProtocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProcessProtocol,
+    IProcessTransport,
+    IReactorCore,
+    IReactorFromThreads,
+    IReactorSocket,
+    IReactorTime,
+)
+from twisted.internet.protocol import ProcessProtocol, Protocol, ServerFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ._config import ConfigError
+from ._observe._multiprocess import FamilyData, Gathered
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._comet import CometHub
+    from ._runtime import Runtime
+    from ._service import Options
 
 __all__ = ["Supervisor", "ChildControl", "bind_listener", "bound_endpoint", "parse_tcp_endpoint",
            "usable_cores", "CONTROL_IN", "CONTROL_OUT", "LISTEN_FD", "LISTEN_MODES"]
@@ -121,6 +145,30 @@ def bound_endpoint(spec: str, sock: socket.socket) -> str:
     return f"{kind}:{port}:interface={escaped}:backlog={backlog}"
 
 
+class _Timers(TypingProtocol):
+    """
+    What every part here asks of the reactor: the time and timed calls
+    (``IReactorTime``; a ``Clock`` in the unit tests).
+    """
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
+                  **kw: Any) -> IDelayedCall: ...
+
+
+class SupervisorReactor(_Timers, TypingProtocol):
+    """
+    The reactor a :class:`Supervisor` runs on: timed calls and processes.
+    """
+
+    def spawnProcess(self, processProtocol: IProcessProtocol, executable: bytes | str,
+                     args: Sequence[bytes | str], env: Mapping[AnyStr, AnyStr] | None = None,
+                     path: bytes | str | None = None, uid: int | None = None,
+                     gid: int | None = None, usePTY: bool = False,
+                     childFDs: Mapping[int, int | str] | None = None) -> IProcessTransport: ...
+
+
 # ---------------------------------------------------------------------------
 # The supervisor side
 
@@ -145,6 +193,7 @@ class _Child(ProcessProtocol):
         self._buf = b""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # set by makeConnection
         self.pid = self.transport.pid
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -166,6 +215,10 @@ class _Child(ProcessProtocol):
             elif msg.get("op") == "held":
                 self.held = int(msg.get("held", 0))
                 self.supervisor._send_held()
+            elif msg.get("op") == "scrape":
+                self.supervisor._scrape(self, msg)
+            elif msg.get("op") == "families":
+                self.supervisor._families(self, msg)
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.transport is not None and self.pid is not None:
@@ -174,7 +227,7 @@ class _Child(ProcessProtocol):
             except (KeyError, OSError):
                 pass
 
-    def processEnded(self, reason: Any) -> None:
+    def processEnded(self, reason: Failure) -> None:
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         self.supervisor._ended(self, code, sig)
@@ -210,11 +263,13 @@ class Supervisor(Service):
     name = "supervisor"
     install_sighup = True
 
-    def __init__(self, reactor: Any, count: int, port: str, child_args: Sequence[str],
+    def __init__(self, reactor: SupervisorReactor, count: int, port: str,
+                 child_args: Sequence[str],
                  listen: str = "inherit", restart_min: float = 0.1,
                  restart_max: float = 5.0, stop_timeout: float = 30.0,
                  status_interval: float = 1.0, workers_per_process: int | None = None,
-                 env: dict[str, str] | None = None, kill: Any = os.kill) -> None:
+                 env: dict[str, str] | None = None,
+                 kill: Callable[[int, int], None] = os.kill) -> None:
         if listen not in LISTEN_MODES:
             raise ValueError(f"listen: {listen!r} is not one of {LISTEN_MODES}")
         self.reactor = reactor
@@ -232,14 +287,16 @@ class Supervisor(Service):
         self.socket: socket.socket | None = None
         self.children: dict[int, _Child] = {}
         self.backoff: dict[int, float] = {}
-        self._respawn: dict[int, Any] = {}
+        self._respawn: dict[int, IDelayedCall] = {}
         self._generation = 0
         self._stopping = False
         self._reloading: Deferred | None = None
-        self._broadcast: Any = None
+        self._broadcast: IDelayedCall | None = None
         self.restarts = 0
         self.reloads = 0
         self.deaths = 0
+        self._gatherings: dict[int, MetricsGathering] = {}
+        self._gathering_ids = itertools.count(1)
 
     # -- lifecycle
 
@@ -266,7 +323,8 @@ class Supervisor(Service):
             self._spawn(i)
         self._broadcast = self.reactor.callLater(self.status_interval, self._send_set)
         if self.install_sighup:
-            signal.signal(signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload))
+            threads = IReactorFromThreads(self.reactor)
+            signal.signal(signal.SIGHUP, lambda *a: threads.callFromThread(self.reload))
         log.info("pipecomet supervisor {pid}: {n} serving processes on {port} ({listen})",
                  pid=os.getpid(), n=self.count, port=self.port, listen=self.listen)
 
@@ -292,7 +350,7 @@ class Supervisor(Service):
         args = [*TWISTD, "-n", "--pidfile=", "pipecomet", *self.child_args,
                 "--process-index", str(index), "--processes-total", str(self.count),
                 "--supervisor-pid", str(os.getpid())]
-        fds: dict[int, Any] = {0: 0, 1: 1, 2: 2, CONTROL_OUT: "r", CONTROL_IN: "w"}
+        fds: dict[int, int | str] = {0: 0, 1: 1, 2: 2, CONTROL_OUT: "r", CONTROL_IN: "w"}
         if self.listen == "inherit":
             assert self.socket is not None
             fds[LISTEN_FD] = self.socket.fileno()
@@ -305,7 +363,9 @@ class Supervisor(Service):
         self.children[index] = child
         return child
 
-    def _ended(self, child: _Child, code: Any, sig: Any) -> None:
+    def _ended(self, child: _Child, code: int | None, sig: int | None) -> None:
+        for gathering in list(self._gatherings.values()):
+            gathering.gone(child)
         if self.children.get(child.index) is not child:
             return  # replaced (reload): its successor is already serving
         del self.children[child.index]
@@ -333,8 +393,9 @@ class Supervisor(Service):
         if child.ended.called:
             return succeed(None)
         try:
-            self._kill_pid(child.pid, signal.SIGTERM)
-        except (OSError, TypeError):
+            if child.pid is not None:
+                self._kill_pid(child.pid, signal.SIGTERM)
+        except OSError:
             pass
         timer = self.reactor.callLater(self.stop_timeout, self._kill, child)
 
@@ -350,8 +411,9 @@ class Supervisor(Service):
         log.warn("serving process {index} did not stop in {t}s: killed", index=child.index,
                  t=self.stop_timeout)
         try:
-            self._kill_pid(child.pid, signal.SIGKILL)
-        except (OSError, TypeError):
+            if child.pid is not None:
+                self._kill_pid(child.pid, signal.SIGKILL)
+        except OSError:
             pass
 
     # -- SIGHUP: one at a time
@@ -400,6 +462,32 @@ class Supervisor(Service):
         self._reloading = d.addBoth(finished)
         return d
 
+    # -- metrics of every serving process in one scrape
+
+    def _scrape(self, asker: _Child, msg: dict[str, Any]) -> None:
+        """
+        ``asker`` was scraped: ask every ready serving process for its
+        families, answer ``asker`` with all that came within the timeout.
+        """
+        try:
+            timeout = min(60.0, max(0.001, float(msg.get("timeout", 2.0))))
+        except (TypeError, ValueError):
+            timeout = 2.0
+        gid = next(self._gathering_ids)
+        asked = [c for _, c in sorted(self.children.items()) if c.ready and not c.stopping]
+        gathering = MetricsGathering(self, gid, asker, msg.get("id"), asked, self.count)
+        self._gatherings[gid] = gathering
+        gathering.timer = self.reactor.callLater(timeout, gathering.finish)
+        for child in asked:
+            child.send({"op": "collect", "id": gid})
+        if not asked:
+            gathering.finish()
+
+    def _families(self, child: _Child, msg: dict[str, Any]) -> None:
+        gathering = self._gatherings.get(msg.get("id", -1))
+        if gathering is not None:
+            gathering.answered(child, msg.get("families") or [])
+
     # -- status
 
     def _send_held(self) -> None:
@@ -430,6 +518,54 @@ class Supervisor(Service):
         }
 
 
+class MetricsGathering:
+    """
+    One scrape's round of the serving processes: who was asked, who
+    answered, and the answer for the process that was scraped.
+    """
+
+    def __init__(self, supervisor: Supervisor, gid: int, asker: _Child, request_id: object,
+                 asked: list[_Child], count: int) -> None:
+        self.supervisor = supervisor
+        self.gid = gid
+        self.asker = asker
+        self.request_id = request_id
+        self.waiting = {id(c): c for c in asked}
+        self.count = count
+        self.families: dict[str, list[FamilyData]] = {}
+        self.timer: IDelayedCall | None = None
+        self.done = False
+
+    def answered(self, child: _Child, families: list[FamilyData]) -> None:
+        if self.waiting.pop(id(child), None) is None:
+            return
+        self.families[str(child.index)] = families
+        if not self.waiting:
+            self.finish()
+
+    def gone(self, child: _Child) -> None:
+        """
+        ``child`` ended: it will not answer.
+        """
+        if self.waiting.pop(id(child), None) is not None and not self.waiting:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        sup = self.supervisor
+        sup._gatherings.pop(self.gid, None)
+        up = {str(i): str(i) in self.families for i in range(self.count)}
+        self.asker.send({"op": "scraped", "id": self.request_id, "processes": self.families,
+                         "up": up, "supervisor": {"processes": sup.count,
+                                                  "restarts": sup.restarts,
+                                                  "deaths": sup.deaths,
+                                                  "reloads": sup.reloads}})
+
+
 # ---------------------------------------------------------------------------
 # The serving process side
 
@@ -441,7 +577,7 @@ class ChildControl(Protocol):
     supervisor sent, and stops the process when the supervisor is gone.
     """
 
-    def __init__(self, reactor: Any, runtime: Any, index: int, total: int,
+    def __init__(self, reactor: IReactorTime, runtime: Runtime | None, index: int, total: int,
                  supervisor_pid: int, interval: float = 1.0) -> None:
         self.reactor = reactor
         self.runtime = runtime
@@ -451,10 +587,15 @@ class ChildControl(Protocol):
         self.interval = interval
         self.set: dict[str, Any] = {}
         self.held_elsewhere: dict[str, int] = {}
-        self.balancer: Any = None
+        self.balancer: AcceptBalancer | None = None
         self.stopping = False
+        #: this process's metric families, for the supervisor's scrapes
+        #: (set when the app serves metrics)
+        self.families: Callable[[], list[FamilyData]] | None = None
+        self._scrapes: dict[int, Deferred[Gathered | None]] = {}
+        self._scrape_ids = itertools.count(1)
         self._buf = b""
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._call = self.reactor.callLater(0, self._report)
@@ -468,7 +609,8 @@ class ChildControl(Protocol):
 
     def _report(self) -> None:
         self._call = self.reactor.callLater(self.interval, self._report)
-        status = {k: v for k, v in self.runtime.status().items() if k != "processes"}
+        own = self.runtime.status() if self.runtime is not None else {}
+        status = {k: v for k, v in own.items() if k != "processes"}
         self._write({"op": "status", "status": status})
 
     def dataReceived(self, data: bytes) -> None:
@@ -485,21 +627,54 @@ class ChildControl(Protocol):
                 held = msg.get("held", {})
                 held.pop(str(self.index), None)
                 self.held_elsewhere = held
+            elif msg.get("op") == "collect":
+                families = self.families() if self.families is not None else []
+                self._write({"op": "families", "id": msg.get("id"), "families": families})
+            elif msg.get("op") == "scraped":
+                d = self._scrapes.pop(msg.get("id", -1), None)
+                if d is not None:
+                    d.callback({"processes": msg.get("processes", {}), "up": msg.get("up", {}),
+                                "supervisor": msg.get("supervisor", {})})
+
+    def gather_metrics(self, timeout: float) -> Deferred[Gathered | None]:
+        """
+        Every serving process's metric families, through the supervisor,
+        which waits up to ``timeout`` seconds for them; fires None when
+        the supervisor itself has not answered a second after that.
+        """
+        sid = next(self._scrape_ids)
+        d: Deferred[Gathered | None] = Deferred()
+        self._scrapes[sid] = d
+        self._write({"op": "scrape", "id": sid, "timeout": timeout})
+
+        def late() -> None:
+            if self._scrapes.pop(sid, None) is d:
+                d.callback(None)
+
+        timer = self.reactor.callLater(timeout + 1.0, late)
+
+        def settled(result: Gathered | None) -> Gathered | None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(settled)
 
     def report_held(self, held: int) -> None:
         self._write({"op": "held", "held": held})
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
         # The supervisor is gone: a serving process does not outlive it.
-        if not self.stopping and self.reactor.running:
+        core = IReactorCore(self.reactor, None)
+        if not self.stopping and core is not None and core.running:
             from twisted.internet.error import ReactorNotRunning
 
             log.warn("supervisor gone: stopping")
             try:
-                self.reactor.stop()
+                core.stop()
             except ReactorNotRunning:
                 pass
 
@@ -521,11 +696,11 @@ class ServingProcess(Service):
 
     name = "serving-process"
 
-    def __init__(self, reactor: Any, app: Any, options: Any) -> None:
+    def __init__(self, reactor: IReactorTime, app: App, options: Options) -> None:
         self.reactor = reactor
         self.app = app
         self.options = options
-        self.port: Any = None
+        self.port: IListeningPort | None = None
         self.control: ChildControl | None = None
         self.balancer: AcceptBalancer | None = None
 
@@ -534,29 +709,43 @@ class ServingProcess(Service):
         from twisted.internet.stdio import StandardIO
 
         opts = self.options
-        site = self.app.site()
+        # Twisted types adoptStreamPort's factory as ServerFactory of its
+        # default protocol type; Site's is HTTP's channel (invariant).
+        site: ServerFactory[Any] = self.app.site()
         if opts["listen-fd"] is not None:
             fd = int(opts["listen-fd"])
             probe = socket.socket(fileno=fd)
             family = probe.family
             probe.detach()
-            self.port = self.reactor.adoptStreamPort(fd, family, site)
+            self.port = IReactorSocket(self.reactor).adoptStreamPort(fd, family, site)
             os.close(fd)  # adoptStreamPort made its own copy
         else:
             own = bind_listener(opts["port"] or self.app.config.server.port, reuseport=True)
-            self.port = self.reactor.adoptStreamPort(own.fileno(), own.family, site)
+            self.port = IReactorSocket(self.reactor).adoptStreamPort(own.fileno(), own.family,
+                                                                     site)
             own.close()
         index = int(opts["process-index"])
         self.control = ChildControl(self.reactor, self.app.runtime, index,
                                     int(opts["processes-total"] or 1),
                                     int(opts["supervisor-pid"] or 0))
-        StandardIO(self.control, stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=self.reactor)
+        # twisted.internet.stdio chooses its StandardIO by platform when it
+        # runs; a type checker reads the Windows one, which has no
+        # stdin/stdout descriptors.
+        pipes: Callable[..., object] = StandardIO
+        pipes(self.control, stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=self.reactor)
         self.app.runtime.status_sources["processes"] = self.control.status
+        metrics = self.app.observer.metrics
+        if metrics is not None and self.control.total > 1:
+            # One scrape of any process gives every process's series.
+            self.control.families = metrics.families
+            metrics.serve_as_process(index, self.control.total, self.control.gather_metrics)
         self.control.ready()
         hub = getattr(self.app.runtime.events, "comet", None)
         # Only with the one shared socket: a process that stops reading its
         # own SO_REUSEPORT socket leaves the connections hashed to it waiting.
-        if hub is not None and self.control.total > 1 and opts["listen-fd"] is not None:
+        # (A TCP port is a FileDescriptor: it can stop and start accepting.)
+        if (hub is not None and self.control.total > 1 and opts["listen-fd"] is not None
+                and isinstance(self.port, FileDescriptor)):
             self.balancer = AcceptBalancer(self.reactor, self.port, hub, self.control)
             self.balancer.start()
             self.control.balancer = self.balancer
@@ -570,9 +759,20 @@ class ServingProcess(Service):
             self.control.stopping = True
         if self.balancer is not None:
             self.balancer.stop()
-        d = self.port.stopListening() if self.port is not None else succeed(None)
+        d = maybeDeferred(self.port.stopListening) if self.port is not None else succeed(None)
         grace = self.app.config.server.drain_grace
         return d.addCallback(lambda _: deferLater(self.reactor, grace, lambda: None))
+
+
+class _Pausable(TypingProtocol):
+    """
+    A listening port that can stop and start accepting (Twisted's TCP
+    ``Port``, an ``IReadDescriptor``).
+    """
+
+    def stopReading(self) -> None: ...
+
+    def startReading(self) -> None: ...
 
 
 class AcceptBalancer:
@@ -590,7 +790,8 @@ class AcceptBalancer:
     Short requests balance themselves (a busy process does not accept).
     """
 
-    def __init__(self, reactor: Any, port: Any, hub: Any, control: ChildControl,
+    def __init__(self, reactor: IReactorTime, port: _Pausable, hub: CometHub,
+                 control: ChildControl,
                  interval: float = 0.02, slack: int = 4) -> None:
         self.reactor = reactor
         self.port = port
@@ -601,7 +802,7 @@ class AcceptBalancer:
         self.paused = False
         self.pauses = 0
         self._reported = -1
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def start(self) -> None:
         self._call = self.reactor.callLater(self.interval, self._check)

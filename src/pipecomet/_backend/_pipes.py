@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from .._chain import Answer, Pipe, PipeContext, PipeInput, PipeResult, SkipIf, Stream
 from .._errors import BadRequest
+from .._observe._requests import trace_headers
 from ._response import Response
 
 if TYPE_CHECKING:
@@ -32,6 +33,10 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
 })
+
+
+#: Headers a proxied request gets from pipecomet, not from the client.
+_TRACE = frozenset({b"x-request-id", b"traceparent"})
 
 
 class BackendPipe:
@@ -75,9 +80,12 @@ class _Call(BackendPipe):
         path = self.path.format(**values) if values else self.path
         query = inp.query
         params = [(p, query[p]) for p in self.params if p in query]
+        # The request's id and a W3C traceparent go with every call.
+        headers = trace_headers(ctx)
         if self.send_body:
             ctype = inp.header("content-type")
-            headers = {"Content-Type": ctype} if ctype else None
+            if ctype:
+                headers["Content-Type"] = ctype
 
             def send(body: bytes) -> Deferred:
                 return service.request(self.method, path, params=params, data=body,
@@ -85,7 +93,8 @@ class _Call(BackendPipe):
 
             d = inp.body().addCallback(send)
         else:
-            d = service.request(self.method, path, params=params, timeout=self.timeout)
+            d = service.request(self.method, path, params=params, headers=headers,
+                                timeout=self.timeout)
         return d if self.raw else d.addCallback(_result)
 
 
@@ -255,7 +264,8 @@ class _Proxy(BackendPipe):
             connection_tokens.update(t.strip().lower() for t in value.split(b","))
         for k, values in request.requestHeaders.getAllRawHeaders():
             lk = k.lower()
-            if lk in HOP_BY_HOP or lk in connection_tokens or lk == b"content-length":
+            if (lk in HOP_BY_HOP or lk in connection_tokens or lk == b"content-length"
+                    or lk in _TRACE):
                 continue
             if lk == b"host":
                 host = values[0]
@@ -273,6 +283,10 @@ class _Proxy(BackendPipe):
         headers.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
         if host:
             headers.append((b"X-Forwarded-Host", host))
+        # The request's id (the client's, when it sent a valid one) and a
+        # traceparent of this call, in place of the client's.
+        headers.extend((k.encode("ascii"), v.encode("ascii"))
+                       for k, v in trace_headers(ctx).items())
         method = request.method.decode("ascii")
         has_body = (request.requestHeaders.hasHeader(b"content-length")
                     or request.requestHeaders.hasHeader(b"transfer-encoding"))

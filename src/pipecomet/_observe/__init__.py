@@ -12,7 +12,10 @@ once per request.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from .._chain import Answer, Pipe
 from ._accesslog import AccessLog, AccessLogService, FileWriter, MemoryWriter
@@ -30,6 +33,7 @@ from ._metrics import (
     exposition,
     make_registry,
 )
+from ._multiprocess import FamilyData, Gathered, families_of, merged_exposition
 from ._requests import (
     CLIENT_GONE,
     KLEIN,
@@ -78,6 +82,8 @@ __all__ = [
     "valid_request_id",
 ]
 
+log = Logger()
+
 METRICS_PATH = "/_pipecomet/metrics"
 DASHBOARD_PATH = "/_pipecomet/dashboard"
 STREAM_PATH = "/_pipecomet/dashboard/stream"
@@ -112,6 +118,9 @@ class Metrics:
             history=config.dashboard_history,
             max_viewers=config.dashboard_viewers, app_name=app.name) if config.dashboard else None
         self._assets: dict[str, bytes] = {}
+        #: set when serving as one of several processes (:meth:`serve_as_process`)
+        self.gather: Callable[[float], Deferred[Gathered | None]] | None = None
+        self.process_index = ""
 
     def _allowed(self, inp: Any, ctx: Any, res: Any) -> None:
         denied = check_access(inp.request, self.config.allow_loopback, self.config.token,
@@ -119,8 +128,41 @@ class Metrics:
         if denied is not None:
             raise denied
 
-    def _metrics(self, inp: Any, ctx: Any, res: Any) -> Answer:
-        return Answer(body=exposition(self.registry), content_type=CONTENT_TYPE)
+    def families(self) -> list[FamilyData]:
+        """
+        This app's metric families as JSON-ready data (what a serving
+        process sends the supervisor for a scrape of the whole set).
+        """
+        return families_of(self.registry)
+
+    def serve_as_process(self, index: int, total: int,
+                         gather: Callable[[float], Deferred[Gathered | None]]) -> None:
+        """
+        This app is serving process ``index`` of ``total`` (``--processes``):
+        a scrape answers for all of them, through ``gather`` (the
+        supervisor's round of the processes, waiting up to
+        ``[metrics] scrape_timeout``); the dashboard says which process
+        it shows.
+        """
+        self.process_index = str(index)
+        self.gather = gather
+        if self.dashboard is not None:
+            self.dashboard.app_name = f"{self.dashboard.app_name} · process {index} of {total}"
+
+    def _metrics(self, inp: Any, ctx: Any, res: Any) -> Answer | Deferred[Answer]:
+        if self.gather is None:
+            return Answer(body=exposition(self.registry), content_type=CONTENT_TYPE)
+        return self.gather(self.config.scrape_timeout).addCallback(self._merged)
+
+    def _merged(self, gathered: Gathered | None) -> Answer:
+        if gathered is None:
+            # The supervisor did not answer: this process's own series,
+            # still labelled, rather than nothing.
+            log.warn("metrics: the supervisor did not answer the scrape; "
+                     "serving process {index} answers for itself", index=self.process_index)
+            gathered = {"processes": {self.process_index: self.families()},
+                        "up": {self.process_index: True}, "supervisor": {}}
+        return Answer(body=merged_exposition(gathered), content_type=CONTENT_TYPE)
 
     def _page(self, inp: Any, ctx: Any, res: Any) -> Answer:
         return asset_answer("dashboard.html", self._assets)

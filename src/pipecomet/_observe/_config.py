@@ -27,6 +27,9 @@ class MetricsConfig:
     :ivar pipe_timing: time every pipe (``pipecomet_pipe_duration_seconds``);
         costs about a microsecond per pipe.
     :ivar lag_interval: seconds between the reactor-lag probe's timed calls.
+    :ivar scrape_timeout: with ``--processes N``, seconds a scrape waits for
+        the other serving processes' figures; one that has not answered by
+        then is left out of that scrape (``pipecomet_scrape_process_up`` 0).
     :ivar dashboard: serve the dashboard page and its SSE stream.
     :ivar dashboard_interval: seconds between dashboard snapshots.
     :ivar dashboard_history: snapshots kept for a page that opens later.
@@ -38,6 +41,7 @@ class MetricsConfig:
     token: str = attrs.field(default="", validator=v.instance_of(str))
     pipe_timing: bool = attrs.field(default=True, validator=v.instance_of(bool))
     lag_interval: float = attrs.field(default=0.5, converter=float, validator=v.gt(0))
+    scrape_timeout: float = attrs.field(default=2.0, converter=float, validator=v.gt(0))
     dashboard: bool = attrs.field(default=True, validator=v.instance_of(bool))
     dashboard_interval: float = attrs.field(default=1.0, converter=float, validator=v.gt(0))
     dashboard_history: int = attrs.field(default=300, validator=[v.instance_of(int), v.ge(1)])

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from .._chain import Answer, Stream
@@ -81,7 +82,7 @@ class Dashboard:
     :param max_viewers: open streams allowed; one more gets 503.
     """
 
-    def __init__(self, reactor: Any, *, stats: HTTPStats, lag: LagProbe | None,
+    def __init__(self, reactor: IReactorTime, *, stats: HTTPStats, lag: LagProbe | None,
                  status: Callable[[], dict[str, Any]], observer: Any, interval: float = 1.0,
                  history: int = 300, max_viewers: int = 32, app_name: str = "") -> None:
         self.reactor = reactor
@@ -294,13 +295,15 @@ class DashboardService(Service):
     name = "observe"
 
     def __init__(self, lag: LagProbe | None, dashboard: Dashboard | None,
-                 drain: Callable[[], None] | None = None, reactor: Any = None) -> None:
+                 drain: Callable[[], None] | None = None,
+                 reactor: IReactorTime | None = None) -> None:
         self.lag = lag
         self.dashboard = dashboard
         self._drain: LoopingCall | None = None
         if drain is not None:
             self._drain = LoopingCall(drain)
-            self._drain.clock = reactor
+            if reactor is not None:
+                self._drain.clock = reactor
 
     def startService(self) -> None:
         super().startService()

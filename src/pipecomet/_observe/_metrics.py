@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -196,8 +197,9 @@ class PipeTimes:
         out: list[Any] = []
         for p in pipes:
             if isinstance(p, Parallel):
-                branches = tuple(self.instrument(b, route) if isinstance(b, Chain)
-                                 else self._pipes([b], route)[0] for b in p.branches)
+                branches: list[Pipe | Chain] = [
+                    self.instrument(b, route) if isinstance(b, Chain) else self._pipes([b], route)[0]
+                    for b in p.branches]
                 out.append(attrs.evolve(p, branches=branches))
             elif isinstance(p, Pipe) and p.run != "process":
                 out.append(attrs.evolve(p, func=self._timed(p, route)))
@@ -256,7 +258,7 @@ class LagProbe:
     shows here first.
     """
 
-    def __init__(self, reactor: Any, interval: float) -> None:
+    def __init__(self, reactor: IReactorTime, interval: float) -> None:
         self.reactor = reactor
         self.interval = interval
         self.hist = Histogram(LAG_BUCKETS)

@@ -15,9 +15,17 @@ import itertools
 import os
 import random
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from .._chain import Chain, PipeContext
+    from .._errors import PipecometError
+    from . import Metrics
+    from ._accesslog import AccessLog
+    from ._metrics import HTTPStats, PipeTimes
 
 __all__ = [
     "RequestObserver",
@@ -109,7 +117,7 @@ class RequestRecord:
         self.error_id: str | None = None
 
 
-def note_error(request: Any, error: Any) -> None:
+def note_error(request: object, error: PipecometError) -> None:
     """
     Remember the code and id of the error response ``request`` gets
     (called by :func:`~pipecomet._responders.send_error`).
@@ -136,16 +144,17 @@ class RequestObserver:
     """
 
     def __init__(self) -> None:
-        self.reactor: Any = None
-        self.stats: Any = None
-        self.access: Any = None
+        self.reactor: IReactorTime | None = None
+        self.stats: HTTPStats | None = None
+        self.access: AccessLog | None = None
         self.unobserved: frozenset[str] = frozenset()
         self.in_flight = 0
-        self.metrics: Any = None
-        self.pipe_times: Any = None
+        self.metrics: Metrics | None = None
+        self.pipe_times: PipeTimes | None = None
         self._recording = False
 
-    def attach(self, reactor: Any, *, stats: Any = None, access: Any = None,
+    def attach(self, reactor: IReactorTime, *, stats: HTTPStats | None = None,
+               access: AccessLog | None = None,
                unobserved: frozenset[str] | None = None) -> None:
         """
         Start recording with ``stats`` and/or ``access`` (the installers call this).
@@ -159,7 +168,7 @@ class RequestObserver:
             self.unobserved = self.unobserved | unobserved
         self._recording = self.stats is not None or self.access is not None
 
-    def instrument(self, chain: Any, route: str) -> Any:
+    def instrument(self, chain: Chain, route: str) -> Chain:
         """
         ``chain`` with its pipes timed under ``route`` when pipe timing is
         on (``App.route`` calls this), else ``chain`` itself.
@@ -191,8 +200,9 @@ class RequestObserver:
             if rid_bytes is None:
                 rid_bytes = _make_id()
         request.responseHeaders.setRawHeaders(b"x-request-id", [rid_bytes])
+        reactor = self.reactor
         record = RequestRecord(route, _METHODS.get(request.method, "OTHER"),
-                               self.reactor.seconds() if self._recording else 0.0,
+                               reactor.seconds() if reactor is not None else 0.0,
                                rid_bytes.decode("ascii"))
         if self._recording:
             _OPEN[request] = record
@@ -215,7 +225,8 @@ class RequestObserver:
 
     def _finished(self, result: Any, request: Any, record: RequestRecord) -> None:
         _OPEN.pop(request, None)
-        duration = self.reactor.seconds() - record.start
+        reactor = self.reactor
+        duration = reactor.seconds() - record.start if reactor is not None else 0.0
         status = CLIENT_GONE if isinstance(result, Failure) else request.code
         if record.route not in self.unobserved:
             self.in_flight -= 1
@@ -228,7 +239,7 @@ class RequestObserver:
         # Returning None ends a disconnect's failure here: it is not an error.
 
 
-def trace_headers(ctx: Any) -> dict[str, str]:
+def trace_headers(ctx: PipeContext) -> dict[str, str]:
     """
     Headers a pipe passes on to a backend call so the backend's logs carry
     this request's id: ``X-Request-Id`` and a W3C ``traceparent`` whose
