@@ -170,7 +170,7 @@ class HTTP11Protocol(Protocol):
                  "_queued_bytes", "_paused", "_feeding", "_advancing", "_persistent", "_held",
                  "_eof", "_producer", "_streaming", "_head_timer", "_body_timer", "_idle_timer",
                  "_linger_call", "_idle_timeout", "_last", "_begun", "_completed", "_feed_body",
-                 "_head_bytes", "_peer", "_host", "_head")
+                 "_head_bytes", "_peer", "_host", "_head", "_chunk_data", "_tail")
 
     def __init__(self, site: Any) -> None:
         self.site = self.factory = site
@@ -205,6 +205,11 @@ class HTTP11Protocol(Protocol):
         self._peer: Any = None
         self._host: Any = None
         self._head: bytes | None = None  # a response head not written yet
+        # Body bytes after the chunk-size line parsed last in this read
+        # (-1: no chunk open from this read); the bytes of the read before
+        # it hold that line (see _check_chunk).
+        self._chunk_data = -1
+        self._tail = b""  # the end of the last read, while a chunked body is parsed
 
     # -- the connection
 
@@ -258,6 +263,15 @@ class HTTP11Protocol(Protocol):
             parser = self._parser = httptools.HttpRequestParser(self)
         try:
             parser.feed_data(data)
+            if self._chunk_data >= 0:
+                self._check_chunk(data)
+            m = self._parsing
+            if m is not None and m.length is None:
+                # A chunk-size line may be split between reads.
+                self._tail = (data[-_TAIL:] if len(data) >= _TAIL
+                              else (self._tail + data)[-_TAIL:])
+            elif self._tail:
+                self._tail = b""
         except httptools.HttpParserUpgrade as e:
             self._upgrade(data, e.args[0] if e.args else len(data))
         except httptools.HttpParserCallbackError as e:
@@ -401,6 +415,8 @@ class HTTP11Protocol(Protocol):
 
     def on_body(self, data: bytes) -> None:
         m = self._parsing
+        if self._chunk_data >= 0:
+            self._chunk_data += len(data)
         if m.request is not None:
             m.request.body_chunk(data)
             return
@@ -418,6 +434,50 @@ class HTTP11Protocol(Protocol):
                 code="body_too_large", details={"limit": self.limits.max_body_bytes}))
         if self._queued_bytes > self.limits.max_pipelined_bytes:
             self._pause(_QUEUE_FULL)
+
+    def on_chunk_header(self) -> None:
+        self._chunk_data = 0
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_data = -1
+
+    def _check_chunk(self, data: bytes) -> None:
+        """
+        A chunk-size line was parsed in this read and its chunk is not
+        complete: refuse it now when the size it declares takes the body
+        past ``max_body_bytes``, before its data arrives.  llhttp does not
+        report the size, but every byte of the read after that line was
+        the chunk's data (counted by ``on_body``), so the line is the one
+        ending just before them.
+        """
+        after = self._chunk_data
+        self._chunk_data = -1
+        m = self._parsing
+        if m is None:
+            return
+        end = len(data) - after  # just past the line's LF
+        start = data.rfind(b"\n", 0, max(end - 1, 0)) + 1
+        if start:
+            line = data[start:end]
+        else:  # it began in an earlier read
+            head = self._tail + data[:end]
+            line = head[head.rfind(b"\n", 0, len(head) - 1) + 1:]
+        size = _chunk_size(line)
+        if size is None:
+            return
+        limit = self.limits.max_body_bytes
+        req = m.request
+        before = (req.received if req is not None else m.queued_bytes) - after
+        if before + size <= limit:
+            return
+        error = PayloadTooLarge(
+            f"a chunk of {size} bytes takes the body past the limit of {limit} bytes",
+            code="body_too_large", details={"limit": limit})
+        if req is not None:
+            if not req.finished:
+                req.reject(error)
+        else:
+            self._parse_failed(error)
 
     def on_message_complete(self) -> None:
         m = self._parsing
@@ -888,6 +948,25 @@ class HTTP11Protocol(Protocol):
         else:
             half_close()
         self._linger_call = self.reactor.callLater(self.limits.linger, transport.abortConnection)
+
+
+#: How much of a read is kept for a chunk-size line split between reads.
+_TAIL = 1024
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _chunk_size(line: bytes) -> int | None:
+    """
+    The size a chunk-size line (``1a2b;ext=v``) declares, or None when it
+    cannot be read (llhttp has checked it; an unreadable line here only
+    means part of it is not in hand).
+    """
+    n = 0
+    for byte in line:
+        if byte not in _HEX:
+            break
+        n += 1
+    return int(line[:n], 16) if n else None
 
 
 def _origin_form(target: bytes) -> bytes:

@@ -163,6 +163,13 @@ class Request(server.Request):
             self._continue_sent = True
             self._proto.send_continue(self)
 
+    @property
+    def received(self) -> int:
+        """
+        Body bytes received so far.
+        """
+        return self._received
+
     def body_chunk(self, data: bytes) -> None:
         """
         Body bytes from the protocol.
@@ -223,6 +230,10 @@ class Request(server.Request):
         protocol stops reading a body that is not complete.
         """
         body = self.pipecomet_body
+        if not (self.finished or self.gone):
+            # Counted here: a pipe waiting on the body may answer with the
+            # error itself as the body fails.
+            self._proto.site.stats_refused(error)
         if body is not None:
             body.fail(error)
         if self.finished or self.gone:
@@ -230,7 +241,6 @@ class Request(server.Request):
         run, self._run = self._run, None
         if run is not None:
             run.cancel()
-        self._proto.site.stats_refused(error)
         send_error(self, error)
 
     def write(self, data: bytes) -> None:
