@@ -19,11 +19,13 @@ the bare connection with the JSON error body and the connection closed.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Iterable, Protocol as TypingProtocol, cast
 
 import httptools
 from twisted.internet.interfaces import (
+    IAddress,
     IHalfCloseableProtocol,
+    IProducer,
     IPushProducer,
     ISSLTransport,
 )
@@ -51,6 +53,34 @@ _SERVER = server.version
 
 # Reasons the transport is not read (bits).
 _WRITE_BLOCKED, _QUEUE_FULL, _CLOSING = 1, 2, 4
+
+
+class StreamTransport(TypingProtocol):
+    """
+    What the protocol uses of its transport: ``ITransport`` with the
+    ``IConsumer``/``IPushProducer`` methods and ``abortConnection`` that
+    every Twisted stream transport (TCP, TLS, UNIX) has.
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def getPeer(self) -> IAddress: ...
+
+    def getHost(self) -> IAddress: ...
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
 
 
 class Phase(enum.Enum):
@@ -177,7 +207,7 @@ class HTTP11Protocol(Protocol):
         self.limits = site.limits
         self.reactor = site.reactor
         self.phase = Phase.IDLE
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._parsing: _Message | None = None  # the message the parser is in
         self._active: _Message | None = None   # the message being answered
         # Parsed messages (or an error) waiting; a list, not a deque: it is
@@ -213,8 +243,14 @@ class HTTP11Protocol(Protocol):
 
     # -- the connection
 
+    @property
+    def _stream(self) -> StreamTransport:
+        # The transport as the stream transport it is (connected only).
+        assert self.transport is not None, "not connected"
+        return cast(StreamTransport, self.transport)
+
     def connectionMade(self) -> None:
-        transport = self.transport
+        transport = self._stream
         self._peer = transport.getPeer()
         self._host = transport.getHost()
         transport.registerProducer(self, True)
@@ -342,6 +378,7 @@ class HTTP11Protocol(Protocol):
 
     def on_url(self, url: bytes) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         m.url += url
         m.head_size += len(url)
         if m.head_size > self.limits.max_header_bytes:
@@ -351,6 +388,7 @@ class HTTP11Protocol(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         m.headers.append((name, value))
         m.head_size += len(name) + len(value) + 4
         limits = self.limits
@@ -364,7 +402,9 @@ class HTTP11Protocol(Protocol):
 
     def on_headers_complete(self) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         parser = self._parser
+        assert parser is not None  # it is parsing
         if self._head_timer is not None:
             if self._head_timer.active():
                 self._head_timer.cancel()
@@ -415,6 +455,7 @@ class HTTP11Protocol(Protocol):
 
     def on_body(self, data: bytes) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         if self._chunk_data >= 0:
             self._chunk_data += len(data)
         if m.request is not None:
@@ -481,6 +522,7 @@ class HTTP11Protocol(Protocol):
 
     def on_message_complete(self) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         self._parsing = None
         self._completed = True
         m.complete = True
@@ -568,7 +610,7 @@ class HTTP11Protocol(Protocol):
             self._resume(_QUEUE_FULL)
         if self._active is None and not self._queue:
             if self._eof:
-                self.transport.loseConnection()
+                self._stream.loseConnection()
                 return
             p = self._parsing
             self.phase = (Phase.IDLE if p is None else
@@ -647,7 +689,7 @@ class HTTP11Protocol(Protocol):
         # Straight to the socket when nothing waits in the transport's
         # buffer: one send() instead of Twisted's buffer, two epoll_ctl
         # calls and one more reactor turn per response.
-        transport = self.transport
+        transport = cast(StreamTransport, self.transport)
         sent = send_now(transport, data)
         if sent < len(data):
             transport.write(data[sent:] if sent else data)
@@ -684,8 +726,8 @@ class HTTP11Protocol(Protocol):
         self._streaming = bool(streaming)
         if not streaming:
             # A pull producer is driven by the transport itself.
-            self.transport.unregisterProducer()
-            self.transport.registerProducer(producer, False)
+            self._stream.unregisterProducer()
+            self._stream.registerProducer(producer, False)
         elif self._paused & _WRITE_BLOCKED:
             producer.pauseProducing()
 
@@ -694,8 +736,8 @@ class HTTP11Protocol(Protocol):
         if producer is not None and not self._streaming:
             self._streaming = True
             if self.transport is not None and self.connected:
-                self.transport.unregisterProducer()
-                self.transport.registerProducer(self, True)
+                self._stream.unregisterProducer()
+                self._stream.registerProducer(self, True)
 
     def loseConnection(self) -> None:
         self._flush()
@@ -708,7 +750,7 @@ class HTTP11Protocol(Protocol):
         m = self._active
         if m is not None and m.request is request and not m.complete \
                 and self.phase is not Phase.CLOSING:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._stream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- comet frames
 
@@ -776,14 +818,14 @@ class HTTP11Protocol(Protocol):
         was = self._paused
         self._paused |= reason
         if not was and self.transport is not None:
-            self.transport.pauseProducing()
+            self._stream.pauseProducing()
 
     def _resume(self, reason: int) -> None:
         if not self._paused & reason:
             return
         self._paused &= ~reason
         if not self._paused and self.transport is not None:
-            self.transport.resumeProducing()
+            self._stream.resumeProducing()
 
     # -- IHalfCloseableProtocol
 
@@ -804,9 +846,9 @@ class HTTP11Protocol(Protocol):
         if m is not None:
             # A full close looks the same as a half-close; as twisted.web
             # does, EOF means the client has gone: cancel what serves it.
-            self.transport.abortConnection()
+            self._stream.abortConnection()
             return
-        self.transport.loseConnection()
+        self._stream.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -846,7 +888,7 @@ class HTTP11Protocol(Protocol):
             self._refuse(RequestTimeout(f"no request data for {self._idle_timeout}s",
                                         code="header_timeout"))
             return
-        self.transport.loseConnection()
+        self._stream.loseConnection()
 
     def _header_timed_out(self, m: _Message) -> None:
         self._head_timer = None
@@ -901,7 +943,7 @@ class HTTP11Protocol(Protocol):
         if self.phase is Phase.CLOSING:
             return
         self.site.stats_refused(error)
-        self.transport.write(raw_response(error))
+        self._stream.write(raw_response(error))
         self.close_early()
 
     def _close_after_response(self) -> None:
@@ -911,14 +953,14 @@ class HTTP11Protocol(Protocol):
         self._pause(_CLOSING)
         if self.transport is not None:
             self._let_go()
-            self.transport.loseConnection()
+            self._stream.loseConnection()
 
     def _let_go(self) -> None:
         # A transport with a producer registered waits for it to go before
         # it closes (TLS sends no close_notify until then).
         self._producer = None
         self._streaming = True
-        self.transport.unregisterProducer()
+        self._stream.unregisterProducer()
 
     def close_early(self) -> None:
         """
@@ -937,9 +979,9 @@ class HTTP11Protocol(Protocol):
                 call.cancel()
             setattr(self, name, None)
         self._persistent = False
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
             return
+        transport = self._stream
         self._pause(_CLOSING)
         self._let_go()
         half_close = getattr(transport, "loseWriteConnection", None)

@@ -77,7 +77,7 @@ class Request(server.Request):
 
     # ``args`` is parsed when first read: a chain route reads its query
     # through PipeInput, and twisted.web's requestReceived sets it anew.
-    @property  # type: ignore[override]
+    @property
     def args(self) -> dict[bytes, list[bytes]]:
         args = self._args
         if args is None:
@@ -89,7 +89,7 @@ class Request(server.Request):
     def args(self, value: dict[bytes, list[bytes]]) -> None:
         self._args = value
 
-    @property  # type: ignore[override]
+    @property
     def postpath(self) -> list[bytes] | None:
         postpath = self._postpath
         if postpath is None:
@@ -203,6 +203,7 @@ class Request(server.Request):
             return
         if self._lazy:
             body = self.pipecomet_body
+            assert body is not None  # a lazy request has one
             try:
                 body.finish()
             except PipecometError as e:

@@ -248,6 +248,7 @@ class LazyBody:
 
     def file_data(self, data: bytes) -> None:
         up = self._current
+        assert up is not None  # between file_start and file_end
         up.size += len(data)
         up._hash.update(data)
         if up._writer is not None:
@@ -257,6 +258,7 @@ class LazyBody:
 
     def file_end(self) -> None:
         up, self._current = self._current, None
+        assert up is not None  # after file_start
         up.sha256 = up._hash.hexdigest()
         up.complete = True
         if up.file is not None:
