@@ -602,6 +602,9 @@ class Stream:
 
 
 _SPECIAL = (Deferred, CoroutineType, Answer, SkipRest, Stream)
+#: Plain results, told apart from _SPECIAL by type alone: Deferred is an
+#: Awaitable, so isinstance() against it goes through ABCMeta (~0.5 µs).
+_PLAIN = frozenset((dict, list, tuple, str, bytes, int, float, bool, type(None)))
 
 
 def as_pipecomet_error(failure: Failure | BaseException, where: str,
@@ -733,7 +736,7 @@ class ChainRun:
                 except BaseException as e:
                     self._main_failed(e, p.name)
                     return
-                if isinstance(out, _SPECIAL):
+                if type(out) not in _PLAIN and isinstance(out, _SPECIAL):
                     if isinstance(out, CoroutineType):
                         out = Deferred.fromCoroutine(out)
                     if isinstance(out, Deferred):

@@ -49,7 +49,9 @@ __all__ = ["HTTP11Protocol", "Phase"]
 
 log = Logger()
 
-_SERVER = server.version
+_SERVER_LINE = b"Server: " + server.version
+#: Response headers the protocol writes itself unless the response has them.
+_WATCHED = frozenset((b"Connection", b"Server", b"Date"))
 
 # Reasons the transport is not read (bits).
 _WRITE_BLOCKED, _QUEUE_FULL, _CLOSING = 1, 2, 4
@@ -618,6 +620,10 @@ class HTTP11Protocol(Protocol):
 
     def _request_finished(self, m: _Message) -> None:
         req = m.request
+        # The message and its request refer to each other: let go of the
+        # request here so both are freed by reference counting, not left
+        # to the cyclic GC (a dozen objects a request).
+        m.request = None
         req.release()
         if self._active is m:
             self._active = None
@@ -635,23 +641,30 @@ class HTTP11Protocol(Protocol):
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         m = self._active
         persistent = self._persistent and self.phase is not Phase.CLOSING
+        if persistent and m is not None and not m.complete:
+            req = m.request
+            if m.length is None or req is None or req.received < m.length:
+                # Answered before the body is in: the rest of it will not
+                # be read, so the connection closes after this answer.
+                persistent = False
         close_value = None
         server = date = True
-        out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
+        lines = [b"HTTP/1.1 " + code + b" " + reason]
+        # Names come in canonical capitalization (Headers.getAllRawHeaders).
         for name, values in headers.getAllRawHeaders():
-            low = name.lower()
-            if low == b"connection":
-                close_value = values
-            elif low == b"server":
-                server = False
-            elif low == b"date":
-                date = False
+            if name in _WATCHED:
+                if name == b"Connection":
+                    close_value = values
+                elif name == b"Server":
+                    server = False
+                else:
+                    date = False
             for v in values:
-                out += [name, b": ", v, b"\r\n"]
+                lines.append(name + b": " + v)
         if server:
-            out += [b"Server: ", _SERVER, b"\r\n"]
+            lines.append(_SERVER_LINE)
         if date:
-            out += [b"Date: ", self.site.date(), b"\r\n"]
+            lines.append(b"Date: " + self.site.date())
         if close_value is not None and any(b"close" in v.lower() for v in close_value):
             persistent = False
         if persistent and m is not None and m.version == b"HTTP/1.0":
@@ -659,16 +672,16 @@ class HTTP11Protocol(Protocol):
             if headers.hasHeader(b"content-length") or m.method == b"HEAD" \
                     or int(code) in http.NO_BODY_CODES:
                 if close_value is None:
-                    out.append(b"Connection: keep-alive\r\n")
+                    lines.append(b"Connection: keep-alive")
             else:
                 persistent = False
         if not persistent and close_value is None:
-            out.append(b"Connection: close\r\n")
+            lines.append(b"Connection: close")
         self._persistent = persistent
-        out.append(b"\r\n")
+        lines.append(b"\r\n")
         # Held until the first body bytes (or the end): head and body leave
         # in one write.
-        self._head = b"".join(out)
+        self._head = b"\r\n".join(lines)
 
     def write(self, data: bytes) -> None:
         head = self._head

@@ -244,14 +244,6 @@ class Request(server.Request):
             run.cancel()
         send_error(self, error)
 
-    def write(self, data: bytes) -> None:
-        msg = self._msg
-        if not self.startedWriting and not msg.complete and (
-                msg.length is None or self._received < msg.length):
-            # The rest of the body will not be read: say so.
-            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
-        super().write(data)
-
     def write_frame(self, data: bytes) -> bool:
         """
         Write ``data`` (already framed for this response: chunked when
