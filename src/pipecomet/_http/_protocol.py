@@ -49,7 +49,7 @@ __all__ = ["HTTP11Protocol", "Phase"]
 
 log = Logger()
 
-_SERVER_LINE = b"Server: " + server.version
+_SERVER_LINE = b"Server: " + server.version + b"\r\n"
 #: Response headers the protocol writes itself unless the response has them.
 _WATCHED = frozenset((b"Connection", b"Server", b"Date"))
 
@@ -649,7 +649,7 @@ class HTTP11Protocol(Protocol):
                 persistent = False
         close_value = None
         server = date = True
-        lines = [b"HTTP/1.1 " + code + b" " + reason]
+        out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
         # Names come in canonical capitalization (Headers.getAllRawHeaders).
         for name, values in headers.getAllRawHeaders():
             if name in _WATCHED:
@@ -660,11 +660,11 @@ class HTTP11Protocol(Protocol):
                 else:
                     date = False
             for v in values:
-                lines.append(name + b": " + v)
+                out += (name, b": ", v, b"\r\n")
         if server:
-            lines.append(_SERVER_LINE)
+            out.append(_SERVER_LINE)
         if date:
-            lines.append(b"Date: " + self.site.date())
+            out += (b"Date: ", self.site.date(), b"\r\n")
         if close_value is not None and any(b"close" in v.lower() for v in close_value):
             persistent = False
         if persistent and m is not None and m.version == b"HTTP/1.0":
@@ -672,16 +672,16 @@ class HTTP11Protocol(Protocol):
             if headers.hasHeader(b"content-length") or m.method == b"HEAD" \
                     or int(code) in http.NO_BODY_CODES:
                 if close_value is None:
-                    lines.append(b"Connection: keep-alive")
+                    out.append(b"Connection: keep-alive\r\n")
             else:
                 persistent = False
         if not persistent and close_value is None:
-            lines.append(b"Connection: close")
+            out.append(b"Connection: close\r\n")
         self._persistent = persistent
-        lines.append(b"\r\n")
+        out.append(b"\r\n")
         # Held until the first body bytes (or the end): head and body leave
         # in one write.
-        self._head = b"\r\n".join(lines)
+        self._head = b"".join(out)
 
     def write(self, data: bytes) -> None:
         head = self._head
