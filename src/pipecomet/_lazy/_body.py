@@ -75,6 +75,23 @@ class UploadedFile:
                 "size": self.size, "sha256": self.sha256}
 
 
+class _Parsed:
+    """
+    What is left of a closed body's parser: its value, if it had one.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _missing(name: str) -> BadRequest:
     return BadRequest(f"missing parameter {name!r}", code="missing_parameter",
                       details={"param": name})
@@ -197,6 +214,10 @@ class LazyBody:
         Release the raw copy and spooled files (the request is gone).
         """
         self._raw.close()
+        # The parser refers back to this body (its sink): keep only the
+        # value json() may still read, so that neither is left to the
+        # cyclic GC.
+        self._parser = _Parsed(getattr(self._parser, "value", None))
         current, self._current = self._current, None
         if current is not None and current.file is not None:
             # A file part cut off by a disconnect: its spool is not in
