@@ -275,6 +275,41 @@ def test_100mb_post_with_invalid_first_field(server):
     assert grown <= 10 * MiB, f"server RSS grew by {grown} bytes"
 
 
+def test_declared_chunk_over_the_limit_is_refused_before_its_data(server):
+    """
+    A chunked body whose chunk-size line declares more than
+    ``max_body_bytes`` (200 MiB here) is answered 413 as soon as that line
+    is in: the client has sent no byte of the chunk when it reads the
+    answer, and what it sends after is never read by the server (its
+    socket-level ``bytes_received`` grows by the head and the size line
+    only).
+    """
+    port, _ = server
+    stats_before = status_of(port)
+    head = (b"POST /api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            b"application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n")
+    size_line = b"%x\r\n" % (300 * MiB)
+    with connect(port) as s:
+        s.sendall(head + size_line)
+        status, headers, body, _ = read_response(s)
+        assert (status, json.loads(body)["error"]["code"]) == (413, "body_too_large")
+        assert headers["connection"] == "close"
+        sent = 0
+        s.settimeout(5)
+        try:
+            for _ in range(16):
+                sent += s.send(b"z" * 65536)
+        except OSError:
+            pass  # the server closed: what was sent is not read either way
+    stats = status_of(port)
+    received = stats["bytes_received"] - stats_before["bytes_received"]
+    # The status requests themselves are counted too (one before, one after).
+    status_request = len(b"GET /_pipecomet/status HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert received <= len(head) + len(size_line) + 2 * status_request, \
+        f"the server read {received} bytes; the client sent {sent} after the answer"
+    assert stats["rejected_413"] - stats_before["rejected_413"] == 1
+
+
 def test_expect_continue_invalid_query_gets_4xx_without_100(server):
     port, _ = server
     head = post("/api/upload?app_key=bad!key", b"", extra="Expect: 100-continue\r\n")

@@ -853,6 +853,77 @@ class LimitTests(SynchronousTestCase):
             self.channel.dataReceived(b"190\r\n" + b"x" * 400 + b"\r\n")
         self.assertEqual(self.answer(), (413, "body_too_large"))
 
+    def test_declared_chunk_size_over_limit_refused_before_its_data(self):
+        """
+        A chunk-size line declaring more than the body may still take is
+        refused with 413 as soon as the line is in, whatever the reads'
+        boundaries: no byte of that chunk's data is needed, and nothing
+        after it is read.
+        """
+        head = b"POST /raw HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b"64;ext=1\r\n" + b"x" * 100 + b"\r\n" + b"3E9\r\n"  # 100, then 1001
+        whole = head + body
+        line_end = len(whole)  # the 1001-byte chunk's size line ends here
+        for cut in range(len(head) - 3, line_end + 1):
+            for second in (cut, min(cut + 2, line_end)):
+                server = Server(first_then_form([]), max_body_bytes=1000)
+                ch, t = server.connect()
+                pieces = [whole[:cut], whole[cut:second], whole[second:]]
+                for piece in pieces:
+                    if piece:
+                        ch.dataReceived(piece)
+                code = error_code(t.value())
+                self.assertEqual((response(t.value())[0], code), (413, "body_too_large"),
+                                 (cut, second))
+                self.assertTrue(t.disconnecting)
+                self.assertEqual(t.producerState, "paused")
+                ch.dataReceived(b"y" * 500)
+                self.assertEqual(server.stats.body_bytes_read, 100)
+
+    def test_declared_chunk_size_counts_what_came_before(self):
+        # 600 bytes in, then a chunk of 401: over; a chunk of 400: served.
+        for size, status in ((b"191", 413), (b"190", 200)):
+            server = Server(first_then_form([]), max_body_bytes=1000)
+            ch, t = server.connect()
+            ch.dataReceived(b"POST /raw HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+                            b"\r\n\r\n258\r\n" + b"x" * 600 + b"\r\n" + size + b"\r\nab")
+            if status == 413:
+                self.assertEqual(error_code(t.value()), "body_too_large")
+                continue
+            self.assertEqual(t.value(), b"")
+            ch.dataReceived(b"x" * (0x190 - 2) + b"\r\n0\r\n\r\n")
+            self.assertEqual(response(t.value())[0], 200)
+            self.assertEqual(len(response(t.value())[2]), 1000)
+
+    def test_declared_chunk_size_of_a_waiting_request(self):
+        """
+        A pipelined chunked request waiting behind another answer is
+        refused on its declared chunk size too, in its turn.
+        """
+        waiting: list[Deferred] = []
+
+        def routes(app: App) -> None:
+            first_then_form([])(app)
+
+            def wait(inp, ctx, res):
+                waiting.append(Deferred())
+                return waiting[-1]
+
+            app.route("/wait", [Pipe(wait)])
+
+        server = Server(routes, max_body_bytes=1000)
+        ch, t = server.connect()
+        ch.dataReceived(b"GET /wait HTTP/1.1\r\nHost: t\r\n\r\n"
+                        b"POST /raw HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+                        b"\r\n\r\nFFFFFF\r\nxx")
+        self.assertEqual(t.value(), b"")
+        self.assertEqual(t.producerState, "paused")  # nothing more is read
+        waiting[0].callback({"ok": 1})
+        first, second = t.value().split(b"HTTP/1.1 ")[1:]
+        self.assertTrue(first.startswith(b"200 "))
+        self.assertEqual(error_code(b"HTTP/1.1 " + second), "body_too_large")
+        self.assertTrue(t.disconnecting)
+
     def test_too_many_fields(self):
         self.channel.dataReceived(post(b"/f", b"a=1&b=2&c=3&d=4"))
         self.assertEqual(self.answer(closed=False), (413, "too_many_fields"))

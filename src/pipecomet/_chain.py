@@ -588,6 +588,9 @@ class Stream:
 
 
 _SPECIAL = (Deferred, CoroutineType, Answer, SkipRest, Stream)
+#: Plain results, told apart from _SPECIAL by type alone: Deferred is an
+#: Awaitable, so isinstance() against it goes through ABCMeta.__instancecheck__.
+_PLAIN = frozenset((dict, list, tuple, str, bytes, int, float, bool, type(None)))
 
 
 def as_pipecomet_error(failure: Failure | BaseException, where: str,
@@ -719,7 +722,7 @@ class ChainRun:
                 except BaseException as e:
                     self._main_failed(e, p.name)
                     return
-                if isinstance(out, _SPECIAL):
+                if type(out) not in _PLAIN and isinstance(out, _SPECIAL):
                     if isinstance(out, CoroutineType):
                         out = Deferred.fromCoroutine(out)
                     if isinstance(out, Deferred):

@@ -19,11 +19,13 @@ the bare connection with the JSON error body and the connection closed.
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Any, Iterable, Protocol as TypingProtocol, cast
 
 import httptools
 from twisted.internet.interfaces import (
+    IAddress,
     IHalfCloseableProtocol,
+    IProducer,
     IPushProducer,
     ISSLTransport,
 )
@@ -47,10 +49,40 @@ __all__ = ["HTTP11Protocol", "Phase"]
 
 log = Logger()
 
-_SERVER = server.version
+_SERVER_LINE = b"Server: " + server.version + b"\r\n"
+#: Response headers the protocol writes itself unless the response has them.
+_WATCHED = frozenset((b"Connection", b"Server", b"Date"))
 
 # Reasons the transport is not read (bits).
 _WRITE_BLOCKED, _QUEUE_FULL, _CLOSING, _BODY_BLOCKED = 1, 2, 4, 8
+
+
+class StreamTransport(TypingProtocol):
+    """
+    What the protocol uses of its transport: ``ITransport`` with the
+    ``IConsumer``/``IPushProducer`` methods and ``abortConnection`` that
+    every Twisted stream transport (TCP, TLS, UNIX) has.
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def getPeer(self) -> IAddress: ...
+
+    def getHost(self) -> IAddress: ...
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
 
 
 class Phase(enum.Enum):
@@ -170,14 +202,14 @@ class HTTP11Protocol(Protocol):
                  "_queued_bytes", "_paused", "_feeding", "_advancing", "_persistent", "_held",
                  "_eof", "_producer", "_streaming", "_head_timer", "_body_timer", "_idle_timer",
                  "_linger_call", "_idle_timeout", "_last", "_begun", "_completed", "_feed_body",
-                 "_head_bytes", "_peer", "_host", "_head")
+                 "_head_bytes", "_peer", "_host", "_head", "_chunk_data", "_tail")
 
     def __init__(self, site: Any) -> None:
         self.site = self.factory = site
         self.limits = site.limits
         self.reactor = site.reactor
         self.phase = Phase.IDLE
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._parsing: _Message | None = None  # the message the parser is in
         self._active: _Message | None = None   # the message being answered
         # Parsed messages (or an error) waiting; a list, not a deque: it is
@@ -205,11 +237,22 @@ class HTTP11Protocol(Protocol):
         self._peer: Any = None
         self._host: Any = None
         self._head: bytes | None = None  # a response head not written yet
+        # Body bytes after the chunk-size line parsed last in this read
+        # (-1: no chunk open from this read); the bytes of the read before
+        # it hold that line (see _check_chunk).
+        self._chunk_data = -1
+        self._tail = b""  # the end of the last read, while a chunked body is parsed
 
     # -- the connection
 
+    @property
+    def _stream(self) -> StreamTransport:
+        # The transport as the stream transport it is (connected only).
+        assert self.transport is not None, "not connected"
+        return cast(StreamTransport, self.transport)
+
     def connectionMade(self) -> None:
-        transport = self.transport
+        transport = self._stream
         self._peer = transport.getPeer()
         self._host = transport.getHost()
         transport.registerProducer(self, True)
@@ -258,6 +301,15 @@ class HTTP11Protocol(Protocol):
             parser = self._parser = httptools.HttpRequestParser(self)
         try:
             parser.feed_data(data)
+            if self._chunk_data >= 0:
+                self._check_chunk(data)
+            m = self._parsing
+            if m is not None and m.length is None:
+                # A chunk-size line may be split between reads.
+                self._tail = (data[-_TAIL:] if len(data) >= _TAIL
+                              else (self._tail + data)[-_TAIL:])
+            elif self._tail:
+                self._tail = b""
         except httptools.HttpParserUpgrade as e:
             self._upgrade(data, e.args[0] if e.args else len(data))
         except httptools.HttpParserCallbackError as e:
@@ -328,6 +380,7 @@ class HTTP11Protocol(Protocol):
 
     def on_url(self, url: bytes) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         m.url += url
         m.head_size += len(url)
         if m.head_size > self.limits.max_header_bytes:
@@ -337,6 +390,7 @@ class HTTP11Protocol(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         m.headers.append((name, value))
         m.head_size += len(name) + len(value) + 4
         limits = self.limits
@@ -350,7 +404,9 @@ class HTTP11Protocol(Protocol):
 
     def on_headers_complete(self) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         parser = self._parser
+        assert parser is not None  # it is parsing
         if self._head_timer is not None:
             if self._head_timer.active():
                 self._head_timer.cancel()
@@ -401,6 +457,9 @@ class HTTP11Protocol(Protocol):
 
     def on_body(self, data: bytes) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
+        if self._chunk_data >= 0:
+            self._chunk_data += len(data)
         if m.request is not None:
             m.request.body_chunk(data)
             return
@@ -419,8 +478,53 @@ class HTTP11Protocol(Protocol):
         if self._queued_bytes > self.limits.max_pipelined_bytes:
             self._pause(_QUEUE_FULL)
 
+    def on_chunk_header(self) -> None:
+        self._chunk_data = 0
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_data = -1
+
+    def _check_chunk(self, data: bytes) -> None:
+        """
+        A chunk-size line was parsed in this read and its chunk is not
+        complete: refuse it now when the size it declares takes the body
+        past ``max_body_bytes``, before its data arrives.  llhttp does not
+        report the size, but every byte of the read after that line was
+        the chunk's data (counted by ``on_body``), so the line is the one
+        ending just before them.
+        """
+        after = self._chunk_data
+        self._chunk_data = -1
+        m = self._parsing
+        if m is None:
+            return
+        end = len(data) - after  # just past the line's LF
+        start = data.rfind(b"\n", 0, max(end - 1, 0)) + 1
+        if start:
+            line = data[start:end]
+        else:  # it began in an earlier read
+            head = self._tail + data[:end]
+            line = head[head.rfind(b"\n", 0, len(head) - 1) + 1:]
+        size = _chunk_size(line)
+        if size is None:
+            return
+        limit = self.limits.max_body_bytes
+        req = m.request
+        before = (req.received if req is not None else m.queued_bytes) - after
+        if before + size <= limit:
+            return
+        error = PayloadTooLarge(
+            f"a chunk of {size} bytes takes the body past the limit of {limit} bytes",
+            code="body_too_large", details={"limit": limit})
+        if req is not None:
+            if not req.finished:
+                req.reject(error)
+        else:
+            self._parse_failed(error)
+
     def on_message_complete(self) -> None:
         m = self._parsing
+        assert m is not None  # the parser is in a message
         self._parsing = None
         self._completed = True
         m.complete = True
@@ -508,7 +612,7 @@ class HTTP11Protocol(Protocol):
             self._resume(_QUEUE_FULL)
         if self._active is None and not self._queue:
             if self._eof:
-                self.transport.loseConnection()
+                self._stream.loseConnection()
                 return
             p = self._parsing
             self.phase = (Phase.IDLE if p is None else
@@ -516,6 +620,10 @@ class HTTP11Protocol(Protocol):
 
     def _request_finished(self, m: _Message) -> None:
         req = m.request
+        # The message and its request refer to each other: let go of the
+        # request here so both are freed by reference counting, not left
+        # to the cyclic GC (a dozen objects a request).
+        m.request = None
         req.release()
         if self._active is m:
             self._active = None
@@ -534,23 +642,30 @@ class HTTP11Protocol(Protocol):
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         m = self._active
         persistent = self._persistent and self.phase is not Phase.CLOSING
+        if persistent and m is not None and not m.complete:
+            req = m.request
+            if m.length is None or req is None or req.received < m.length:
+                # Answered before the body is in: the rest of it will not
+                # be read, so the connection closes after this answer.
+                persistent = False
         close_value = None
         server = date = True
         out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
+        # Names come in canonical capitalization (Headers.getAllRawHeaders).
         for name, values in headers.getAllRawHeaders():
-            low = name.lower()
-            if low == b"connection":
-                close_value = values
-            elif low == b"server":
-                server = False
-            elif low == b"date":
-                date = False
+            if name in _WATCHED:
+                if name == b"Connection":
+                    close_value = values
+                elif name == b"Server":
+                    server = False
+                else:
+                    date = False
             for v in values:
-                out += [name, b": ", v, b"\r\n"]
+                out += (name, b": ", v, b"\r\n")
         if server:
-            out += [b"Server: ", _SERVER, b"\r\n"]
+            out.append(_SERVER_LINE)
         if date:
-            out += [b"Date: ", self.site.date(), b"\r\n"]
+            out += (b"Date: ", self.site.date(), b"\r\n")
         if close_value is not None and any(b"close" in v.lower() for v in close_value):
             persistent = False
         if persistent and m is not None and m.version == b"HTTP/1.0":
@@ -588,7 +703,7 @@ class HTTP11Protocol(Protocol):
         # Straight to the socket when nothing waits in the transport's
         # buffer: one send() instead of Twisted's buffer, two epoll_ctl
         # calls and one more reactor turn per response.
-        transport = self.transport
+        transport = cast(StreamTransport, self.transport)
         sent = send_now(transport, data)
         if sent < len(data):
             transport.write(data[sent:] if sent else data)
@@ -625,8 +740,8 @@ class HTTP11Protocol(Protocol):
         self._streaming = bool(streaming)
         if not streaming:
             # A pull producer is driven by the transport itself.
-            self.transport.unregisterProducer()
-            self.transport.registerProducer(producer, False)
+            self._stream.unregisterProducer()
+            self._stream.registerProducer(producer, False)
         elif self._paused & _WRITE_BLOCKED:
             producer.pauseProducing()
 
@@ -635,8 +750,8 @@ class HTTP11Protocol(Protocol):
         if producer is not None and not self._streaming:
             self._streaming = True
             if self.transport is not None and self.connected:
-                self.transport.unregisterProducer()
-                self.transport.registerProducer(self, True)
+                self._stream.unregisterProducer()
+                self._stream.registerProducer(self, True)
 
     def loseConnection(self) -> None:
         self._flush()
@@ -649,7 +764,7 @@ class HTTP11Protocol(Protocol):
         m = self._active
         if m is not None and m.request is request and not m.complete \
                 and self.phase is not Phase.CLOSING:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._stream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- comet frames
 
@@ -730,14 +845,14 @@ class HTTP11Protocol(Protocol):
         was = self._paused
         self._paused |= reason
         if not was and self.transport is not None:
-            self.transport.pauseProducing()
+            self._stream.pauseProducing()
 
     def _resume(self, reason: int) -> None:
         if not self._paused & reason:
             return
         self._paused &= ~reason
         if not self._paused and self.transport is not None:
-            self.transport.resumeProducing()
+            self._stream.resumeProducing()
 
     # -- IHalfCloseableProtocol
 
@@ -758,9 +873,9 @@ class HTTP11Protocol(Protocol):
         if m is not None:
             # A full close looks the same as a half-close; as twisted.web
             # does, EOF means the client has gone: cancel what serves it.
-            self.transport.abortConnection()
+            self._stream.abortConnection()
             return
-        self.transport.loseConnection()
+        self._stream.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -800,7 +915,7 @@ class HTTP11Protocol(Protocol):
             self._refuse(RequestTimeout(f"no request data for {self._idle_timeout}s",
                                         code="header_timeout"))
             return
-        self.transport.loseConnection()
+        self._stream.loseConnection()
 
     def _header_timed_out(self, m: _Message) -> None:
         self._head_timer = None
@@ -855,7 +970,7 @@ class HTTP11Protocol(Protocol):
         if self.phase is Phase.CLOSING:
             return
         self.site.stats_refused(error)
-        self.transport.write(raw_response(error))
+        self._stream.write(raw_response(error))
         self.close_early()
 
     def _close_after_response(self) -> None:
@@ -865,14 +980,14 @@ class HTTP11Protocol(Protocol):
         self._pause(_CLOSING)
         if self.transport is not None:
             self._let_go()
-            self.transport.loseConnection()
+            self._stream.loseConnection()
 
     def _let_go(self) -> None:
         # A transport with a producer registered waits for it to go before
         # it closes (TLS sends no close_notify until then).
         self._producer = None
         self._streaming = True
-        self.transport.unregisterProducer()
+        self._stream.unregisterProducer()
 
     def close_early(self) -> None:
         """
@@ -891,9 +1006,9 @@ class HTTP11Protocol(Protocol):
                 call.cancel()
             setattr(self, name, None)
         self._persistent = False
-        transport = self.transport
-        if transport is None:
+        if self.transport is None:
             return
+        transport = self._stream
         self._pause(_CLOSING)
         self._let_go()
         half_close = getattr(transport, "loseWriteConnection", None)
@@ -902,6 +1017,25 @@ class HTTP11Protocol(Protocol):
         else:
             half_close()
         self._linger_call = self.reactor.callLater(self.limits.linger, transport.abortConnection)
+
+
+#: How much of a read is kept for a chunk-size line split between reads.
+_TAIL = 1024
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _chunk_size(line: bytes) -> int | None:
+    """
+    The size a chunk-size line (``1a2b;ext=v``) declares, or None when it
+    cannot be read (llhttp has checked it; an unreadable line here only
+    means part of it is not in hand).
+    """
+    n = 0
+    for byte in line:
+        if byte not in _HEX:
+            break
+        n += 1
+    return int(line[:n], 16) if n else None
 
 
 def _origin_form(target: bytes) -> bytes:

@@ -81,7 +81,7 @@ class Request(server.Request):
 
     # ``args`` is parsed when first read: a chain route reads its query
     # through PipeInput, and twisted.web's requestReceived sets it anew.
-    @property  # type: ignore[override]
+    @property
     def args(self) -> dict[bytes, list[bytes]]:
         args = self._args
         if args is None:
@@ -92,7 +92,7 @@ class Request(server.Request):
     def args(self, value: dict[bytes, list[bytes]]) -> None:
         self._args = value
 
-    @property  # type: ignore[override]
+    @property
     def postpath(self) -> list[bytes] | None:
         postpath = self._postpath
         if postpath is None:
@@ -166,6 +166,13 @@ class Request(server.Request):
             self._continue_sent = True
             self._proto.send_continue(self)
 
+    @property
+    def received(self) -> int:
+        """
+        Body bytes received so far.
+        """
+        return self._received
+
     def body_chunk(self, data: bytes) -> None:
         """
         Body bytes from the protocol.
@@ -199,6 +206,7 @@ class Request(server.Request):
             return
         if self._lazy:
             body = self.pipecomet_body
+            assert body is not None  # a lazy request has one
             try:
                 body.finish()
             except PipecometError as e:
@@ -226,6 +234,10 @@ class Request(server.Request):
         protocol stops reading a body that is not complete.
         """
         body = self.pipecomet_body
+        if not (self.finished or self.gone):
+            # Counted here: a pipe waiting on the body may answer with the
+            # error itself as the body fails.
+            self._proto.site.stats_refused(error)
         if body is not None:
             body.fail(error)
         if self.finished or self.gone:
@@ -233,16 +245,7 @@ class Request(server.Request):
         run, self._run = self._run, None
         if run is not None:
             run.cancel()
-        self._proto.site.stats_refused(error)
         send_error(self, error)
-
-    def write(self, data: bytes) -> None:
-        msg = self._msg
-        if not self.startedWriting and not msg.complete and (
-                msg.length is None or self._received < msg.length):
-            # The rest of the body will not be read: say so.
-            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
-        super().write(data)
 
     def write_frame(self, data: bytes) -> bool:
         """

@@ -77,6 +77,23 @@ class UploadedFile:
                 "size": self.size, "sha256": self.sha256}
 
 
+class _Parsed:
+    """
+    What is left of a closed body's parser: its value, if it had one.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _missing(name: str) -> BadRequest:
     return BadRequest(f"missing parameter {name!r}", code="missing_parameter",
                       details={"param": name})
@@ -205,6 +222,10 @@ class LazyBody:
         Release the raw copy and spooled files (the request is gone).
         """
         self._raw.close()
+        # The parser refers back to this body (its sink): keep only the
+        # value json() may still read, so that neither is left to the
+        # cyclic GC.
+        self._parser = _Parsed(getattr(self._parser, "value", None))
         current, self._current = self._current, None
         if current is not None and current.file is not None:
             # A file part cut off by a disconnect: its spool is not in
@@ -256,6 +277,7 @@ class LazyBody:
 
     def file_data(self, data: bytes) -> None:
         up = self._current
+        assert up is not None  # between file_start and file_end
         up.size += len(data)
         up._hash.update(data)
         if up._writer is not None:
@@ -265,6 +287,7 @@ class LazyBody:
 
     def file_end(self) -> None:
         up, self._current = self._current, None
+        assert up is not None  # after file_start
         up.sha256 = up._hash.hexdigest()
         up.complete = True
         if up.file is not None:

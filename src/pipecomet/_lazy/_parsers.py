@@ -331,10 +331,10 @@ class MultipartParser:
     def _start_part(self, head: bytes) -> None:
         disposition = ctype = None
         for line in head.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
+            header, sep, value = line.partition(b":")
             if not sep:
                 raise _bad_multipart("part header line without ':'")
-            key = name.strip().lower()
+            key = header.strip().lower()
             if key == b"content-disposition":
                 disposition = value.strip()
             elif key == b"content-type":
@@ -375,6 +375,7 @@ class MultipartParser:
         if is_file:
             self.sink.file_end()
         else:
+            assert decode is not None  # a text part has its decoder
             value = decode(bytes(self._text))
             self._text.clear()
             self.sink.field(name, value)
