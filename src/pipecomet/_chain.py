@@ -391,6 +391,9 @@ class BufferedRequest:
     """
 
     __slots__ = ("request",)
+    # Not kept in twisted.web's adapter cache (Componentized.getComponent):
+    # a cached adapter would hold its request in a reference cycle.
+    temporaryAdapter = True
 
     def __init__(self, request: IRequest) -> None:
         self.request = request
@@ -404,6 +407,17 @@ class BufferedRequest:
 
 registerAdapter(BufferedRequest, server.Request, IChainRequest)
 registerAdapter(BufferedRequest, IRequest, IChainRequest)
+
+
+def chain_request(request: Any) -> IChainRequest:
+    """
+    ``IChainRequest(request)``.  A request that provides it is used as it
+    is: asking a twisted.web request (a ``Componentized``) would cache the
+    request in its own adapter cache, a reference cycle per request.
+    """
+    if IChainRequest.providedBy(request):
+        return request
+    return IChainRequest(request)
 
 
 def _succeed(value: Any) -> Deferred:
@@ -487,7 +501,7 @@ class PipeInput:
         Where the body is read from (:class:`~pipecomet.interfaces.IBodySource`).
         """
         if self._body is None:
-            self._body = IChainRequest(self.request).body_source()
+            self._body = chain_request(self.request).body_source()
         return self._body
 
     def body(self) -> Deferred:
@@ -689,7 +703,7 @@ class ChainRun:
         if self._watching:
             return
         self._watching = True
-        if IChainRequest(request).hold_run(self):
+        if chain_request(request).hold_run(self):
             # The request cancels this run itself when its client goes (a
             # LazyRequest): no notifyFinish() Deferred and callbacks kept per
             # held connection.
