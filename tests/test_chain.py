@@ -422,3 +422,110 @@ class ParallelTests(SynchronousTestCase):
         call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
         self.assertEqual({l["name"]: l["result"] for l in call.lines()},
                          {"main": {"main": "q"}, "sub": 2})
+
+
+class StandInWorkers:
+    """
+    ``runtime.workers`` for a unit test: each call waits on a Deferred the
+    test fires (the real pool is tested in test_workers_pool and, with
+    real processes, in test_it_workers).
+    """
+
+    def __init__(self):
+        self.calls = []
+        self.cancelled = []
+
+    def call(self, function, payload=None, timeout=None):
+        d = Deferred(lambda d: self.cancelled.append(function))
+        self.calls.append((function, payload, timeout, d))
+        return d
+
+
+class ProcessStageTests(SynchronousTestCase):
+    """
+    Process pipes in a chain: the payload is computed on the reactor, the
+    worker's value is the pipe's result, a worker error is the pipe's
+    error, and a disconnect cancels the call.
+    """
+
+    def setUp(self):
+        self.clock = make_clock()
+        self.app = App(reactor=self.clock)
+        self.client = MemoryClient(self.app)
+        self.workers = StandInWorkers()
+        self.app.runtime.workers = self.workers
+
+    def test_result_feeds_the_next_pipe(self):
+        from pipecomet import process_pipe
+
+        self.app.route("/t", [
+            Pipe(lambda i, c, r: 20, name="n"),
+            process_pipe("double", lambda i, c, r: {"n": r["n"]}, timeout=3.0),
+            Pipe(lambda i, c, r: {"doubled": r["double"], "last": r.last}, name="out"),
+        ])
+        call = self.client.get("/t")
+        [(function, payload, timeout, d)] = self.workers.calls
+        self.assertEqual((function, payload, timeout), ("double", {"n": 20}, 3.0))
+        self.assertFalse(call.started)
+        d.callback(40)
+        self.client.flush()
+        self.assertEqual((call.status, call.json()), (200, {"doubled": 40, "last": 40}))
+
+    def test_two_process_pipes_in_a_row(self):
+        from pipecomet import process_pipe
+
+        self.app.route("/t", [
+            Pipe(lambda i, c, r: 1, name="one"),
+            process_pipe("inc", name="first"),
+            process_pipe("inc", name="second"),
+        ])
+        call = self.client.get("/t")
+        self.assertEqual([c[1] for c in self.workers.calls], [1])
+        self.workers.calls[0][3].callback(2)
+        self.client.flush()
+        self.assertEqual([c[1] for c in self.workers.calls], [1, 2])
+        self.workers.calls[1][3].callback(3)
+        self.client.flush()
+        self.assertEqual(call.json(), 3)
+
+    def test_skipped_process_pipe_calls_no_worker(self):
+        from pipecomet import process_pipe
+
+        self.app.route("/t", [
+            Pipe(lambda i, c, r: "x", name="a"),
+            process_pipe("never", skip_if=lambda r, c: True),
+            Pipe(lambda i, c, r: r.last + "y", name="b"),
+        ])
+        call = self.client.get("/t")
+        self.assertEqual((self.workers.calls, call.json()), ([], "xy"))
+
+    def test_worker_error_is_the_pipes_error(self):
+        from pipecomet import process_pipe
+
+        self.app.route("/t", [process_pipe("boom"), Pipe(lambda i, c, r: "never", name="b")])
+        call = self.client.get("/t")
+        self.workers.calls[0][3].errback(BadRequest("bad payload", code="bad_payload"))
+        self.client.flush()
+        self.assertEqual(call.status, 400)
+        self.assertEqual(call.json()["error"]["code"], "bad_payload")
+
+    def test_disconnect_cancels_the_worker_call(self):
+        from pipecomet import process_pipe
+
+        ran = []
+        self.app.route("/t", [process_pipe("slow"), Pipe(lambda i, c, r: ran.append(1), name="b")])
+        call = self.client.get("/t")
+        self.assertEqual(self.workers.cancelled, [])
+        self.client.disconnect(call)
+        self.assertEqual(self.workers.cancelled, ["slow"])
+        self.client.advance(10)
+        self.assertEqual(ran, [])
+
+    def test_no_worker_pool_is_an_internal_error(self):
+        from pipecomet import process_pipe
+
+        self.app.runtime.workers = None
+        self.app.route("/t", [process_pipe("f")])
+        call = self.client.get("/t")
+        self.assertEqual((call.status, call.json()["error"]["code"]), (500, "internal_error"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
