@@ -529,3 +529,123 @@ class ProcessStageTests(SynchronousTestCase):
         call = self.client.get("/t")
         self.assertEqual((call.status, call.json()["error"]["code"]), (500, "internal_error"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class RunEndTests(SynchronousTestCase):
+    """
+    ``when_done()`` of a run (``route.serve(request)``, as a Klein handler
+    mounting a chain uses it) fires once the run has ended, whether it is
+    asked before the end or after it, for every way a run ends.
+    """
+
+    def setUp(self):
+        self.clock = make_clock()
+        self.app = App(reactor=self.clock)
+        self.client = MemoryClient(self.app)
+        self.runs = []
+
+    def serve(self, pipes, headers=None):
+        """
+        Mount ``pipes`` as a chain served from a plain Klein handler; the
+        handler asks ``when_done()`` at once.  Returns (call, run).
+        """
+        route = self.app.route(f"/chain{len(self.runs)}", pipes)
+        path = f"/k{len(self.runs)}"
+
+        @self.app.klein_route(path)
+        def handler(request):
+            run = route.serve(request)
+            self.runs.append(run)
+            return run.when_done()
+
+        call = self.client.get(path, headers=headers)
+        return call, self.runs[-1]
+
+    def assertEnded(self, run):
+        self.assertIsNone(self.successResultOf(run.when_done()))
+
+    def test_ended_at_once(self):
+        endings = {
+            "result": [Pipe(lambda i, c, r: {"v": 1}, name="a")],
+            "answer": [Pipe(lambda i, c, r: Answer({"early": 1}, status=202), name="a"),
+                       Pipe(lambda i, c, r: "never", name="b")],
+            "skip": [Pipe(lambda i, c, r: SkipRest("s"), name="a"),
+                     Pipe(lambda i, c, r: "never", name="b")],
+            "error": [Pipe(lambda i, c, r: (_ for _ in ()).throw(BadRequest("no")), name="a")],
+        }
+        statuses = {}
+        for kind, pipes in endings.items():
+            call, run = self.serve(pipes)
+            self.assertEnded(run)
+            statuses[kind] = call.status
+        self.assertEqual(statuses, {"result": 200, "answer": 202, "skip": 200, "error": 400})
+
+    def test_ended_later(self):
+        for kind, fire in (("result", lambda d: d.callback({"v": 1})),
+                           ("answer", lambda d: d.callback(Answer({"a": 1}, status=201))),
+                           ("skip", lambda d: d.callback(SkipRest(3))),
+                           ("error", lambda d: d.errback(BadRequest("late")))):
+            d = Deferred()
+            call, run = self.serve([Pipe(lambda i, c, r, d=d: d, name="a"),
+                                    Pipe(lambda i, c, r: {"after": r.last}, name="b")])
+            self.assertNoResult(run.when_done())
+            fire(d)
+            self.client.flush()
+            self.assertEnded(run)
+            self.assertTrue(call.done, kind)
+
+    def test_branches_end_the_run_with_the_last_of_them(self):
+        slow, fast = Deferred(), Deferred()
+        call, run = self.serve([
+            Pipe(lambda i, c, r: "q", name="query"),
+            Parallel([Pipe(lambda i, c, r: fast, name="fast"),
+                      Pipe(lambda i, c, r: slow, name="slow")]),
+            Pipe(lambda i, c, r: "main", name="summary"),
+        ], headers={"accept": "application/x-ndjson"})
+        self.assertNoResult(run.when_done())
+        fast.callback("f")
+        self.client.flush()
+        self.assertNoResult(run.when_done())
+        self.assertEqual([l["name"] for l in call.lines()], ["main", "fast"])
+        slow.errback(BadRequest("slow failed"))
+        self.client.flush()
+        self.assertEnded(run)
+        self.assertTrue(call.done)
+        self.assertEqual([l["name"] for l in call.lines()], ["main", "fast", "slow"])
+        self.assertEqual(call.lines()[-1]["error"]["code"], "bad_request")
+
+    def test_main_error_waits_for_the_branches(self):
+        branch, main = Deferred(), Deferred()
+        call, run = self.serve([
+            Parallel([Pipe(lambda i, c, r: branch, name="b")]),
+            Pipe(lambda i, c, r: main, name="m"),
+        ], headers={"accept": "application/x-ndjson"})
+        main.errback(BadRequest("main failed"))
+        self.client.flush()
+        self.assertNoResult(run.when_done())
+        self.assertEqual([l["name"] for l in call.lines()], ["main"])
+        branch.callback("late but kept")
+        self.client.flush()
+        self.assertEnded(run)
+        self.assertEqual(call.lines()[-1], {"name": "b", "result": "late but kept"})
+
+    def test_an_answer_ends_the_run_and_its_branches(self):
+        branch, main = Deferred(), Deferred()
+        cancelled = []
+        branch = Deferred(cancelled.append)
+        call, run = self.serve([
+            Parallel([Pipe(lambda i, c, r: branch, name="b")]),
+            Pipe(lambda i, c, r: main, name="m"),
+        ])
+        main.callback(Answer({"stop": True}, status=409))
+        self.client.flush()
+        self.assertEnded(run)
+        self.assertEqual((call.status, len(cancelled)), (409, 1))
+
+    def test_a_disconnect_ends_the_run(self):
+        cancelled = []
+        call, run = self.serve([Pipe(lambda i, c, r: Deferred(cancelled.append), name="a")])
+        self.assertNoResult(run.when_done())
+        self.client.disconnect(call)
+        self.assertEnded(run)
+        self.assertEqual(len(cancelled), 1)
