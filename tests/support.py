@@ -34,14 +34,25 @@ def within(d: Any, what: str = "an answer", limit: float = WAIT) -> Any:
     the test that waits rather than the whole suite.
     """
     from twisted.internet import reactor
-    from twisted.internet.defer import TimeoutError as DeferredTimeout
 
-    def named(failure: Any) -> Any:
-        failure.trap(DeferredTimeout)
-        raise AssertionError(f"{what}: nothing within {limit:g}s")
+    expired: list[bool] = []
 
-    d.addTimeout(limit, reactor)
-    return d.addErrback(named)
+    def expire() -> None:
+        expired.append(True)
+        d.cancel()
+
+    timer = reactor.callLater(limit, expire)
+
+    def settled(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if expired:
+            # Whatever the cancel made of it (CancelledError,
+            # ResponseNeverReceived...), the test failed by waiting.
+            raise AssertionError(f"{what}: nothing within {limit:g}s")
+        return result
+
+    return d.addBoth(settled)
 
 
 def fetch(method: str, url: str, what: str | None = None, limit: float = WAIT,
