@@ -649,3 +649,64 @@ class RunEndTests(SynchronousTestCase):
         self.client.disconnect(call)
         self.assertEnded(run)
         self.assertEqual(len(cancelled), 1)
+
+
+class UnexpectedErrorTests(SynchronousTestCase):
+    """
+    An unexpected error, raised or from a Deferred, is logged naming the
+    pipe, the id the client got and the request's id; a CancelledError the
+    client did not cause is such an error, not a silent end.
+    """
+
+    def setUp(self):
+        self.clock = make_clock()
+        self.app = App(reactor=self.clock)
+        self.client = MemoryClient(self.app)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def logged(self, call):
+        error_id = call.json()["error"]["id"]
+        return [(e["where"], e["request_id"]) for e in self.events
+                if e.get("error_id") == error_id]
+
+    def test_raised_and_deferred_errors_name_the_pipe_and_both_ids(self):
+        from twisted.internet.defer import fail
+
+        d = Deferred()
+        self.app.route("/raise", [Pipe(lambda i, c, r: 1, name="ok"),
+                                  Pipe(lambda i, c, r: {}["missing"], name="lookup")])
+        self.app.route("/later", [Pipe(lambda i, c, r: d, name="waiter")])
+        self.app.route("/failed", [Pipe(lambda i, c, r: fail(ValueError("v")), name="at_once")])
+        raised = self.client.get("/raise", headers={"x-request-id": "req-one"})
+        later = self.client.get("/later", headers={"x-request-id": "req-two"})
+        d.errback(ZeroDivisionError())
+        self.client.flush()
+        failed = self.client.get("/failed", headers={"x-request-id": "req-three"})
+        for call, where, rid in ((raised, "pipe 'lookup'", "req-one"),
+                                 (later, "pipe 'waiter'", "req-two"),
+                                 (failed, "pipe 'at_once'", "req-three")):
+            self.assertEqual((call.status, call.json()["error"]["code"]), (500, "internal_error"))
+            self.assertEqual(self.logged(call), [(where, rid)])
+        self.flushLoggedErrors(KeyError, ZeroDivisionError, ValueError)
+
+    def test_a_cancelled_error_not_caused_by_the_client_is_a_500(self):
+        from twisted.internet.defer import CancelledError, fail
+
+        self.app.route("/t", [Pipe(lambda i, c, r: fail(CancelledError()), name="inner")])
+        call = self.client.get("/t", headers={"x-request-id": "req-c"})
+        self.assertTrue(call.done)
+        self.assertEqual(call.status, 500)
+        self.assertEqual(self.logged(call), [("pipe 'inner'", "req-c")])
+        self.flushLoggedErrors(CancelledError)
+
+    def test_a_timeout_is_504_naming_the_pipe(self):
+        self.app.route("/t", [Pipe(lambda i, c, r: Deferred(), name="slowpoke", timeout=2.0)])
+        call = self.client.get("/t")
+        self.client.advance(1.9)
+        self.assertFalse(call.done)
+        self.client.advance(0.1)
+        err = call.json()["error"]
+        self.assertEqual((call.status, err["code"], err["message"]),
+                         (504, "timeout", "pipe 'slowpoke' timed out"))
