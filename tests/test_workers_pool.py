@@ -770,3 +770,46 @@ class PoolBookkeepingTests(SynchronousTestCase):
         self.assertEqual((s["failed"], s["workers"][0]["failed"]),
                          ({"closing": 1, "crash": 2}, {"crash": 2}))
         self.assertEqual((s["restarts"], s["state"], len(self.reactor.spawned)), (0, "stopped", 1))
+
+    def test_a_requeued_call_can_be_cancelled(self) -> None:
+        pool = self.pool(size=1, max_in_flight=3, crash_loop_crashes=10, restart_backoff=1.0)
+        w = self.worker(0)
+        w.hello()
+        running, kept, dropped = pool.call("slow", 1), pool.call("echo", 2), pool.call("echo", 3)
+        w.running(w.calls()[0][0])
+        w.dies(ProcessTerminated(exitCode=1))
+        self.failureResultOf(running, WorkerCrashed)
+        self.assertEqual(pool.status()["queued"], 2)
+        dropped.cancel()
+        self.failureResultOf(dropped, CancelledError)
+        self.assertEqual(pool.status()["queued"], 1)
+        self.reactor.advance(1.0)
+        fresh = self.worker(1)
+        fresh.hello()
+        [(call_id, _, value)] = fresh.calls()
+        fresh.send(KIND_RESULT, call_id, value)
+        self.assertEqual(self.successResultOf(kept), 2)
+        self.assertEqual(pool.status()["failed"], {"crash": 1, "cancelled": 1})
+
+    def test_calls_behind_a_timed_out_call_fail_when_the_pool_is_stopping(self) -> None:
+        """
+        A worker killed for a timeout just before the pool stops: the calls
+        it had not started are not requeued but turned away.
+        """
+        pool = self.pool(size=1, max_in_flight=2, shutdown_timeout=5.0)
+        w = self.worker(0)
+        w.hello()
+        stuck, behind = pool.call("slow", 1, timeout=2.0), pool.call("echo", 2)
+        w.running(w.calls()[0][0])
+        self.reactor.advance(2.0)
+        self.failureResultOf(stuck, WorkerTimeout)
+        stopped = pool.stopService()
+        self.assertNoResult(behind)
+        w.dies(ProcessTerminated(signal=9))
+        err = self.failureResultOf(behind, WorkersUnavailable).value
+        self.assertEqual((err.code, err.message),
+                         ("pool_closing", "the worker pool is shutting down"))
+        self.assertIsNone(self.successResultOf(stopped))
+        s = pool.status()
+        self.assertEqual((s["failed"], s["queued"], s["restarts"], len(self.reactor.spawned)),
+                         ({"timeout": 1, "closing": 1}, 0, 0, 1))
