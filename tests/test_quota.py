@@ -791,3 +791,26 @@ class AnswerTests(SynchronousTestCase):
         s = pool.category_status("slowcat")
         self.assertEqual((s["zombies"], s["zombies_returned"], s["failed"], s["completed"]),
                          (0, 2, 0, 0))
+
+    def test_a_thread_freed_inside_a_wake_pass_is_not_lost(self) -> None:
+        """
+        A job's caller, answered while the pool hands out threads, frees a
+        thread of a category the pass has already looked at: the pass goes
+        round again and that category's waiting job starts.
+        """
+        pool, tp, clock = make_pool(2, a={"limit": 1, "priority": 1}, b={})
+        out = Outcomes()
+        out.watch("a0", pool.run("a", lambda: "a0"))
+        out.watch("a1", pool.run("a", lambda: "a1"))  # waits: a's limit
+        out.watch("b0", pool.run("b", lambda: "b0"))
+        b1 = out.watch("b1", pool.run("b", lambda: "b1"))  # waits: no thread
+        self.assertEqual((pool.category_status("a")["queued"],
+                          pool.category_status("b")["queued"]), (1, 1))
+        # From now on a job returns the moment it starts; b1's caller then
+        # lets a0 return (a's thread freed while the pass is at b).
+        b1.addCallback(lambda _: tp.finish(0))
+        tp.immediate = True
+        tp.finish(1)  # b0 returns: the pass starts b1, which returns at once
+        self.assertEqual([out.one(k) for k in ("a0", "a1", "b0", "b1")],
+                         ["a0", "a1", "b0", "b1"])
+        self.assertEqual((pool.busy, tp.running), (0, []))
