@@ -792,6 +792,8 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual((s["zombies"], s["zombies_returned"], s["failed"], s["completed"]),
                          (0, 2, 0, 0))
 
+
+class WakeTests(SynchronousTestCase):
     def test_a_thread_freed_inside_a_wake_pass_is_not_lost(self) -> None:
         """
         A job's caller, answered while the pool hands out threads, frees a
