@@ -650,6 +650,40 @@ class RunEndTests(SynchronousTestCase):
         self.assertEnded(run)
         self.assertEqual(len(cancelled), 1)
 
+    def stream_run(self, ask_at_once):
+        from pipecomet import Config
+        from pipecomet._events import Condition
+
+        route = self.app.route("/comet/<topic>", [
+            Condition(lambda i, c, r: [i.path_params["topic"]], mode="many")],
+            responders=("sse",))
+        self.app.configure(Config.from_dict({"comet": {"publish_token": "t"}}))
+        client = MemoryClient(self.app)
+
+        @self.app.klein_route("/k")
+        def handler(request):
+            run = route.serve(request, {"topic": "news"})
+            self.runs.append(run)
+            return run.when_done() if ask_at_once else Deferred()
+
+        call = client.get("/k?timeout=1.0", headers={"accept": "text/event-stream"})
+        return client, call, self.runs[-1]
+
+    def test_a_stream_ends_the_run_when_it_ends(self):
+        client, call, run = self.stream_run(ask_at_once=True)
+        client.advance(0.9)
+        self.assertNoResult(run.when_done())
+        client.advance(0.2)
+        self.assertTrue(call.done)
+        self.assertEqual(call.events()[-1]["event"], "reconnect")
+        self.assertEnded(run)
+
+    def test_a_stream_nobody_followed_is_over_when_asked_after(self):
+        client, call, run = self.stream_run(ask_at_once=False)
+        client.advance(1.1)
+        self.assertTrue(call.done)
+        self.assertEnded(run)
+
 
 class UnexpectedErrorTests(SynchronousTestCase):
     """
@@ -710,3 +744,4 @@ class UnexpectedErrorTests(SynchronousTestCase):
         err = call.json()["error"]
         self.assertEqual((call.status, err["code"], err["message"]),
                          (504, "timeout", "pipe 'slowpoke' timed out"))
+
