@@ -313,12 +313,12 @@ class BalancerFigureTests(SynchronousTestCase):
         b = exact(2, clock, failures=1, ejection_base=3.0)
         s = b.active[0]
         b.record_failure(s)
-        clock.advance(1.25)
+        clock.advance(1.2344)
         self.assertEqual(b.status(), {
             "endpoints": [
                 {"id": "10.0.0.1:1000", "address": "10.0.0.1:1000", "outstanding": 0,
                  "latency_ewma_ms": 1000.0, "calls": 0, "errors": 1,
-                 "consecutive_failures": 1, "ejected": True, "ejected_for": 1.75,
+                 "consecutive_failures": 1, "ejected": True, "ejected_for": 1.766,
                  "ejections": 1, "draining": False},
                 {"id": "10.0.0.1:1001", "address": "10.0.0.1:1001", "outstanding": 0,
                  "latency_ewma_ms": 0.0, "calls": 0, "errors": 0,
@@ -326,7 +326,7 @@ class BalancerFigureTests(SynchronousTestCase):
                  "ejections": 0, "draining": False}],
             "draining": [], "ejected": 1, "panic": False, "panics": 0,
             "ejections_refused": 0})
-        clock.advance(1.75)
+        clock.advance(1.7656)
         status = b.status()  # the ejection is over: the status says so
         self.assertEqual((status["ejected"], status["endpoints"][0]["ejected"],
                           status["endpoints"][0]["ejected_for"]), (0, False, 0))

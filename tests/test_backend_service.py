@@ -440,6 +440,16 @@ class EndpointPoolTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(backends.pending(), 1)
 
+    def test_a_connection_max_lifetime_old_when_its_call_ends_is_closed(self) -> None:
+        app, client, backends = gateway(pool={"max_lifetime": 10.0}, timeout=20.0)
+        c = client.get("/u/1")
+        proto, transport = backends.accept()
+        client.advance(10.0)
+        proto.dataReceived(OK)
+        client.flush()
+        self.assertEqual((c.status, transport.disconnecting), (200, True))
+        self.assertEqual(self.pool_status(app)["idle"], 0)
+
     def test_a_kept_connection_the_backend_closes_is_forgotten(self) -> None:
         from twisted.internet.error import ConnectionDone
 
