@@ -164,8 +164,10 @@ class RetryBudgetTests(SynchronousTestCase):
 
 
 class Model(SynchronousTestCase):
+    # differing_executors: a trial TestCase method, seen on more than one
+    # instance when a runner (mutmut) collects the test twice; harmless.
     @settings(max_examples=150, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
     @given(
         n=st.integers(min_value=1, max_value=8),
         failures=st.integers(min_value=1, max_value=4),
