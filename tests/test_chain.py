@@ -745,3 +745,16 @@ class UnexpectedErrorTests(SynchronousTestCase):
         self.assertEqual((call.status, err["code"], err["message"]),
                          (504, "timeout", "pipe 'slowpoke' timed out"))
 
+
+
+class SkipContextTests(SynchronousTestCase):
+    def test_skip_if_sees_the_context(self):
+        app = App(reactor=make_clock())
+        client = MemoryClient(app)
+        app.route("/t", [
+            Pipe(lambda i, c, r: "kept", name="a"),
+            Pipe(lambda i, c, r: "skipped?", name="b",
+                 skip_if=lambda r, c: c.request_id == "skip-b"),
+        ])
+        self.assertEqual(client.get("/t", headers={"x-request-id": "skip-b"}).json(), "kept")
+        self.assertEqual(client.get("/t", headers={"x-request-id": "other"}).json(), "skipped?")
