@@ -22,6 +22,57 @@ ROOT = Path(__file__).resolve().parent.parent
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+#: Seconds a wait on a real socket may take before it fails its test (a
+#: bound for a broken build, never a speed target).
+WAIT = 30.0
+
+
+def within(d: Any, what: str = "an answer", limit: float = WAIT) -> Any:
+    """
+    ``d`` (a Deferred) bounded: past ``limit`` seconds it is cancelled and
+    fails with an :class:`AssertionError` naming ``what``, so a hang fails
+    the test that waits rather than the whole suite.
+    """
+    from twisted.internet import reactor
+
+    expired: list[bool] = []
+
+    def expire() -> None:
+        expired.append(True)
+        d.cancel()
+
+    timer = reactor.callLater(limit, expire)
+
+    def settled(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if expired:
+            # Whatever the cancel made of it (CancelledError,
+            # ResponseNeverReceived...), the test failed by waiting.
+            raise AssertionError(f"{what}: nothing within {limit:g}s")
+        return result
+
+    return d.addBoth(settled)
+
+
+def fetch(method: str, url: str, what: str | None = None, limit: float = WAIT,
+          **kw: Any) -> Any:
+    """
+    A treq request and its whole body, both within ``limit`` seconds:
+    a Deferred of ``(response, body)``.
+    """
+    import treq
+    from twisted.internet.defer import inlineCallbacks
+
+    @inlineCallbacks
+    def go() -> Any:
+        response = yield treq.request(method, url, **kw)
+        body = yield treq.content(response)
+        return response, body
+
+    return within(go(), what or f"{method} {url}", limit)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

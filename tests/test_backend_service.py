@@ -400,3 +400,98 @@ class StreamingTests(SynchronousTestCase):
         pool = self.svc.balancer.active[0].pool
         self.assertEqual((pool.busy, len(pool.idle)), (0, 0))
 
+
+
+class EndpointPoolTests(SynchronousTestCase):
+    """
+    The connections of one endpoint, as the gateway's calls see them:
+    the queue's timer, lifetimes at their edge, a kept connection the
+    backend closes, a connection handed from call to call.
+    """
+
+    def pool_status(self, app: Any) -> dict[str, Any]:
+        return app.runtime.backends.get("users").status()["endpoints"][0]["pool"]
+
+    def test_queue_timeout_message_and_figures(self) -> None:
+        app, client, backends = gateway(pool={"max_connections": 1, "queue": 5,
+                                              "queue_timeout": 0.25}, timeout=5.0)
+        client.get("/u/1")
+        backends.accept()
+        waiting = client.get("/u/2")
+        self.assertEqual(self.pool_status(app)["waiting"], 1)
+        client.advance(0.249)
+        self.assertFalse(waiting.done)
+        client.advance(0.001)
+        body = error(self, waiting, 503, "backend_queue_timeout")
+        self.assertEqual(body["message"],
+                         "backend service 'users': no connection free within 0.25s")
+        s = self.pool_status(app)
+        self.assertEqual((s["waiting"], s["queue_timeouts"], s["busy"]), (0, 1, 1))
+
+    def test_a_waiter_that_leaves_takes_its_timer(self) -> None:
+        app, client, backends = gateway(pool={"max_connections": 1, "queue_timeout": 0.5},
+                                        timeout=5.0)
+        client.get("/u/1")
+        backends.accept()
+        before = len(backends.reactor.getDelayedCalls())
+        waiting = client.get("/u/2")
+        self.assertEqual(len(backends.reactor.getDelayedCalls()), before + 2)  # deadline, queue
+        client.disconnect(waiting)
+        self.assertEqual(len(backends.reactor.getDelayedCalls()), before)
+        client.advance(1.0)
+        self.assertEqual(self.pool_status(app)["queue_timeouts"], 0)
+
+    def test_a_connection_exactly_max_lifetime_old_is_not_kept(self) -> None:
+        app, client, backends = gateway(pool={"max_lifetime": 10.0}, timeout=20.0)
+        c = client.get("/u/1")
+        proto, transport = backends.accept()
+        client.advance(9.999)
+        proto.dataReceived(OK)
+        client.flush()
+        self.assertEqual((c.status, transport.disconnecting), (200, False))
+        client.advance(0.001)
+        c = client.get("/u/2")  # the idle one is 10 s old now: a new connection
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(backends.pending(), 1)
+
+    def test_a_connection_max_lifetime_old_when_its_call_ends_is_closed(self) -> None:
+        app, client, backends = gateway(pool={"max_lifetime": 10.0}, timeout=20.0)
+        c = client.get("/u/1")
+        proto, transport = backends.accept()
+        client.advance(10.0)
+        proto.dataReceived(OK)
+        client.flush()
+        self.assertEqual((c.status, transport.disconnecting), (200, True))
+        self.assertEqual(self.pool_status(app)["idle"], 0)
+
+    def test_a_kept_connection_the_backend_closes_is_forgotten(self) -> None:
+        from twisted.internet.error import ConnectionDone
+
+        app, client, backends = gateway()
+        c = client.get("/u/1")
+        proto, transport = backends.accept()
+        proto.dataReceived(OK)
+        client.flush()
+        self.assertEqual((c.status, self.pool_status(app)["idle"]), (200, 1))
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.pool_status(app)["idle"], 0)
+        c = client.get("/u/2")
+        self.assertEqual(backends.pending(), 1)
+        proto2, transport2 = backends.accept()
+        self.assertIn(b"GET /users/2 ", transport2.value())
+
+    def test_waiters_beyond_the_cap_are_served_in_order(self) -> None:
+        app, client, backends = gateway(pool={"max_connections": 1, "queue": 3}, timeout=30.0)
+        calls = [client.get(f"/u/{n}") for n in range(1, 5)]
+        # The first waits for the connection being made, three more in the queue.
+        self.assertEqual(self.pool_status(app)["waiting"], 4)
+        error(self, client.get("/u/5"), 503, "backend_busy")
+        proto, transport = backends.accept()
+        for n, c in enumerate(calls, 1):
+            self.assertIn(b"GET /users/%d " % n, transport.value())
+            transport.clear()
+            proto.dataReceived(OK)
+            client.flush()
+            self.assertEqual(c.status, 200)
+        s = self.pool_status(app)
+        self.assertEqual((s["connects"], s["waiting"], s["busy"], s["idle"]), (1, 0, 0, 1))

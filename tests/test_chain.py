@@ -422,3 +422,339 @@ class ParallelTests(SynchronousTestCase):
         call = self.client.get("/p", headers={"accept": "application/x-ndjson"})
         self.assertEqual({l["name"]: l["result"] for l in call.lines()},
                          {"main": {"main": "q"}, "sub": 2})
+
+
+class StandInWorkers:
+    """
+    ``runtime.workers`` for a unit test: each call waits on a Deferred the
+    test fires (the real pool is tested in test_workers_pool and, with
+    real processes, in test_it_workers).
+    """
+
+    def __init__(self):
+        self.calls = []
+        self.cancelled = []
+
+    def call(self, function, payload=None, timeout=None):
+        d = Deferred(lambda d: self.cancelled.append(function))
+        self.calls.append((function, payload, timeout, d))
+        return d
+
+
+class ProcessStageTests(SynchronousTestCase):
+    """
+    Process pipes in a chain: the payload is computed on the reactor, the
+    worker's value is the pipe's result, a worker error is the pipe's
+    error, and a disconnect cancels the call.
+    """
+
+    def setUp(self):
+        self.clock = make_clock()
+        self.app = App(reactor=self.clock)
+        self.client = MemoryClient(self.app)
+        self.workers = StandInWorkers()
+        self.app.runtime.workers = self.workers
+
+    def test_result_feeds_the_next_pipe(self):
+        from pipecomet import process_pipe
+
+        self.app.route("/t", [
+            Pipe(lambda i, c, r: 20, name="n"),
+            process_pipe("double", lambda i, c, r: {"n": r["n"]}, timeout=3.0),
+            Pipe(lambda i, c, r: {"doubled": r["double"], "last": r.last}, name="out"),
+        ])
+        call = self.client.get("/t")
+        [(function, payload, timeout, d)] = self.workers.calls
+        self.assertEqual((function, payload, timeout), ("double", {"n": 20}, 3.0))
+        self.assertFalse(call.started)
+        d.callback(40)
+        self.client.flush()
+        self.assertEqual((call.status, call.json()), (200, {"doubled": 40, "last": 40}))
+
+    def test_two_process_pipes_in_a_row(self):
+        from pipecomet import process_pipe
+
+        self.app.route("/t", [
+            Pipe(lambda i, c, r: 1, name="one"),
+            process_pipe("inc", name="first"),
+            process_pipe("inc", name="second"),
+        ])
+        call = self.client.get("/t")
+        self.assertEqual([c[1] for c in self.workers.calls], [1])
+        self.workers.calls[0][3].callback(2)
+        self.client.flush()
+        self.assertEqual([c[1] for c in self.workers.calls], [1, 2])
+        self.workers.calls[1][3].callback(3)
+        self.client.flush()
+        self.assertEqual(call.json(), 3)
+
+    def test_skipped_process_pipe_calls_no_worker(self):
+        from pipecomet import process_pipe
+
+        self.app.route("/t", [
+            Pipe(lambda i, c, r: "x", name="a"),
+            process_pipe("never", skip_if=lambda r, c: True),
+            Pipe(lambda i, c, r: r.last + "y", name="b"),
+        ])
+        call = self.client.get("/t")
+        self.assertEqual((self.workers.calls, call.json()), ([], "xy"))
+
+    def test_worker_error_is_the_pipes_error(self):
+        from pipecomet import process_pipe
+
+        self.app.route("/t", [process_pipe("boom"), Pipe(lambda i, c, r: "never", name="b")])
+        call = self.client.get("/t")
+        self.workers.calls[0][3].errback(BadRequest("bad payload", code="bad_payload"))
+        self.client.flush()
+        self.assertEqual(call.status, 400)
+        self.assertEqual(call.json()["error"]["code"], "bad_payload")
+
+    def test_disconnect_cancels_the_worker_call(self):
+        from pipecomet import process_pipe
+
+        ran = []
+        self.app.route("/t", [process_pipe("slow"), Pipe(lambda i, c, r: ran.append(1), name="b")])
+        call = self.client.get("/t")
+        self.assertEqual(self.workers.cancelled, [])
+        self.client.disconnect(call)
+        self.assertEqual(self.workers.cancelled, ["slow"])
+        self.client.advance(10)
+        self.assertEqual(ran, [])
+
+    def test_no_worker_pool_is_an_internal_error(self):
+        from pipecomet import process_pipe
+
+        self.app.runtime.workers = None
+        self.app.route("/t", [process_pipe("f")])
+        call = self.client.get("/t")
+        self.assertEqual((call.status, call.json()["error"]["code"]), (500, "internal_error"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class RunEndTests(SynchronousTestCase):
+    """
+    ``when_done()`` of a run (``route.serve(request)``, as a Klein handler
+    mounting a chain uses it) fires once the run has ended, whether it is
+    asked before the end or after it, for every way a run ends.
+    """
+
+    def setUp(self):
+        self.clock = make_clock()
+        self.app = App(reactor=self.clock)
+        self.client = MemoryClient(self.app)
+        self.runs = []
+
+    def serve(self, pipes, headers=None):
+        """
+        Mount ``pipes`` as a chain served from a plain Klein handler; the
+        handler asks ``when_done()`` at once.  Returns (call, run).
+        """
+        route = self.app.route(f"/chain{len(self.runs)}", pipes)
+        path = f"/k{len(self.runs)}"
+
+        @self.app.klein_route(path)
+        def handler(request):
+            run = route.serve(request)
+            self.runs.append(run)
+            return run.when_done()
+
+        call = self.client.get(path, headers=headers)
+        return call, self.runs[-1]
+
+    def assertEnded(self, run):
+        self.assertIsNone(self.successResultOf(run.when_done()))
+
+    def test_ended_at_once(self):
+        endings = {
+            "result": [Pipe(lambda i, c, r: {"v": 1}, name="a")],
+            "answer": [Pipe(lambda i, c, r: Answer({"early": 1}, status=202), name="a"),
+                       Pipe(lambda i, c, r: "never", name="b")],
+            "skip": [Pipe(lambda i, c, r: SkipRest("s"), name="a"),
+                     Pipe(lambda i, c, r: "never", name="b")],
+            "error": [Pipe(lambda i, c, r: (_ for _ in ()).throw(BadRequest("no")), name="a")],
+        }
+        statuses = {}
+        for kind, pipes in endings.items():
+            call, run = self.serve(pipes)
+            self.assertEnded(run)
+            statuses[kind] = call.status
+        self.assertEqual(statuses, {"result": 200, "answer": 202, "skip": 200, "error": 400})
+
+    def test_ended_later(self):
+        for kind, fire in (("result", lambda d: d.callback({"v": 1})),
+                           ("answer", lambda d: d.callback(Answer({"a": 1}, status=201))),
+                           ("skip", lambda d: d.callback(SkipRest(3))),
+                           ("error", lambda d: d.errback(BadRequest("late")))):
+            d = Deferred()
+            call, run = self.serve([Pipe(lambda i, c, r, d=d: d, name="a"),
+                                    Pipe(lambda i, c, r: {"after": r.last}, name="b")])
+            self.assertNoResult(run.when_done())
+            fire(d)
+            self.client.flush()
+            self.assertEnded(run)
+            self.assertTrue(call.done, kind)
+
+    def test_branches_end_the_run_with_the_last_of_them(self):
+        slow, fast = Deferred(), Deferred()
+        call, run = self.serve([
+            Pipe(lambda i, c, r: "q", name="query"),
+            Parallel([Pipe(lambda i, c, r: fast, name="fast"),
+                      Pipe(lambda i, c, r: slow, name="slow")]),
+            Pipe(lambda i, c, r: "main", name="summary"),
+        ], headers={"accept": "application/x-ndjson"})
+        self.assertNoResult(run.when_done())
+        fast.callback("f")
+        self.client.flush()
+        self.assertNoResult(run.when_done())
+        self.assertEqual([l["name"] for l in call.lines()], ["main", "fast"])
+        slow.errback(BadRequest("slow failed"))
+        self.client.flush()
+        self.assertEnded(run)
+        self.assertTrue(call.done)
+        self.assertEqual([l["name"] for l in call.lines()], ["main", "fast", "slow"])
+        self.assertEqual(call.lines()[-1]["error"]["code"], "bad_request")
+
+    def test_main_error_waits_for_the_branches(self):
+        branch, main = Deferred(), Deferred()
+        call, run = self.serve([
+            Parallel([Pipe(lambda i, c, r: branch, name="b")]),
+            Pipe(lambda i, c, r: main, name="m"),
+        ], headers={"accept": "application/x-ndjson"})
+        main.errback(BadRequest("main failed"))
+        self.client.flush()
+        self.assertNoResult(run.when_done())
+        self.assertEqual([l["name"] for l in call.lines()], ["main"])
+        branch.callback("late but kept")
+        self.client.flush()
+        self.assertEnded(run)
+        self.assertEqual(call.lines()[-1], {"name": "b", "result": "late but kept"})
+
+    def test_an_answer_ends_the_run_and_its_branches(self):
+        branch, main = Deferred(), Deferred()
+        cancelled = []
+        branch = Deferred(cancelled.append)
+        call, run = self.serve([
+            Parallel([Pipe(lambda i, c, r: branch, name="b")]),
+            Pipe(lambda i, c, r: main, name="m"),
+        ])
+        main.callback(Answer({"stop": True}, status=409))
+        self.client.flush()
+        self.assertEnded(run)
+        self.assertEqual((call.status, len(cancelled)), (409, 1))
+
+    def test_a_disconnect_ends_the_run(self):
+        cancelled = []
+        call, run = self.serve([Pipe(lambda i, c, r: Deferred(cancelled.append), name="a")])
+        self.assertNoResult(run.when_done())
+        self.client.disconnect(call)
+        self.assertEnded(run)
+        self.assertEqual(len(cancelled), 1)
+
+    def stream_run(self, ask_at_once):
+        from pipecomet import Config
+        from pipecomet._events import Condition
+
+        route = self.app.route("/comet/<topic>", [
+            Condition(lambda i, c, r: [i.path_params["topic"]], mode="many")],
+            responders=("sse",))
+        self.app.configure(Config.from_dict({"comet": {"publish_token": "t"}}))
+        client = MemoryClient(self.app)
+
+        @self.app.klein_route("/k")
+        def handler(request):
+            run = route.serve(request, {"topic": "news"})
+            self.runs.append(run)
+            return run.when_done() if ask_at_once else Deferred()
+
+        call = client.get("/k?timeout=1.0", headers={"accept": "text/event-stream"})
+        return client, call, self.runs[-1]
+
+    def test_a_stream_ends_the_run_when_it_ends(self):
+        client, call, run = self.stream_run(ask_at_once=True)
+        client.advance(0.9)
+        self.assertNoResult(run.when_done())
+        client.advance(0.2)
+        self.assertTrue(call.done)
+        self.assertEqual(call.events()[-1]["event"], "reconnect")
+        self.assertEnded(run)
+
+    def test_a_stream_nobody_followed_is_over_when_asked_after(self):
+        client, call, run = self.stream_run(ask_at_once=False)
+        client.advance(1.1)
+        self.assertTrue(call.done)
+        self.assertEnded(run)
+
+
+class UnexpectedErrorTests(SynchronousTestCase):
+    """
+    An unexpected error, raised or from a Deferred, is logged naming the
+    pipe, the id the client got and the request's id; a CancelledError the
+    client did not cause is such an error, not a silent end.
+    """
+
+    def setUp(self):
+        self.clock = make_clock()
+        self.app = App(reactor=self.clock)
+        self.client = MemoryClient(self.app)
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def logged(self, call):
+        error_id = call.json()["error"]["id"]
+        return [(e["where"], e["request_id"]) for e in self.events
+                if e.get("error_id") == error_id]
+
+    def test_raised_and_deferred_errors_name_the_pipe_and_both_ids(self):
+        from twisted.internet.defer import fail
+
+        d = Deferred()
+        self.app.route("/raise", [Pipe(lambda i, c, r: 1, name="ok"),
+                                  Pipe(lambda i, c, r: {}["missing"], name="lookup")])
+        self.app.route("/later", [Pipe(lambda i, c, r: d, name="waiter")])
+        self.app.route("/failed", [Pipe(lambda i, c, r: fail(ValueError("v")), name="at_once")])
+        raised = self.client.get("/raise", headers={"x-request-id": "req-one"})
+        later = self.client.get("/later", headers={"x-request-id": "req-two"})
+        d.errback(ZeroDivisionError())
+        self.client.flush()
+        failed = self.client.get("/failed", headers={"x-request-id": "req-three"})
+        for call, where, rid in ((raised, "pipe 'lookup'", "req-one"),
+                                 (later, "pipe 'waiter'", "req-two"),
+                                 (failed, "pipe 'at_once'", "req-three")):
+            self.assertEqual((call.status, call.json()["error"]["code"]), (500, "internal_error"))
+            self.assertEqual(self.logged(call), [(where, rid)])
+        self.flushLoggedErrors(KeyError, ZeroDivisionError, ValueError)
+
+    def test_a_cancelled_error_not_caused_by_the_client_is_a_500(self):
+        from twisted.internet.defer import CancelledError, fail
+
+        self.app.route("/t", [Pipe(lambda i, c, r: fail(CancelledError()), name="inner")])
+        call = self.client.get("/t", headers={"x-request-id": "req-c"})
+        self.assertTrue(call.done)
+        self.assertEqual(call.status, 500)
+        self.assertEqual(self.logged(call), [("pipe 'inner'", "req-c")])
+        self.flushLoggedErrors(CancelledError)
+
+    def test_a_timeout_is_504_naming_the_pipe(self):
+        self.app.route("/t", [Pipe(lambda i, c, r: Deferred(), name="slowpoke", timeout=2.0)])
+        call = self.client.get("/t")
+        self.client.advance(1.9)
+        self.assertFalse(call.done)
+        self.client.advance(0.1)
+        err = call.json()["error"]
+        self.assertEqual((call.status, err["code"], err["message"]),
+                         (504, "timeout", "pipe 'slowpoke' timed out"))
+
+
+
+class SkipContextTests(SynchronousTestCase):
+    def test_skip_if_sees_the_context(self):
+        app = App(reactor=make_clock())
+        client = MemoryClient(app)
+        app.route("/t", [
+            Pipe(lambda i, c, r: "kept", name="a"),
+            Pipe(lambda i, c, r: "skipped?", name="b",
+                 skip_if=lambda r, c: c.request_id == "skip-b"),
+        ])
+        self.assertEqual(client.get("/t", headers={"x-request-id": "skip-b"}).json(), "kept")
+        self.assertEqual(client.get("/t", headers={"x-request-id": "other"}).json(), "skipped?")

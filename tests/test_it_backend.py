@@ -25,6 +25,8 @@ from pipecomet import App, Config, Pipe, call, proxy
 from pipecomet._backend import Endpoint, StaticDiscovery
 from pipecomet._twcompat import transport_pending
 
+from .support import within
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -185,19 +187,20 @@ class Gateway:
         await self.pool.closeCachedConnections()
 
     def get(self, path: str, **kw: Any) -> Any:
-        return treq.get(self.base + path, pool=self.pool, **kw).addTimeout(30, reactor)
+        return within(treq.get(self.base + path, pool=self.pool, **kw), f"GET {path}")
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
-        return treq.request(method, self.base + path, pool=self.pool, **kw).addTimeout(30, reactor)
+        return within(treq.request(method, self.base + path, pool=self.pool, **kw),
+                      f"{method} {path}")
 
     def status(self) -> dict[str, Any]:
         return self.service.status()
 
 
 async def error_of(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.code == status, (response.code, await response.text())
+    assert response.code == status, (response.code, await within(response.text()))
     assert response.headers.getRawHeaders("content-type") == ["application/json"]
-    body = await response.json()
+    body = await within(response.json())
     assert set(body["error"]) >= {"code", "message", "id"}, body
     assert body["error"]["code"] == code, body
     assert body["error"]["service"] == "svc"
@@ -225,7 +228,7 @@ async def test_calls_reach_the_backend_with_the_deadline_and_keep_connections() 
         for i in range(3):
             r = await gw.get(f"/call/{i}?x=1&y=2")
             assert r.code == 200
-            body = await r.json()
+            body = await within(r.json())
             assert body["uri"] == f"/users/{i}?x=1"
             assert 0 < int(body["deadline"]) <= 4000
             # The request id the client got goes to the backend, with a
@@ -240,7 +243,7 @@ async def test_calls_reach_the_backend_with_the_deadline_and_keep_connections() 
         assert (pool["connects"], pool["idle"]) == (1, 1)  # one kept-alive connection
         r = await gw.get("/one/status/404")
         assert r.code == 200  # a backend's own 4xx reaches the pipe
-        assert (await r.json())["status"] == 404
+        assert (await within(r.json()))["status"] == 404
     finally:
         await gw.stop()
         await port.stopListening()
@@ -254,9 +257,9 @@ async def test_call_pipe_passes_a_backend_error_status_through() -> None:
     try:
         r = await gw.get("/status/404")
         assert r.code == 404  # the backend's own answer, not an error of ours
-        assert (await r.json())["uri"] == "/status/404"
+        assert (await within(r.json()))["uri"] == "/status/404"
         r = await gw.get("/call/a%20b")
-        assert (await r.json())["uri"] == "/users/a%2520b"  # the path value, percent-encoded
+        assert (await within(r.json()))["uri"] == "/users/a%2520b"  # the path value, percent-encoded
     finally:
         await gw.stop()
         await port.stopListening()
@@ -307,8 +310,8 @@ async def test_a_kept_connection_closed_by_the_backend_is_retried_once_on_a_fres
     try:
         for _ in range(3):
             r = await gw.get("/one/x")
-            assert r.code == 200, await r.text()
-            assert (await r.json())["body"] == {"ok": True}
+            assert r.code == 200, await within(r.text())
+            assert (await within(r.json()))["body"] == {"ok": True}
         status = gw.status()
         assert status["safe_retries"] == 2
         assert status["retries"] == 0  # the safe retry spends no budget
@@ -513,10 +516,10 @@ async def test_removed_endpoint_gets_no_new_calls_and_drains() -> None:
         assert [e["address"] for e in status["draining"]] == [endpoint_of(pa).address]
         for _ in range(4):
             r = await gw.get("/one/x")
-            assert (await r.json())["body"]["backend"] == "b"
+            assert (await within(r.json()))["body"]["backend"] == "b"
         a.release()
         r = await held
-        assert (await r.json())["body"] == {"backend": "a", "held": True}
+        assert (await within(r.json()))["body"] == {"backend": "a", "held": True}
         await until(lambda: gw.status()["draining"] == [], "drained endpoint dropped")
     finally:
         a.release()
@@ -538,7 +541,7 @@ async def test_proxy_forwards_the_request_and_streams_the_answer() -> None:
                                       "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
         assert r.code == 200
         assert r.headers.getRawHeaders("x-backend") == ["b"]
-        body = await r.json()
+        body = await within(r.json())
         assert (body["method"], body["uri"], body["body"]) == ("POST", "/users/7?a=1&b=2", "hello")
         headers = body["headers"]
         assert headers["x-custom"] == ["yes"]
@@ -556,7 +559,7 @@ async def test_proxy_forwards_the_request_and_streams_the_answer() -> None:
         assert r.code == 418
         r = await gw.request("GET", "/proxy/big?n=3000000")
         assert r.code == 200
-        assert len(await r.content()) == 3_000_000
+        assert len(await within(r.content())) == 3_000_000
         r = await gw.request("HEAD", "/proxy/users/1")
         assert r.code == 200
     finally:
@@ -813,32 +816,32 @@ async def test_demo_gateway_calls_its_own_backends() -> None:
     try:
         served = set()
         for _ in range(12):
-            r = await treq.get(base + "/api/user.get?app_key=demo-key&id=3", pool=pool)
+            r = await within(treq.get(base + "/api/user.get?app_key=demo-key&id=3", pool=pool))
             assert r.code == 200
-            body = await r.json()
+            body = await within(r.json())
             assert body["data"] == {"id": 3, "name": "dev", "email": "dev3@example.com"}
             served.add(body["served_by"])
         assert len(served) >= 2  # balanced over the instances
-        r = await treq.get(base + "/api/user.get?app_key=demo-key&id=x", pool=pool)
+        r = await within(treq.get(base + "/api/user.get?app_key=demo-key&id=x", pool=pool))
         assert r.code == 400
-        r = await treq.get(base + "/api/profile.get?app_key=demo-key&id=4", pool=pool,
-                           headers={"accept": "application/x-ndjson"})
+        r = await within(treq.get(base + "/api/profile.get?app_key=demo-key&id=4", pool=pool,
+                                  headers={"accept": "application/x-ndjson"}))
         assert r.headers.getRawHeaders("content-type") == ["application/x-ndjson"]
-        lines = [json.loads(x) for x in (await r.content()).splitlines()]
+        lines = [json.loads(x) for x in (await within(r.content())).splitlines()]
         names = {x["name"] for x in lines}
         assert names == {"main", "user", "orders"}
         by = {x["name"]: x.get("result") for x in lines}
         assert by["user"]["data"]["id"] == 4
         assert by["orders"]["data"][0]["user"] == 4
-        r = await treq.get(base + "/backend/users/users/5?x=1", pool=pool)
+        r = await within(treq.get(base + "/backend/users/users/5?x=1", pool=pool))
         assert r.code == 200
-        assert (await r.json())["data"]["id"] == 5
-        r = await treq.post(base + "/backend/users/anything?y=2", data=b"abc", pool=pool)
-        echo = await r.json()
+        assert (await within(r.json()))["data"]["id"] == 5
+        r = await within(treq.post(base + "/backend/users/anything?y=2", data=b"abc", pool=pool))
+        echo = await within(r.json())
         assert (echo["method"], echo["uri"], echo["body"]) == ("POST", "/anything?y=2", "abc")
         assert echo["forwarded_for"] == "127.0.0.1"
-        r = await treq.get(base + "/_pipecomet/status", pool=pool)
-        status = (await r.json())["backends"]
+        r = await within(treq.get(base + "/_pipecomet/status", pool=pool))
+        status = (await within(r.json()))["backends"]
         assert len(status["users"]["endpoints"]) == 3
         assert len(status["orders"]["endpoints"]) == 2
     finally:

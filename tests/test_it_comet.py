@@ -18,13 +18,14 @@ import socket
 from typing import Any
 
 import pytest_twisted
-import treq
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from pipecomet import App, Config
 from pipecomet._events import Condition
 from pipecomet.client import CometClient
+
+from .support import fetch, within
 
 TOKEN = "it-token"
 
@@ -46,8 +47,8 @@ def serve(comet: dict[str, Any] | None = None, server: dict[str, Any] | None = N
 
 @defer.inlineCallbacks
 def close(app: App, port: Any) -> Any:
-    yield app.service.stopService()
-    yield port.stopListening()
+    yield within(app.service.stopService(), "the server to stop")
+    yield within(port.stopListening(), "the port to close")
 
 
 def books(app: App) -> Any:
@@ -83,8 +84,8 @@ def test_timeout_per_transport_and_cancel_on_disconnect():
         got = {}
         for transport in ("sse", "ndjson", "longpoll"):
             url = f"{base}/comet/news?timeout=0.3&transport={transport}&since=0"
-            resp = yield treq.get(url)
-            got[transport] = (resp.code, (yield treq.content(resp)))
+            resp, body = yield fetch("GET", url)
+            got[transport] = (resp.code, body)
         assert got["longpoll"][0] == 200
         assert json.loads(got["longpoll"][1])["messages"] == []
         assert b"event: reconnect" in got["sse"][1]
@@ -96,7 +97,7 @@ def test_timeout_per_transport_and_cancel_on_disconnect():
                          what="5 held subscribers")
         assert keeper.waiters() == 5
         for c in clients:
-            yield c.stop()
+            yield within(c.stop(), "a client to stop")
         yield wait_until(lambda: keeper.waiters() == 0, what="waiters back to 0")
         assert keeper.timers == 0
         assert hub.connections == 0
@@ -135,7 +136,7 @@ def test_resume_exactly_once_across_a_drop():
         assert hub.resume_hits >= 2
     finally:
         for c in clients:
-            yield c.stop()
+            yield within(c.stop(), "a client to stop")
         yield close(app, port)
 
 
@@ -147,16 +148,16 @@ def test_cursor_older_than_history_gives_a_gap():
         first = CometClient(f"{base}/comet/g", reactor=reactor).start()
         yield wait_until(lambda: hub.connections == 1, what="subscriber")
         hub.publish("g", 0)
-        yield first.wait_for(1)
-        yield first.stop()
+        yield within(first.wait_for(1), "the first message")
+        yield within(first.stop(), "the client to stop")
         for n in range(1, 10):
             hub.publish("g", n)
         again = CometClient(f"{base}/comet/g", reactor=reactor, cursor=first.cursor).start()
-        yield again.wait_for(3)
+        yield within(again.wait_for(3), "three messages after the gap")
         assert [m["data"] for m in again.messages] == [7, 8, 9]
         gaps = [f for name, f in again.events if name == "gap"]
         assert len(gaps) == 1 and gaps[0]["missed"] == 6
-        yield again.stop()
+        yield within(again.stop(), "the client to stop")
     finally:
         yield close(app, port)
 
@@ -191,8 +192,9 @@ def test_slow_reader_is_cut_off_with_bounded_buffer():
     keeper, hub = books(app)
     try:
         ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        stalled = yield connectProtocol(
-            ep, _Stalled(b"GET /comet/big HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"))
+        stalled = yield within(connectProtocol(
+            ep, _Stalled(b"GET /comet/big HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")),
+            "a connection")
         yield wait_until(lambda: len(hub._streams) == 1, what="stream")
         sub = next(iter(hub._streams))
         peak = 0
@@ -227,8 +229,9 @@ def test_drop_policy_keeps_the_client_with_a_gap_event():
     keeper, hub = books(app)
     try:
         ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        stalled = yield connectProtocol(
-            ep, _Stalled(b"GET /comet/d HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"))
+        stalled = yield within(connectProtocol(
+            ep, _Stalled(b"GET /comet/d HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")),
+            "a connection")
         yield wait_until(lambda: len(hub._streams) == 1, what="stream")
         sub = next(iter(hub._streams))
         for n in range(600):
@@ -256,11 +259,10 @@ def test_idle_timeout_does_not_cut_held_requests():
     app, port, base = serve({"heartbeat": 0.2}, server={"idle_timeout": 0.3})
     keeper, hub = books(app)
     try:
-        resp = yield treq.get(f"{base}/comet/slow?transport=longpoll&timeout=1.0&since=0")
-        body = json.loads((yield treq.content(resp)))
+        resp, raw = yield fetch("GET", f"{base}/comet/slow?transport=longpoll&timeout=1.0&since=0")
+        body = json.loads(raw)
         assert resp.code == 200 and body["messages"] == []
-        resp = yield treq.get(f"{base}/comet/slow?timeout=1.0", unbuffered=True)
-        text = yield treq.content(resp)
+        resp, text = yield fetch("GET", f"{base}/comet/slow?timeout=1.0", unbuffered=True)
         assert b": heartbeat" in text and b"event: reconnect" in text
     finally:
         yield close(app, port)
@@ -276,17 +278,17 @@ def test_publish_auth_idempotency_and_limits():
     auth = {"authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
     clients = []
     try:
-        r = yield treq.post(url, data=b"1")
-        assert r.code == 401 and error_of((yield treq.content(r)))["code"] == "missing_token"
+        r, body = yield fetch("POST", url, data=b"1")
+        assert r.code == 401 and error_of(body)["code"] == "missing_token"
         assert r.headers.getRawHeaders("www-authenticate")
-        r = yield treq.post(url, data=b"1", headers={"authorization": "Bearer nope"})
-        assert r.code == 403 and error_of((yield treq.content(r)))["code"] == "bad_token"
-        r = yield treq.post(url, data=b"1" * 201, headers=auth)
-        assert r.code == 413 and error_of((yield treq.content(r)))["code"] == "message_too_large"
+        r, body = yield fetch("POST", url, data=b"1", headers={"authorization": "Bearer nope"})
+        assert r.code == 403 and error_of(body)["code"] == "bad_token"
+        r, body = yield fetch("POST", url, data=b"1" * 201, headers=auth)
+        assert r.code == 413 and error_of(body)["code"] == "message_too_large"
         keyed = {**auth, "idempotency-key": "retry-1"}
-        r1 = yield treq.post(url, data=b'{"v":1}', headers=keyed)
-        r2 = yield treq.post(url, data=b'{"v":1}', headers=keyed)
-        b1, b2 = json.loads((yield treq.content(r1))), json.loads((yield treq.content(r2)))
+        r1, raw1 = yield fetch("POST", url, data=b'{"v":1}', headers=keyed)
+        r2, raw2 = yield fetch("POST", url, data=b'{"v":1}', headers=keyed)
+        b1, b2 = json.loads(raw1), json.loads(raw2)
         assert r1.code == r2.code == 200 and b1["id"] == b2["id"] and b2["duplicate"]
         assert len(hub.topics["lim"].history) == 1
         # Connection limits: per topic, in all, topics per connection, topics alive.
@@ -294,28 +296,28 @@ def test_publish_auth_idempotency_and_limits():
             clients.append(CometClient(f"{base}/comet/a", reactor=reactor,
                                        reconnect=False).start())
         yield wait_until(lambda: hub.connections == 2, what="2 connections")
-        r = yield treq.get(f"{base}/comet/a")
-        assert r.code == 503 and error_of((yield treq.content(r)))["code"] == "topic_full"
+        r, body = yield fetch("GET", f"{base}/comet/a")
+        assert r.code == 503 and error_of(body)["code"] == "topic_full"
         assert r.headers.getRawHeaders("retry-after")
-        r = yield treq.get(f"{base}/comet/b,c,d")
+        r, body = yield fetch("GET", f"{base}/comet/b,c,d")
         assert r.code == 400
-        assert error_of((yield treq.content(r)))["code"] == "too_many_topics_per_connection"
-        r = yield treq.get(f"{base}/comet/x1,x2")
-        assert r.code == 503 and error_of((yield treq.content(r)))["code"] == "too_many_topics"
+        assert error_of(body)["code"] == "too_many_topics_per_connection"
+        r, body = yield fetch("GET", f"{base}/comet/x1,x2")
+        assert r.code == 503 and error_of(body)["code"] == "too_many_topics"
         clients.append(CometClient(f"{base}/comet/lim", reactor=reactor,
                                    reconnect=False).start())
         yield wait_until(lambda: hub.connections == 3, what="3 connections")
-        r = yield treq.get(f"{base}/comet/lim")
+        r, body = yield fetch("GET", f"{base}/comet/lim")
         assert r.code == 503
-        assert error_of((yield treq.content(r)))["code"] == "too_many_connections"
-        r = yield treq.get(f"{base}/comet/bad%20topic")
-        assert r.code == 400 and error_of((yield treq.content(r)))["code"] == "bad_topic"
-        r = yield treq.get(f"{base}/comet/lim?since=not-a-cursor")
+        assert error_of(body)["code"] == "too_many_connections"
+        r, body = yield fetch("GET", f"{base}/comet/bad%20topic")
+        assert r.code == 400 and error_of(body)["code"] == "bad_topic"
+        r, body = yield fetch("GET", f"{base}/comet/lim?since=not-a-cursor")
         assert r.code in (400, 503)
         assert hub.rejected["topic_full"] == 1
     finally:
         for c in clients:
-            yield c.stop()
+            yield within(c.stop(), "a client to stop")
         yield close(app, port)
 
 
@@ -327,16 +329,16 @@ def test_graceful_shutdown_event():
     lp = CometClient(f"{base}/comet/s", transport="longpoll", reactor=reactor).start()
     try:
         yield wait_until(lambda: len(hub._streams) == 1 and len(hub._polls) == 1, what="held")
-        yield app.service.stopService()
+        yield within(app.service.stopService(), "the server to stop")
         yield wait_until(lambda: any(n == "shutdown" for n, _ in sse.events) and
                          any(n == "shutdown" for n, _ in lp.events), what="shutdown events")
         fields = dict(sse.events)["shutdown"]
         assert 1.0 <= fields["reconnect_after"] <= 2.0
         assert keeper.waiters() == 0
     finally:
-        yield sse.stop()
-        yield lp.stop()
-        yield port.stopListening()
+        yield within(sse.stop(), "the SSE client to stop")
+        yield within(lp.stop(), "the long-poll client to stop")
+        yield within(port.stopListening(), "the port to close")
 
 
 class _Cycle(protocol.Protocol):
@@ -413,8 +415,7 @@ def test_ten_thousand_connect_disconnect_cycles_leave_nothing():
     try:
         all_done = defer.gatherResults([worker(w) for w in range(concurrency)])
         # A bound for a broken build, not a performance target.
-        all_done.addTimeout(240, reactor)
-        yield all_done
+        yield within(all_done, "10,000 cycles", limit=240)
         assert progress["n"] == cycles
         yield wait_until(lambda: keeper.waiters() == 0, what="no waiter left")
         assert peak["waiters"] > 0  # the subscriptions were really held

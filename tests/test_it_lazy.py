@@ -75,7 +75,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, int]
     path = tmp_path_factory.mktemp("lazy") / "lazy.toml"
     path.write_text(CONFIG)
     with twistd_server(["--app", "tests.test_it_lazy:make_test_app", "--config", str(path)],
-                       env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}) as (port, proc):
+                       env={"PYTHONPATH": os.pathsep.join(filter(None, (
+                           str(Path(__file__).resolve().parent.parent),
+                           os.environ.get("PYTHONPATH"))))}) as (port, proc):
         yield port, proc.pid
 
 

@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import HTTPConnectionPool
 
 from pipecomet import App, Config, Pipe
-from .support import TwistdProcess
+from .support import TwistdProcess, within
 
 GATES: dict[str, threading.Event] = {}
 
@@ -92,12 +92,12 @@ class Server:
         GATES.clear()
 
     def get(self, path: str) -> Any:
-        return treq.get(self.base + path, pool=self.pool)
+        return within(treq.get(self.base + path, pool=self.pool), f"GET {path}")
 
     @defer.inlineCallbacks
     def status(self, category: str) -> Any:
         r = yield self.get("/_pipecomet/status")
-        body = yield r.json()
+        body = yield within(r.json())
         return body["quota"]["categories"][category]
 
     @defer.inlineCallbacks
@@ -125,7 +125,7 @@ def test_queue_full_is_503_with_retry_after() -> Any:
         third = yield server.get("/block/full?gate=f1")
         assert third.code == 503
         assert third.headers.getRawHeaders("retry-after") == ["3"]
-        body = yield third.json()
+        body = yield within(third.json())
         assert body["error"]["code"] == "queue_full"
         assert body["error"]["category"] == "full"
         assert set(body["error"]) >= {"code", "message", "id"}
@@ -133,7 +133,7 @@ def test_queue_full_is_503_with_retry_after() -> Any:
         for d in (first, second):
             r = yield d
             assert r.code == 200
-            assert (yield r.json())["gate"] == "f1"
+            assert (yield within(r.json()))["gate"] == "f1"
         figures = yield server.wait_for("full", completed=2)
         assert (figures["rejected"], figures["queued"], figures["threads"]) == (1, 0, 0)
     finally:
@@ -149,7 +149,7 @@ def test_queue_timeout_is_503() -> Any:
         late = yield server.get("/block/qt?gate=q1")
         assert late.code == 503
         assert late.headers.hasHeader("retry-after")
-        body = yield late.json()
+        body = yield within(late.json())
         assert body["error"]["code"] == "queue_timeout"
         figures = yield server.status("qt")
         assert (figures["queue_timeouts"], figures["queued"], figures["running"]) == (1, 0, 1)
@@ -167,7 +167,7 @@ def test_execution_timeout_is_504_and_the_zombie_keeps_its_thread() -> Any:
     try:
         r = yield server.get("/block/ex?gate=e1")
         assert r.code == 504
-        body = yield r.json()
+        body = yield within(r.json())
         assert body["error"]["code"] == "execution_timeout"
         figures = yield server.status("ex")
         assert (figures["zombies"], figures["threads"], figures["running"]) == (1, 1, 0)
@@ -223,7 +223,7 @@ def test_async_mode_runs_thread_pipes_as_one_job_then_returns_to_the_reactor() -
     try:
         r = yield server.get("/mode")
         assert r.code == 200
-        threads = yield r.json()
+        threads = yield within(r.json())
         reactor_thread = threading.get_ident()
         assert threads["before"] == threads["after"] == reactor_thread
         assert threads["t1"] == threads["t2"] != reactor_thread
@@ -248,8 +248,8 @@ def test_demo_flood_of_slow_calls_gets_503_while_fast_answers() -> Any:
 
     @defer.inlineCallbacks
     def status() -> Any:
-        r = yield treq.get(f"{base}/_pipecomet/status", pool=pool).addTimeout(30, reactor)
-        return (yield r.json())["quota"]["categories"]
+        r = yield within(treq.get(f"{base}/_pipecomet/status", pool=pool), "the status")
+        return (yield within(r.json()))["quota"]["categories"]
 
     slow: list[defer.Deferred] = []
     try:
@@ -261,7 +261,8 @@ def test_demo_flood_of_slow_calls_gets_503_while_fast_answers() -> Any:
             answered.append(r)
             return r
 
-        slow = [treq.get(f"{base}/api/slow.get?app_key=demo-key&ms=10000", pool=pool).addCallback(arrived)
+        slow = [within(treq.get(f"{base}/api/slow.get?app_key=demo-key&ms=10000", pool=pool),
+                       "a slow call").addCallback(arrived)
                 for _ in range(120)]
         figures = None
         for _ in range(1500):
@@ -280,13 +281,13 @@ def test_demo_flood_of_slow_calls_gets_503_while_fast_answers() -> Any:
         assert len(answered) == 120 - limit - queue
         for r in list(answered):
             assert r.code == 503 and r.headers.hasHeader("retry-after")
-            assert (yield r.json())["error"]["code"] == "queue_full"
+            assert (yield within(r.json()))["error"]["code"] == "queue_full"
         fast = yield defer.gatherResults(
-            [treq.get(f"{base}/api/fast.get?app_key=demo-key", pool=pool).addTimeout(30, reactor)
+            [within(treq.get(f"{base}/api/fast.get?app_key=demo-key", pool=pool), "a fast call")
              for _ in range(8)])
         for r in fast:
-            assert r.code == 200, (yield r.text())
-            assert (yield r.json())["category"] == "fast"
+            assert r.code == 200, (yield within(r.text()))
+            assert (yield within(r.json()))["category"] == "fast"
         after = yield status()
         # Every slow thread is still held and no slow call has ended: the
         # fast calls did not wait for one.

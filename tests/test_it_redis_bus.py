@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-import treq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, reactor, task
@@ -30,6 +29,7 @@ from pipecomet._events import Condition
 from pipecomet.client import CometClient
 
 from ._redis import RedisServer
+from .support import fetch
 
 TOKEN = "it-token"
 
@@ -82,9 +82,8 @@ def publish(base: str, topic: str, data: Any, key: str | None = None) -> Any:
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     if key:
         headers["Idempotency-Key"] = key
-    resp = yield treq.post(f"{base}/_pipecomet/publish/{topic}", json.dumps(data).encode(),
-                           headers=headers)
-    body = yield treq.content(resp)
+    resp, body = yield fetch("POST", f"{base}/_pipecomet/publish/{topic}",
+                             data=json.dumps(data).encode(), headers=headers)
     return resp.code, json.loads(body), resp.headers
 
 
@@ -135,8 +134,8 @@ def test_publish_on_one_reaches_the_other_and_resume_there(redis_server: RedisSe
         assert not again.events or all(name not in ("gap", "reset") for name, _ in again.events)
         assert hub_of(b).resume_hits >= 1
         # Last-value mode on the other process: the newest message at once.
-        resp = yield treq.get(f"{base_b}/comet/cross?transport=longpoll&last=1")
-        last = json.loads((yield treq.content(resp)))
+        resp, raw = yield fetch("GET", f"{base_b}/comet/cross?transport=longpoll&last=1")
+        last = json.loads(raw)
         assert [m["data"]["n"] for m in last["messages"]] == [9]
     finally:
         for c in clients:
@@ -231,9 +230,9 @@ def test_redis_killed_and_restarted_gives_a_reset_never_a_duplicate(tmp_path: An
         assert headers.getRawHeaders("retry-after") == ["1"]
         # A new subscriber is told to come back; the streams held stay
         # connected (a long-poll between two polls may be told to come back).
-        resp = yield treq.get(f"{base_a}/comet/k?transport=longpoll")
+        resp, raw = yield fetch("GET", f"{base_a}/comet/k?transport=longpoll")
         assert resp.code == 503
-        assert json.loads((yield treq.content(resp)))["error"]["code"] == "bus_unavailable"
+        assert json.loads(raw)["error"]["code"] == "bus_unavailable"
         assert len(hub_of(a)._streams) == 2
         yield defer.maybeDeferred(server.start)
         yield wait_until(lambda: bus_of(a).connected and bus_of(b).connected, what="reconnect")
@@ -263,9 +262,10 @@ def test_redis_down_at_start_with_serve_answers_503_then_works(tmp_path: Any):
     try:
         code, body, headers = yield publish(base_a, "late", 1)
         assert code == 503 and body["error"]["code"] == "bus_unavailable"
-        resp = yield treq.get(f"{base_a}/comet/late?transport=longpoll")
+        resp, _ = yield fetch("GET", f"{base_a}/comet/late?transport=longpoll")
         assert resp.code == 503
-        status = json.loads((yield treq.content((yield treq.get(f"{base_a}/_pipecomet/status")))))
+        _, raw = yield fetch("GET", f"{base_a}/_pipecomet/status")
+        status = json.loads(raw)
         assert status["bus"]["connected"] is False and status["bus"]["last_error"]
         yield defer.maybeDeferred(server.start)
         yield wait_until(lambda: bus_of(a).connected, what="connects once Redis is there")

@@ -33,7 +33,7 @@ from pipecomet._workers import (
     WorkerCallError, WorkerPool, WorkersConfig, WorkersUnavailable,
 )
 from pipecomet._workers._ring import OFF_CURRENT_CALL, U64
-from tests.support import ROOT
+from tests.support import ROOT, within
 
 MODULE = "tests.it_worker_functions"
 SHM = "/dev/shm"
@@ -98,12 +98,12 @@ class Server:
         yield self.http.closeCachedConnections()
 
     def post(self, path: str) -> Any:
-        return treq.post(self.base + path, pool=self.http)
+        return within(treq.post(self.base + path, pool=self.http), f"POST {path}")
 
     @defer.inlineCallbacks
     def status(self) -> Any:
-        r = yield treq.get(self.base + "/_pipecomet/status", pool=self.http)
-        body = yield r.json()
+        r = yield within(treq.get(self.base + "/_pipecomet/status", pool=self.http), "the status")
+        body = yield within(r.json())
         return body["workers"]
 
     def files(self) -> list[str]:
@@ -157,7 +157,7 @@ def caught(d: defer.Deferred) -> defer.Deferred:
 
 @defer.inlineCallbacks
 def error_of(response: Any) -> Any:
-    body = yield response.json()
+    body = yield within(response.json())
     return body["error"]
 
 
@@ -181,7 +181,7 @@ def test_kill_9_mid_call_fails_that_call_only_and_the_worker_comes_back() -> Any
         assert "SIGKILL" in err["message"] and "sleep" in err["message"]
         assert set(err) >= {"code", "message", "id"}
         r = yield other
-        assert r.code == 200 and (yield r.json()) == "still-here"
+        assert r.code == 200 and (yield within(r.json())) == "still-here"
         # The worker comes back under a new pid and a new file.
         yield wait_until(lambda: len(ready_pids(server.pool)) == 2
                          and old_pid not in ready_pids(server.pool), "the replacement")
@@ -190,7 +190,7 @@ def test_kill_9_mid_call_fails_that_call_only_and_the_worker_comes_back() -> Any
         # No stale reply ever reaches a later call: every answer is its own.
         tokens = [f"t{i}" for i in range(40)]
         answers = yield defer.gatherResults([server.post(f"/echo?v={t}") for t in tokens])
-        bodies = yield defer.gatherResults([a.json() for a in answers])
+        bodies = yield within(defer.gatherResults([a.json() for a in answers]), "40 bodies")
         assert bodies == tokens
         status = yield server.status()
         assert status["failed"].get("crash") == 1 and status["restarts"] == 1
@@ -216,7 +216,7 @@ def test_memory_bomb_kills_the_worker_not_the_server() -> Any:
         assert err["code"] == "worker_crashed" and "memory limit" in err["message"]
         assert own_rss() - before < 64 * MiB
         r = yield server.post("/echo?v=after")
-        assert r.code == 200 and (yield r.json()) == "after"
+        assert r.code == 200 and (yield within(r.json())) == "after"
         assert ready_pids(server.pool) != [pid]
         status = yield server.status()
         assert status["failed"]["memory"] == 1
@@ -239,7 +239,7 @@ def test_call_that_never_returns_gets_504_and_its_worker_is_replaced() -> Any:
         with pytest.raises(OSError):
             os.kill(pid, 0)  # the spinning worker is gone
         r = yield server.post("/echo?v=next")
-        assert r.code == 200 and (yield r.json()) == "next"
+        assert r.code == 200 and (yield within(r.json())) == "next"
         status = yield server.status()
         assert status["failed"]["timeout"] == 1
     finally:
@@ -345,7 +345,7 @@ def test_exit_is_502_naming_the_status_and_parallel_branches_run_in_workers() ->
         yield wait_until(lambda: len(ready_pids(server.pool)) == 2, "the replacement")
         r = yield server.post("/branches")
         assert r.code == 200
-        body = yield r.json()
+        body = yield within(r.json())
         text = json.dumps(body)
         assert "left" in text and "loops" in text
         status = yield server.status()
@@ -586,29 +586,29 @@ def test_demo_gateway_serves_cpu_burn_and_image_resize_from_its_pool() -> Any:
     http = HTTPConnectionPool(reactor, persistent=False)
     try:
         yield app.runtime.workers.ready().addTimeout(30, reactor)
-        r = yield treq.post(base + "/api/cpu.burn?app_key=demo-key&ms=5", pool=http)
+        r = yield within(treq.post(base + "/api/cpu.burn?app_key=demo-key&ms=5", pool=http))
         assert r.code == 200
-        burned = (yield r.json())["burned"]
+        burned = (yield within(r.json()))["burned"]
         assert burned["ms"] == 5 and burned["cpu_ms"] >= 5 and burned["pid"] in ready_pids(app.runtime.workers)
-        r = yield treq.post(base + "/api/cpu.burn?app_key=demo-key&ms=-1", pool=http)
+        r = yield within(treq.post(base + "/api/cpu.burn?app_key=demo-key&ms=-1", pool=http))
         assert r.code == 400
         picture = io.BytesIO()
         Image.new("RGB", (640, 480), (10, 200, 30)).save(picture, "PNG")
-        r = yield treq.post(base + "/api/image.resize?app_key=demo-key&width=64&height=64&format=jpeg",
-                            data=picture.getvalue(), headers={"Content-Type": "image/png"},
-                            pool=http)
+        r = yield within(treq.post(
+            base + "/api/image.resize?app_key=demo-key&width=64&height=64&format=jpeg",
+            data=picture.getvalue(), headers={"Content-Type": "image/png"}, pool=http))
         assert r.code == 200
         assert r.headers.getRawHeaders("content-type") == ["image/jpeg"]
         assert r.headers.getRawHeaders("x-image-size") == ["64x48"]
-        small = Image.open(io.BytesIO((yield r.content())))
+        small = Image.open(io.BytesIO((yield within(r.content()))))
         assert (small.format, small.size) == ("JPEG", (64, 48))
-        r = yield treq.post(base + "/api/image.resize?app_key=demo-key", pool=http)
+        r = yield within(treq.post(base + "/api/image.resize?app_key=demo-key", pool=http))
         assert r.code == 400 and (yield error_of(r))["code"] == "missing_body"
-        r = yield treq.post(base + "/api/image.resize?app_key=demo-key", data=b"not an image",
-                            headers={"Content-Type": "image/png"}, pool=http)
+        r = yield within(treq.post(base + "/api/image.resize?app_key=demo-key", data=b"not an image",
+                                   headers={"Content-Type": "image/png"}, pool=http))
         assert r.code == 400 and (yield error_of(r))["code"] == "not_an_image"
-        r = yield treq.get(base + "/_pipecomet/status", pool=http)
-        workers = (yield r.json())["workers"]
+        r = yield within(treq.get(base + "/_pipecomet/status", pool=http))
+        workers = (yield within(r.json()))["workers"]
         assert workers["size"] == 2 and workers["completed"] >= 3
     finally:
         yield port.stopListening()

@@ -782,3 +782,89 @@ class ModelTests(SynchronousTestCase):
         with self.assertRaises(AssertionError) as cm:
             model.step(("submit", 0))
         self.assertIn("c0: waits while below its reserve", str(cm.exception))
+
+
+class AnswerTests(SynchronousTestCase):
+    """
+    What the caller and the operator are told: the refusals' messages,
+    details and Retry-After, and the warning for a zombie that failed.
+    """
+
+    def test_queue_full_names_the_category(self) -> None:
+        pool, tp, clock = make_pool(1, b={"queue": 0, "retry_after": 7})
+        out = Outcomes()
+        out.watch(0, pool.run("b", lambda: 0))
+        out.watch(1, pool.run("b", lambda: 1))
+        err = error_of(out.one(1))
+        self.assertEqual((err.code, err.message, err.details, err.headers["Retry-After"]),
+                         ("queue_full", "category 'b' is busy and its queue is full",
+                          {"category": "b"}, "7"))
+
+    def test_a_stopping_pool_refuses_with_the_category_and_its_retry_after(self) -> None:
+        pool, tp, clock = make_pool(2, a={"retry_after": 5}, b={})
+        out = Outcomes()
+        out.watch(0, pool.run("a", lambda: 0))
+        pool.stopService()
+        out.watch(1, pool.run("a", lambda: 1))
+        out.watch(2, pool.run("b", lambda: 2))
+        for key, cat, retry in ((1, "a", "5"), (2, "b", str(int(pool.config.retry_after)))):
+            err = error_of(out.one(key))
+            self.assertEqual((err.code, err.status, err.message, err.details),
+                             ("pool_closing", 503, "the thread pool is stopping",
+                              {"category": cat}))
+            self.assertEqual(err.headers["Retry-After"], retry)
+        self.assertEqual([pool.category_status(c)["closed"] for c in "ab"], [1, 1])
+        self.assertEqual([pool.category_status(c)["submitted"] for c in "ab"], [2, 1])
+        tp.finish_all()
+        self.assertEqual(out.one(0), 0)
+
+    def test_a_zombie_that_fails_is_a_warning_naming_its_category(self) -> None:
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        pool, tp, clock = make_pool(2, slowcat={"timeout": 1.0})
+        out = Outcomes()
+
+        def boom() -> None:
+            raise KeyError("the thing")
+
+        out.watch(0, pool.run("slowcat", boom))
+        out.watch(1, pool.run("slowcat", lambda: "fine"))
+        clock.advance(1.0)
+        self.assertIsInstance(error_of(out.one(0)), ExecutionTimeout)
+        tp.finish_all()  # both zombies return: one failed, one did not
+        mine = [(e["log_level"].name, formatEvent(e)) for e in events
+                if e.get("log_namespace") == "pipecomet._quota"]
+        self.assertEqual(mine, [
+            ("warn", "quota category slowcat: a job whose caller was already answered failed: "
+                     "'the thing'")])
+        s = pool.category_status("slowcat")
+        self.assertEqual((s["zombies"], s["zombies_returned"], s["failed"], s["completed"]),
+                         (0, 2, 0, 0))
+
+
+class WakeTests(SynchronousTestCase):
+    def test_a_thread_freed_inside_a_wake_pass_is_not_lost(self) -> None:
+        """
+        A job's caller, answered while the pool hands out threads, frees a
+        thread of a category the pass has already looked at: the pass goes
+        round again and that category's waiting job starts.
+        """
+        pool, tp, clock = make_pool(2, a={"limit": 1, "priority": 1}, b={})
+        out = Outcomes()
+        out.watch("a0", pool.run("a", lambda: "a0"))
+        out.watch("a1", pool.run("a", lambda: "a1"))  # waits: a's limit
+        out.watch("b0", pool.run("b", lambda: "b0"))
+        b1 = out.watch("b1", pool.run("b", lambda: "b1"))  # waits: no thread
+        self.assertEqual((pool.category_status("a")["queued"],
+                          pool.category_status("b")["queued"]), (1, 1))
+        # From now on a job returns the moment it starts; b1's caller then
+        # lets a0 return (a's thread freed while the pass is at b).
+        b1.addCallback(lambda _: tp.finish(0))
+        tp.immediate = True
+        tp.finish(1)  # b0 returns: the pass starts b1, which returns at once
+        self.assertEqual([out.one(k) for k in ("a0", "a1", "b0", "b1")],
+                         ["a0", "a1", "b0", "b1"])
+        self.assertEqual((pool.busy, tp.running), (0, []))

@@ -475,3 +475,376 @@ class PoolTests(SynchronousTestCase):
         fresh.send(KIND_RESULT, call_id, value)
         self.assertEqual(self.successResultOf(queued), 3)
         self.assertEqual(pool.status()["failed"], {})
+
+
+class LogLines:
+    """
+    The pool's log (namespace ``pipecomet.workers``) as (level, text) pairs,
+    collected while a test runs: what an operator reads about a crash.
+    """
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        from twisted.logger import globalLogPublisher
+
+        self.events: list[dict[str, Any]] = []
+        observer = self.events.append
+        globalLogPublisher.addObserver(observer)
+        case.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def lines(self) -> list[tuple[str, str]]:
+        from twisted.logger import formatEvent
+
+        return [(e["log_level"].name, formatEvent(e)) for e in self.events
+                if e.get("log_namespace") == "pipecomet.workers"]
+
+    def take(self) -> list[tuple[str, str]]:
+        out = self.lines()
+        self.events.clear()
+        return out
+
+
+class PoolBookkeepingTests(SynchronousTestCase):
+    """
+    More of the pool's books: what the log says on each kind of end, the
+    crash-loop window's edge, the order of requeued calls, deadlines of
+    calls behind others, and which workers take calls.
+    """
+
+    setUp = PoolTests.setUp
+    pool = PoolTests.pool
+    worker = PoolTests.worker
+
+    def test_crash_is_logged_with_the_calls_it_failed_and_requeued(self) -> None:
+        pool = self.pool(size=1, max_in_flight=4, crash_loop_crashes=3)
+        log = LogLines(self)
+        w = self.worker(0)
+        w.hello()
+        doomed, spared = pool.call("slow", 1), pool.call("echo", 2)
+        calls = w.calls()
+        w.running(calls[0][0])
+        log.take()
+        w.dies(ProcessTerminated(signal=9))
+        self.failureResultOf(doomed, WorkerCrashed)
+        self.assertNoResult(spared)
+        cause = (f"worker 0 (pid {w.transport.pid}) was killed by SIGKILL "
+                 "(by the kernel's OOM killer if memory ran out)")
+        self.assertEqual(pool.status()["workers"][0]["last_cause"], cause)
+        self.assertEqual(log.take(), [
+            ("warn", f"{cause}; failed calls [{calls[0][0]}], requeued 1 not yet started")])
+
+    def test_planned_stop_is_logged_as_asked(self) -> None:
+        pool = self.pool(size=1, recycle_calls=1)
+        log = LogLines(self)
+        w = self.worker(0)
+        w.hello()
+        d = pool.call("echo", 1)
+        [(call_id, _, _)] = w.calls()
+        w.send(KIND_RESULT, call_id, 1)
+        self.successResultOf(d)
+        log.take()
+        w.dies(ProcessDone(0))
+        self.assertEqual(log.take(), [
+            ("info", f"worker 0 (pid {w.transport.pid}) exited with status 0: "
+                     "stopped as asked (recycle)")])
+        self.assertEqual((pool.status()["restarts"], len(self.reactor.spawned)), (1, 2))
+
+    def test_breaker_is_logged_as_an_error(self) -> None:
+        pool = self.pool(size=1, crash_loop_crashes=2, crash_loop_window=60.0,
+                         crash_loop_cooldown=40.0, restart_backoff=0.5)
+        log = LogLines(self)
+        self.worker(0).hello()
+        self.worker(0).dies(ProcessTerminated(exitCode=3))
+        self.reactor.advance(0.5)
+        log.take()
+        self.worker(1).dies(ProcessTerminated(exitCode=4))
+        cause = f"worker 0 (pid {self.reactor.spawned[1][1].pid}) exited with status 4"
+        self.assertEqual(log.take(), [
+            ("warn", f"{cause}; failed calls [], requeued 0 not yet started"),
+            ("error", f"worker 0 crashed 2 times within 60.0s (last: {cause}); leaving it "
+                      "down for 40.0s")])
+        self.assertEqual(pool.status()["workers"][0]["last_cause"], cause)
+
+    def crashes_apart(self, gap: float) -> str:
+        pool = self.pool(size=1, crash_loop_crashes=2, crash_loop_window=10.0,
+                         crash_loop_cooldown=100.0, restart_backoff=0.5,
+                         restart_backoff_max=0.5)
+        self.worker(0).hello()
+        self.reactor.advance(1.0)
+        self.worker(0).dies(ProcessTerminated(exitCode=1))  # t = 1
+        self.reactor.advance(0.5)
+        self.worker(1).hello()
+        self.reactor.advance(gap - 0.5)
+        self.worker(1).dies(ProcessTerminated(exitCode=1))  # t = 1 + gap
+        return pool.status()["workers"][0]["state"]
+
+    def test_crashes_window_seconds_apart_open_the_breaker(self) -> None:
+        self.assertEqual(self.crashes_apart(10.0), "broken")
+
+    def test_crashes_more_than_window_seconds_apart_do_not(self) -> None:
+        self.assertEqual(self.crashes_apart(10.25), "restarting")
+
+    def test_backoff_doubles_up_to_its_ceiling(self) -> None:
+        pool = self.pool(size=1, crash_loop_crashes=100, restart_backoff=1.0,
+                         restart_backoff_max=3.0)
+        delays = []
+        for n in range(4):
+            self.worker(n).dies(ProcessTerminated(exitCode=1))
+            waited = 0.0
+            while len(self.reactor.spawned) == n + 1:
+                self.reactor.advance(0.25)
+                waited += 0.25
+            delays.append(waited)
+        self.assertEqual(delays, [1.0, 2.0, 3.0, 3.0])
+        self.assertEqual(pool.status()["restarts"], 4)
+
+    def test_ready_fails_only_for_a_slot_that_never_started(self) -> None:
+        """
+        The breaker of a slot that never said hello fails ``ready()``
+        (the workers cannot start); one that had been ready does not.
+        """
+        pool = self.pool(size=2, crash_loop_crashes=1, crash_loop_cooldown=50.0)
+        ready = pool.ready()
+        self.worker(0).hello()
+        self.worker(0).dies(ProcessTerminated(exitCode=1))
+        self.assertNoResult(ready)
+        self.assertEqual(pool.status()["workers"][0]["state"], "broken")
+        self.worker(1).dies(ProcessTerminated(exitCode=7))
+        err = self.failureResultOf(ready, WorkersUnavailable).value
+        self.assertEqual(err.code, "workers_down")
+        self.assertEqual(err.message, "workers cannot start: worker 1 (pid "
+                         f"{self.reactor.spawned[1][1].pid}) exited with status 7")
+
+    def test_calls_queued_when_every_worker_is_down_fail_with_the_cause(self) -> None:
+        pool = self.pool(size=1, max_in_flight=1, crash_loop_crashes=2, restart_backoff=1.0)
+        w = self.worker(0)
+        w.hello()
+        running, queued = pool.call("slow", 1), pool.call("echo", 2)
+        w.running(w.calls()[0][0])
+        w.dies(ProcessTerminated(exitCode=1))
+        self.failureResultOf(running, WorkerCrashed)
+        self.assertNoResult(queued)  # restarting, not broken: it waits
+        self.reactor.advance(1.0)
+        self.worker(1).dies(ProcessTerminated(exitCode=2))
+        err = self.failureResultOf(queued, WorkersUnavailable).value
+        self.assertEqual(err.code, "workers_down")
+        self.assertEqual(err.message, "no worker is running (worker 0 (pid "
+                         f"{self.reactor.spawned[1][1].pid}) exited with status 2)")
+        s = pool.status()
+        self.assertEqual((s["failed"], s["queued"]), ({"crash": 1, "unavailable": 1}, 0))
+        self.assertEqual(s["workers"][0]["failed"], {"crash": 1})
+
+    def test_one_broken_slot_of_two_is_not_all_down(self) -> None:
+        pool = self.pool(size=2, max_in_flight=1, crash_loop_crashes=1,
+                         crash_loop_cooldown=50.0, restart_backoff=1.0)
+        a, b = self.worker(0), self.worker(1)
+        a.hello()
+        b.hello()
+        a.dies(ProcessTerminated(exitCode=1))  # broken for 50 s
+        self.reactor.advance(10.0)
+        busy = pool.call("slow", 1)
+        [(busy_id, _, _)] = b.calls()
+        b.running(busy_id)
+        b.dies(ProcessTerminated(exitCode=1))  # broken too, but ...
+        self.failureResultOf(busy, WorkerCrashed)
+        self.assertEqual(self.failureResultOf(pool.call("echo", 1)).value.code, "workers_down")
+        # ... slot 0 comes back after its cooldown: from then on calls wait for it.
+        self.reactor.advance(40.0)
+        self.assertEqual([s["state"] for s in pool.status()["workers"]], ["starting", "broken"])
+        waiting = pool.call("echo", 2)
+        self.assertNoResult(waiting)
+        self.assertEqual(pool.status()["queued"], 1)
+        fresh = self.worker(2)
+        fresh.hello()
+        [(call_id, _, value)] = fresh.calls()
+        fresh.send(KIND_RESULT, call_id, value)
+        self.assertEqual(self.successResultOf(waiting), 2)
+
+    def test_requeued_calls_go_first_in_their_order_and_keep_their_queue_deadline(self) -> None:
+        pool = self.pool(size=1, max_in_flight=3, queue=10, queue_timeout=5.0,
+                         crash_loop_crashes=10, restart_backoff=1.0)
+        w = self.worker(0)
+        w.hello()
+        running = pool.call("slow", "a")
+        b, c = pool.call("echo", "b"), pool.call("echo", "c")
+        d = pool.call("echo", "d")  # queued: the worker holds three
+        self.reactor.advance(0.5)
+        e = pool.call("echo", "e")
+        calls = w.calls()
+        self.assertEqual([x[2] for x in calls], ["a", "b", "c"])
+        w.running(calls[0][0])
+        w.dies(ProcessTerminated(exitCode=1))
+        self.failureResultOf(running, WorkerCrashed)
+        self.assertEqual(pool.status()["queued"], 4)
+        self.reactor.advance(1.0)
+        fresh = self.worker(1)
+        fresh.hello()
+        sent = fresh.calls()
+        self.assertEqual([x[2] for x in sent], ["b", "c", "d"])
+        # Nobody answers: each waits its own queue_timeout from when it was made.
+        self.reactor.advance(3.5)  # t = 5.0
+        self.assertNoResult(e)
+        for x in (b, c, d):
+            self.assertNoResult(x)  # sent: no longer queued
+        self.reactor.advance(0.5)  # t = 5.5
+        self.assertEqual(self.failureResultOf(e).value.code, "queue_timeout")
+
+    def test_requeued_calls_time_out_while_the_worker_is_away(self) -> None:
+        pool = self.pool(size=1, max_in_flight=2, queue_timeout=5.0,
+                         crash_loop_crashes=10, restart_backoff=30.0)
+        w = self.worker(0)
+        w.hello()
+        running, behind = pool.call("slow", 1), pool.call("echo", 2)
+        w.running(w.calls()[0][0])
+        self.reactor.advance(1.0)
+        w.dies(ProcessTerminated(exitCode=1))
+        self.failureResultOf(running, WorkerCrashed)
+        self.reactor.advance(3.9)
+        self.assertNoResult(behind)
+        self.reactor.advance(0.1)
+        err = self.failureResultOf(behind).value
+        self.assertEqual((err.code, err.message), ("queue_timeout", "no worker was free within 5s"))
+        self.assertEqual(pool.status()["failed"], {"crash": 1, "queue_timeout": 1})
+
+    def test_the_deadline_of_a_call_behind_another_runs_from_when_it_started(self) -> None:
+        """
+        A worker runs its calls in order: the second one's timeout counts
+        from when the first ended, not from when both were sent.
+        """
+        pool = self.pool(size=1, max_in_flight=2)
+        w = self.worker(0)
+        w.hello()
+        first, second = pool.call("slow", 1, timeout=10.0), pool.call("slow", 2, timeout=10.0)
+        (id1, _, _), (id2, _, _) = w.calls()
+        w.running(id1)
+        self.reactor.advance(8.0)
+        w.send(KIND_RESULT, id1, 1)
+        self.assertEqual(self.successResultOf(first), 1)
+        w.running(id2)
+        self.reactor.advance(9.9)  # t = 17.9: 9.9 s into the second call
+        self.assertNoResult(second)
+        self.assertEqual(w.transport.signals, [])
+        self.reactor.advance(0.1)
+        self.failureResultOf(second, WorkerTimeout)
+        self.assertEqual(w.transport.signals, ["KILL"])
+
+    def test_a_draining_worker_takes_no_new_call(self) -> None:
+        pool = self.pool(size=1, max_in_flight=4, recycle_calls=1)
+        w = self.worker(0)
+        w.hello()
+        first, second = pool.call("echo", 1), pool.call("echo", 2)
+        (id1, _, _), (id2, _, _) = w.calls()
+        w.send(KIND_RESULT, id1, 1)  # recycle after one call: drains the other
+        self.successResultOf(first)
+        self.assertEqual(w.proto.state, WorkerState.DRAINING)
+        third = pool.call("echo", 3)
+        self.assertEqual((w.calls(), pool.status()["queued"]), ([], 1))
+        w.send(KIND_RESULT, id2, 2)
+        self.assertEqual(self.successResultOf(second), 2)
+        self.assertEqual(w.calls(), [(0, "STOP", None)])
+        w.dies(ProcessDone(0))
+        fresh = self.worker(1)
+        fresh.hello()
+        [(call_id, _, value)] = fresh.calls()
+        fresh.send(KIND_RESULT, call_id, value)
+        self.assertEqual(self.successResultOf(third), 3)
+        s = pool.status()
+        self.assertEqual((s["completed"], s["failed"], s["workers"][0]["completed"]), (3, {}, 3))
+
+    def test_least_loaded_worker_gets_the_call(self) -> None:
+        pool = self.pool(size=3, max_in_flight=3)
+        ws = [self.worker(i) for i in range(3)]
+        for w in ws:
+            w.hello()
+        ds = [pool.call("echo", i) for i in range(3)]  # one each
+        ids = [w.calls()[0][0] for w in ws]
+        ws[0].send(KIND_RESULT, ids[0], 0)
+        ds.append(pool.call("echo", 3))  # to worker 0, the only idle one
+        self.assertEqual([[c[2] for c in w.calls()] for w in ws], [[3], [], []])
+        ds.append(pool.call("echo", 4))
+        ds.append(pool.call("echo", 5))
+        ds.append(pool.call("echo", 6))
+        self.assertEqual(sorted(len(w.proto.calls) for w in ws), [2, 2, 2])
+        self.assertEqual(pool.status()["queued"], 0)
+        for d in ds[1:3]:
+            self.assertNoResult(d)
+
+    def test_cancelled_calls_are_counted_each(self) -> None:
+        pool = self.pool(size=1, max_in_flight=1, queue=10)
+        w = self.worker(0)
+        w.hello()
+        sent = pool.call("slow", 0)
+        queued = [pool.call("echo", i) for i in range(1, 4)]
+        sent.cancel()  # sent: the queue is left as it is
+        self.assertEqual(pool.status()["queued"], 3)
+        queued[1].cancel()
+        self.failureResultOf(queued[1], CancelledError)
+        self.assertEqual(pool.status()["queued"], 2)
+        self.assertEqual(pool.status()["failed"], {"cancelled": 2})
+        [(call_id, _, _)] = w.calls()
+        w.send(KIND_RESULT, call_id, "late")  # dropped; the next queued call moves in
+        self.failureResultOf(sent, CancelledError)
+        [(call_id, _, value)] = w.calls()
+        self.assertEqual(value, 1)
+        w.send(KIND_RESULT, call_id, value)
+        self.assertEqual(self.successResultOf(queued[0]), 1)
+        self.assertEqual([c[2] for c in w.calls()], [3])
+
+    def test_stop_counts_what_it_failed_by_kind(self) -> None:
+        pool = self.pool(size=1, max_in_flight=2, shutdown_timeout=3.0)
+        w = self.worker(0)
+        w.hello()
+        running, sent, queued = pool.call("slow", 1), pool.call("echo", 2), pool.call("echo", 3)
+        w.running(w.calls()[0][0])
+        stopped = pool.stopService()
+        self.reactor.advance(3.0)
+        w.dies(ProcessTerminated(signal=9))
+        self.assertIsNone(self.successResultOf(stopped))
+        for d in (running, sent, queued):
+            self.assertEqual(self.failureResultOf(d).value.code, "pool_closing")
+        s = pool.status()
+        self.assertEqual((s["failed"], s["workers"][0]["failed"]),
+                         ({"closing": 1, "crash": 2}, {"crash": 2}))
+        self.assertEqual((s["restarts"], s["state"], len(self.reactor.spawned)), (0, "stopped", 1))
+
+    def test_a_requeued_call_can_be_cancelled(self) -> None:
+        pool = self.pool(size=1, max_in_flight=3, crash_loop_crashes=10, restart_backoff=1.0)
+        w = self.worker(0)
+        w.hello()
+        running, kept, dropped = pool.call("slow", 1), pool.call("echo", 2), pool.call("echo", 3)
+        w.running(w.calls()[0][0])
+        w.dies(ProcessTerminated(exitCode=1))
+        self.failureResultOf(running, WorkerCrashed)
+        self.assertEqual(pool.status()["queued"], 2)
+        dropped.cancel()
+        self.failureResultOf(dropped, CancelledError)
+        self.assertEqual(pool.status()["queued"], 1)
+        self.reactor.advance(1.0)
+        fresh = self.worker(1)
+        fresh.hello()
+        [(call_id, _, value)] = fresh.calls()
+        fresh.send(KIND_RESULT, call_id, value)
+        self.assertEqual(self.successResultOf(kept), 2)
+        self.assertEqual(pool.status()["failed"], {"crash": 1, "cancelled": 1})
+
+    def test_calls_behind_a_timed_out_call_fail_when_the_pool_is_stopping(self) -> None:
+        """
+        A worker killed for a timeout just before the pool stops: the calls
+        it had not started are not requeued but turned away.
+        """
+        pool = self.pool(size=1, max_in_flight=2, shutdown_timeout=5.0)
+        w = self.worker(0)
+        w.hello()
+        stuck, behind = pool.call("slow", 1, timeout=2.0), pool.call("echo", 2)
+        w.running(w.calls()[0][0])
+        self.reactor.advance(2.0)
+        self.failureResultOf(stuck, WorkerTimeout)
+        stopped = pool.stopService()
+        self.assertNoResult(behind)
+        w.dies(ProcessTerminated(signal=9))
+        err = self.failureResultOf(behind, WorkersUnavailable).value
+        self.assertEqual((err.code, err.message),
+                         ("pool_closing", "the worker pool is shutting down"))
+        self.assertIsNone(self.successResultOf(stopped))
+        s = pool.status()
+        self.assertEqual((s["failed"], s["queued"], s["restarts"], len(self.reactor.spawned)),
+                         ({"timeout": 1, "closing": 1}, 0, 0, 1))
