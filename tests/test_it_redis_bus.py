@@ -83,7 +83,7 @@ def publish(base: str, topic: str, data: Any, key: str | None = None) -> Any:
 
 
 def hub_of(app: App) -> Any:
-    return app.runtime.events.comet
+    return app.runtime.comet
 
 
 def bus_of(app: App) -> Any:

@@ -233,14 +233,11 @@ class EventKeeper:
     transitions; each returns how many waiters it reached.
 
     :param reactor: gives ``callLater`` for deadlines (a ``Clock`` in tests).
-    :ivar comet: the comet hub using this keeper (:mod:`pipecomet._comet`),
-        or None when no hub is installed.
     """
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self._by_key: dict[Hashable, dict[Event, None]] = {}
-        self.comet: Any = None
         self.timers = 0
         self.events = 0
         self.invoked = 0
@@ -410,13 +407,15 @@ class Condition:
         return self.name
 
     def __call__(self, inp: Any, ctx: Any, res: Any) -> Any:
-        keeper = ctx.runtime.events if ctx.runtime is not None else None
+        runtime = ctx.runtime
+        keeper = runtime.events if runtime is not None else None
         if keeper is None:
             raise RuntimeError("condition pipe used but no event keeper is installed")
         key = self._key(inp, ctx, res)
         if self.mode == "once":
             return keeper.wait(key, self.timeout, on_timeout=self.on_timeout)
-        if keeper.comet is None:
+        hub = runtime.comet
+        if hub is None:
             raise RuntimeError("many-mode condition used but no comet hub is installed")
         topics = [key] if isinstance(key, str) else list(key)
-        return keeper.comet.subscription(inp, topics)
+        return hub.subscription(inp, topics)

@@ -24,6 +24,7 @@ class Runtime:
     :ivar quota: the quota thread pool (``QuotaPool``) for ``thread`` pipes.
     :ivar workers: the worker process pool (``WorkerPool``) for ``process`` pipes.
     :ivar events: the ``EventKeeper`` for condition pipes.
+    :ivar comet: the ``CometHub`` (comet push), when ``[comet]`` is installed.
     :ivar bus: the publish/subscribe bus behind the event keeper.
     :ivar backends: the backend services (``pipecomet._backend.Backends``)
         that ``ctx.backend(name)`` reaches.
@@ -35,6 +36,7 @@ class Runtime:
     quota: Any = None
     workers: Any = None
     events: Any = None
+    comet: Any = None
     bus: Any = None
     lazy: Any = None
     config: Any = None

@@ -137,7 +137,7 @@ class TickerService(Service):
     def _tick(self) -> None:
         self._call = self.app.reactor.callLater(self.period, self._tick)
         self.n += 1
-        hub = self.app.runtime.events.comet
+        hub = self.app.runtime.comet
         price = round(100 + 10 * math.sin(self.n / 10), 2)
         d = hub.publish("ticker", {"n": self.n, "price": price}, event="ticker")
         # With a networked bus a tick can fail (bus down): the next one tries again.
