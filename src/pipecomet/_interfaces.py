@@ -5,7 +5,14 @@ replace, as zope.interface interfaces in one place.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from ._bus import BusDelivery, TopicHistory
 
 __all__ = ["IBus", "IBusReceiver", "IHistoryBus"]
 
@@ -16,7 +23,7 @@ class IBusReceiver(Interface):
     """
 
     def bus_message(topic: str, event: str, data: bytes, key: str | None,
-                    id: str | None = None) -> object:
+                    id: str | None = None) -> BusDelivery | None:
         """
         A message published on ``topic`` reached this process.
 
@@ -54,7 +61,8 @@ class IBus(Interface):
 
     connected = Attribute("True while messages published now reach every receiver.")
 
-    def publish(topic: str, event: str, data: bytes, key: str | None = None) -> object:
+    def publish(topic: str, event: str, data: bytes,
+                key: str | None = None) -> Deferred[BusDelivery]:
         """
         Send a message to every receiver (this process included).
 
@@ -90,14 +98,14 @@ class IHistoryBus(IBus):
     again after the bus comes back from a drop.
     """
 
-    def set_limits(limits: object) -> None:
+    def set_limits(limits: Callable[[str], tuple[int, float, float]]) -> None:
         """
         ``limits(topic)`` → ``(history_count, history_age, idempotency_ttl)``:
         the bounds the bus keeps each topic's history and keys within (the
         comet installer hands in the ``[comet]`` table's).
         """
 
-    def load(topic: str, count: int) -> object:
+    def load(topic: str, count: int) -> Deferred[TopicHistory]:
         """
         The topic's epoch, last offset and its newest ``count`` messages.
 

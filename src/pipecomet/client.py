@@ -19,13 +19,18 @@ It is what pipecomet's own tests and benchmarks use.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
+
+if TYPE_CHECKING:
+    from treq.client import HTTPClient
 
 __all__ = ["CometClient", "SSEParser", "CometError"]
 
@@ -117,7 +122,8 @@ class _Body(Protocol):
 
     def stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            # A response body's transport is its connection's producer.
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 class CometClient:
@@ -136,10 +142,10 @@ class CometClient:
     :param reconnect: False to stop after the first stream ends.
     """
 
-    def __init__(self, url: str, *, transport: str = "sse", reactor: Any = None,
+    def __init__(self, url: str, *, transport: str = "sse", reactor: IReactorTime | None = None,
                  on_message: Callable[[dict[str, Any]], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 cursor: str | None = None, http: Any = None,
+                 cursor: str | None = None, http: HTTPClient | None = None,
                  poll_timeout: float | None = None, reconnect: bool = True,
                  headers: dict[str, str] | None = None, max_backoff: float = 30.0) -> None:
         if transport not in TRANSPORTS:
@@ -175,7 +181,7 @@ class CometClient:
         self._running = False
         self._pending: Deferred | None = None
         self._body: _Body | None = None
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._positions: dict[str, str] = {}
         self._waiters: list[tuple[int, Deferred]] = []
         self._stopped: Deferred | None = None
@@ -238,7 +244,8 @@ class CometClient:
         self._timer = None
         if not self._running:
             return
-        headers = {"accept": _ACCEPT[self.transport], **self.headers}
+        headers: dict[bytes | str, bytes | str] = {"accept": _ACCEPT[self.transport]}
+        headers.update(self.headers)
         if self.cursor is not None and self.transport != "longpoll":
             headers["last-event-id"] = self.cursor
         self.connects += 1
@@ -247,7 +254,7 @@ class CometClient:
         d.addCallback(self._got_response)
         d.addErrback(self._failed)
 
-    def _got_response(self, response: Any) -> Deferred | None:
+    def _got_response(self, response: IResponse) -> Deferred[None] | None:
         self._pending = None
         if not self._running:
             body = _Body(lambda b: None, Deferred())
@@ -258,7 +265,8 @@ class CometClient:
             return self._refused(response)
         self.failures = 0
         self.open_responses += 1
-        finished: Deferred = Deferred()
+        finished: Deferred[None] = Deferred()
+        feed: Callable[[bytes], None]
         if self.transport == "sse":
             parser = SSEParser(self._sse_event, self._set_retry)
             feed = parser.feed
@@ -281,7 +289,7 @@ class CometClient:
         finished.addCallback(ended)
         return None
 
-    def _refused(self, response: Any) -> Deferred:
+    def _refused(self, response: IResponse) -> Deferred[None]:
         import treq
 
         def body(raw: bytes) -> None:

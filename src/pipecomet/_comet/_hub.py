@@ -22,13 +22,14 @@ from typing import Any, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._bus import BusDelivery, TopicHistory
+from .._chain import PipeInput
 from .._errors import BadRequest, PayloadTooLarge, PipecometError, ServiceUnavailable
 from .._events import EventKeeper
 from .._interfaces import IBus, IBusReceiver, IHistoryBus
@@ -107,7 +108,8 @@ class CometHub:
     The topics, subscriptions and figures of comet push in one process.
     """
 
-    def __init__(self, reactor: Any, keeper: EventKeeper, bus: IBus, config: CometConfig) -> None:
+    def __init__(self, reactor: IReactorTime, keeper: EventKeeper, bus: IBus,
+                 config: CometConfig) -> None:
         self.reactor = reactor
         self.keeper = keeper
         self.bus = bus
@@ -119,7 +121,8 @@ class CometHub:
         self._heartbeat: IDelayedCall | None = None
         # A bus that keeps the history (Redis) numbers the messages; the
         # topics here are then a cache of it, loaded before they serve.
-        self.history_bus = IHistoryBus.providedBy(bus)
+        self._history: IHistoryBus | None = bus if IHistoryBus.providedBy(bus) else None
+        self.history_bus = self._history is not None
         self.closing = False
         self.bus_ok = True
         self.connections = 0
@@ -272,14 +275,14 @@ class CometHub:
     # -- IBusReceiver
 
     def bus_message(self, topic: str, event: str, data: bytes, key: str | None,
-                    id: str | None = None) -> Published | None:
+                    id: str | None = None) -> BusDelivery | None:
         if event == END_EVENT:
             try:
                 value = json.loads(data)
             except ValueError:
                 value = None
-            reached = self.keeper.complete(("comet", topic), End(topic=topic, data=value))
-            return Published(topic, None, reached)
+            return BusDelivery(None, self.keeper.complete(("comet", topic),
+                                                          End(topic=topic, data=value)))
         if id is not None:
             self._numbered(topic, id, event, data)
             return None
@@ -287,7 +290,7 @@ class CometHub:
             seen = self._seen(topic, key)
             if seen is not None:
                 self.stats.duplicates += 1
-                return Published(topic, seen, 0, True)
+                return BusDelivery(seen, 0, True)
         t = self._topic(topic)
         msg = t.append(event, data, self.reactor.seconds())
         self.stats.published += 1
@@ -300,7 +303,7 @@ class CometHub:
         self.stats.delivered += reached
         if t.subscribers == 0 and not t.history:
             self._maybe_forget(t)
-        return Published(topic, msg.id, reached)
+        return BusDelivery(msg.id, reached)
 
     def bus_down(self, reason: str) -> None:
         if not self.bus_ok:
@@ -332,7 +335,7 @@ class CometHub:
 
     # -- a bus that keeps the history (Redis)
 
-    def load_topics(self, topics: Sequence[Topic]) -> Deferred | None:
+    def load_topics(self, topics: Sequence[Topic]) -> Deferred[None] | None:
         """
         None when every topic can serve now; else a Deferred that fires
         when they are loaded from the bus.  Raises 503 ``bus_unavailable``
@@ -347,31 +350,40 @@ class CometHub:
         waits = [self._load(t) for t in topics if not t.loaded or t.waiting is not None]
         if not waits:
             return None
-        return gatherResults(waits, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        def first_failure(f: Failure) -> Failure:
+            # gatherResults wraps the failure: give the load's own.
+            error = f.value
+            assert isinstance(error, FirstError)
+            sub: Failure = error.subFailure
+            return sub
 
-    def _load(self, t: Topic) -> Deferred:
-        d: Deferred = Deferred()
+        return gatherResults(waits, consumeErrors=True).addCallbacks(lambda _: None,
+                                                                     first_failure)
+
+    def _load(self, t: Topic) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
         if t.waiting is not None:
             t.waiting.append(d)
             return d
         t.waiting = [d]
 
-        def loaded(history: Any) -> None:
+        def loaded(history: TopicHistory) -> None:
             waiting, t.waiting = t.waiting or [], None
             self._sync(t, history)
             for w in waiting:
                 w.callback(None)
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             waiting, t.waiting = t.waiting or [], None
             t.early = []
             for w in waiting:
                 w.errback(f)
 
-        self.bus.load(t.name, t.limits.history_count).addCallbacks(loaded, failed)
+        assert self._history is not None, "only a history bus loads topics"
+        self._history.load(t.name, t.limits.history_count).addCallbacks(loaded, failed)
         return d
 
-    def _sync(self, t: Topic, history: Any) -> None:
+    def _sync(self, t: Topic, history: TopicHistory) -> None:
         """
         Bring ``t`` in line with the bus's copy: the first load takes it
         as is; a later one (after a drop) delivers what was missed, or
@@ -465,7 +477,7 @@ class CometHub:
 
     # -- subscribing
 
-    def subscription(self, inp: Any, topics: Sequence[str]) -> Subscription:
+    def subscription(self, inp: PipeInput, topics: Sequence[str]) -> Subscription:
         """
         A subscription of ``inp``'s request to ``topics``, after the limits
         and the request's cursor (``Last-Event-ID`` header, then
@@ -479,8 +491,8 @@ class CometHub:
             raise self._reject(BadRequest(
                 f"{len(topics)} topics asked; the limit is {cfg.max_topics_per_connection}",
                 code="too_many_topics_per_connection"))
-        for t in topics:
-            self.check_topic(t)
+        for name in topics:
+            self.check_topic(name)
         if self.closing:
             raise self._reject(ServiceUnavailable("the server is shutting down",
                                                   code="shutting_down", retry_after=cfg.retry))
@@ -596,7 +608,7 @@ class CometService(Service):
         super().startService()
         self.hub.start()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         self.hub.stop()
         return succeed(None)

@@ -7,12 +7,12 @@ app.
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 
 from .._bus import MemoryBus
-from .._chain import Pipe
+from .._chain import Pipe, PipeContext, PipeInput, PipeResult
 from .._errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from .._events import EventKeeper
 from .._interfaces import IHistoryBus
@@ -20,10 +20,13 @@ from .._json import dumps
 from ._config import CometConfig, limits_for
 from ._hub import CometHub, CometService, Published
 
+if TYPE_CHECKING:
+    from .._app import App
+
 __all__ = ["install", "publish_pipes"]
 
 
-def _check_token(hub: CometHub, inp: Any) -> None:
+def _check_token(hub: CometHub, inp: PipeInput) -> None:
     token = hub.config.publish_token
     auth = inp.header("authorization")
     if not auth:
@@ -42,14 +45,14 @@ def _check_token(hub: CometHub, inp: Any) -> None:
         raise hub._reject(Forbidden("wrong publish token", code="bad_token"))
 
 
-def _hub_of(ctx: Any) -> CometHub:
-    hub: CometHub | None = ctx.runtime.comet
+def _hub_of(ctx: PipeContext) -> CometHub:
+    hub: CometHub | None = ctx.runtime.comet if ctx.runtime is not None else None
     if hub is None:
         raise RuntimeError("the publish route is used but no comet hub is installed")
     return hub
 
 
-def _publish_auth(inp: Any, ctx: Any, res: Any) -> None:
+def _publish_auth(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> None:
     hub = _hub_of(ctx)
     _check_token(hub, inp)
     hub.check_topic(inp.path_params["topic"])
@@ -61,11 +64,12 @@ def _publish_auth(inp: Any, ctx: Any, res: Any) -> None:
     return None
 
 
-def _publish_body(inp: Any, ctx: Any, res: Any) -> Deferred:
+def _publish_body(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred[bytes]:
     return inp.body()
 
 
-def _publish_send(inp: Any, ctx: Any, res: Any) -> Any:
+def _publish_send(inp: PipeInput, ctx: PipeContext,
+                  res: PipeResult) -> Deferred[dict[str, object]]:
     hub = _hub_of(ctx)
     body: bytes = res.last or b""
     if len(body) > hub.config.max_message_bytes:
@@ -115,7 +119,7 @@ def _bus_limits(config: CometConfig, name: str) -> tuple[int, float, float]:
     return lim.history_count, lim.history_age, config.idempotency_ttl
 
 
-def install(app: Any, config: CometConfig) -> None:
+def install(app: App, config: CometConfig) -> None:
     """
     ``[comet]`` installer: the event keeper, the bus (in-memory unless one
     is set already), the hub with its service and status, and the publish

@@ -50,6 +50,7 @@ def resolve_topic(t: Topic, cursor: tuple[str, int] | None,
     epoch, offset = cursor
     if epoch == "" and offset == 0:  # "from the start of the history"
         return "ok", first - 1, t.after(first - 1), None
+    ev: dict[str, Any]
     if epoch != t.epoch or offset > t.last_offset:
         ev = {"topic": t.name, "reason": "reset", "from": f"{epoch}:{offset}",
               "resumed_from": t.id_at(first - 1), "epoch": t.epoch}
