@@ -29,6 +29,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
+from ._comet._config import RESERVED_EVENTS
+from ._sse import SSEParser
+
 if TYPE_CHECKING:
     from treq.client import HTTPClient
 
@@ -39,7 +42,9 @@ log = Logger()
 TRANSPORTS = ("sse", "ndjson", "longpoll")
 _ACCEPT = {"sse": "text/event-stream", "ndjson": "application/x-ndjson",
            "longpoll": "application/json"}
-CONTROL = frozenset({"gap", "reset", "end", "reconnect", "shutdown"})
+#: Reserved event names a client hands to ``on_event`` (heartbeats and
+#: timeouts are not surfaced).
+CONTROL = RESERVED_EVENTS - {"heartbeat", "timeout"}
 
 
 class CometError(Exception):
@@ -51,54 +56,6 @@ class CometError(Exception):
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
         self.body = body
-
-
-class SSEParser:
-    """
-    An incremental ``text/event-stream`` parser (the WHATWG rules that
-    matter here): calls ``on_event(event_type, data, last_id)`` per
-    dispatched event and ``on_retry(ms)``.
-    """
-
-    def __init__(self, on_event: Callable[[str, str, str | None], None],
-                 on_retry: Callable[[int], None] | None = None) -> None:
-        self.on_event = on_event
-        self.on_retry = on_retry
-        self._buf = b""
-        self._data: list[str] = []
-        self._type = ""
-        self.last_id: str | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        buf = self._buf + chunk
-        lines = buf.split(b"\n")
-        self._buf = lines.pop()
-        for raw in lines:
-            line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if not line:
-                self._dispatch()
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "data":
-                self._data.append(value)
-            elif name == "event":
-                self._type = value
-            elif name == "id":
-                if "\0" not in value:
-                    self.last_id = value
-            elif name == "retry" and value.isdigit() and self.on_retry is not None:
-                self.on_retry(int(value))
-
-    def _dispatch(self) -> None:
-        data, self._data = self._data, []
-        etype, self._type = self._type or "message", ""
-        if not data:
-            return
-        self.on_event(etype, "\n".join(data), self.last_id)
 
 
 class _Body(Protocol):
