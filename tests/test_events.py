@@ -839,3 +839,99 @@ class ResumeProperties(SynchronousTestCase):
         c.flush()
         self.assertEqual(app.runtime.events.waiters(), 0)
         self.assertEqual(app.runtime.events.timers, 0)
+
+
+class _LaterBus:
+    """
+    A bus that answers a publish only when the test says so, as a networked
+    one answers when its broker does.
+    """
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.receivers: list[Any] = []
+        self.pending: list[tuple[Any, str, str, bytes]] = []
+
+    def publish(self, topic: str, event: str, data: bytes, key: str | None = None) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[Any] = Deferred()
+        self.pending.append((d, topic, event, data))
+        return d
+
+    def deliver(self, delivered: int) -> None:
+        from pipecomet._bus import BusDelivery
+
+        d, topic, event, data = self.pending.pop(0)
+        for r in self.receivers:
+            r.bus_message(topic, event, data, None, "e0:7")
+        d.callback(BusDelivery("e0:7", delivered))
+
+    def add_receiver(self, receiver: Any) -> None:
+        self.receivers.append(receiver)
+
+    def remove_receiver(self, receiver: Any) -> None:
+        self.receivers.remove(receiver)
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+class StreamSinkTests(SynchronousTestCase):
+    """
+    The responders are the comet stream sinks; publishing reports what the
+    bus reports, whenever it reports it.
+    """
+
+    def test_every_responder_is_a_stream_sink(self) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web.http import HTTPChannel, Request
+        from zope.interface.verify import verifyObject
+
+        from pipecomet._comet import IStreamSink
+        from pipecomet._responders import RESPONDERS
+
+        transports = {}
+        for name, cls in RESPONDERS.items():
+            channel = HTTPChannel()
+            channel.makeConnection(StringTransport())
+            sink = cls(Request(channel))
+            self.assertTrue(verifyObject(IStreamSink, sink), name)
+            transports[name] = sink.transport
+        self.assertEqual(transports, {"json": "longpoll", "longpoll": "longpoll",
+                                      "sse": "sse", "ndjson": "ndjson"})
+
+    def test_publish_waits_for_the_bus_and_reports_its_result(self) -> None:
+        from pipecomet._comet import CometHub
+
+        clock = Clock()
+        bus = _LaterBus()
+        hub = CometHub(clock, EventKeeper(clock), bus, CometConfig())
+        hub.start()
+        d = hub.publish_json("news", b"1")
+        self.assertNoResult(d)  # nothing is known before the bus answers
+        bus.deliver(3)
+        done = self.successResultOf(d)
+        self.assertEqual((done.topic, done.id, done.delivered, done.duplicate),
+                         ("news", "e0:7", 3, False))
+        end = hub.complete("news")
+        self.assertNoResult(end)
+        bus.deliver(2)
+        self.assertEqual(self.successResultOf(end).delivered, 2)
+
+    def test_a_held_stream_answers_a_poll_as_frames_and_ends(self) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        call = c.get("/sub/news", headers={"accept": "text/event-stream"})
+        hub.publish("news", {"n": 1})
+        sub = next(iter(hub._streams))
+        msg = hub.topics["news"].history[-1]
+        sub.sink.answer_poll([msg], [{"topic": "news", "reason": "bus", "missed": None}],
+                             sub.cursor(), {"end": {"topic": "news", "data": None}}, 1.0)
+        c.flush()
+        events = call.events()
+        self.assertEqual([e.get("event") for e in events],
+                         ["open", None, "gap", None, "end"])
+        self.assertEqual(events[-1]["retry"], "1000")
+        self.assertTrue(call.done)
