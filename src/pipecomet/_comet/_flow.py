@@ -23,11 +23,13 @@ __all__ = ["FlowControl"]
 @implementer(IPushProducer)
 class FlowControl:
     """
-    The write side of a held stream, and the push producer of its request.
+    The write side of a held stream once its client has stopped reading,
+    and the push producer of its request.
 
-    A frame is written at once when nothing waits before it; when the
-    socket's send buffer is full Twisted pauses the connection, frames
-    queue here up to ``limit`` bytes, and past that the client is slow:
+    Made by the subscription the first time its sink refuses a frame (a
+    client that keeps up never costs one): frames queue here up to
+    ``limit`` bytes while Twisted has the connection paused, and past that
+    the client is slow:
     cut off (:meth:`Subscription.slow`), or with ``drop`` its oldest queued
     messages are dropped and a ``gap`` event says so when it reads again.
 
@@ -55,7 +57,14 @@ class FlowControl:
         if not self.paused and not self.queue:
             if self.sink.write(data):
                 return
-            self._backpressure()
+            self.backpressure()
+        self.enqueue(data, msg)
+
+    def enqueue(self, data: bytes, msg: Message | None) -> None:
+        """
+        Queue ``data`` (the frame of ``msg``, if a message) behind the
+        others; past ``limit`` the client is slow.
+        """
         q = self.queue
         if q is None:
             q = self.queue = deque()
@@ -81,7 +90,7 @@ class FlowControl:
                 else:
                     span[1] = m.offset
 
-    def _backpressure(self) -> None:
+    def backpressure(self) -> None:
         """
         The socket's buffer is full (Twisted paused the channel): become the
         request's push producer now, so that Twisted resumes us when it

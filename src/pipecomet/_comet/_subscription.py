@@ -196,8 +196,6 @@ class Subscription(Stream, EventListener):
         if not sink.start(self.cursor(), self.resume, hub.config.retry):
             self._close(None)  # the client left before we started
             return
-        self.flow = FlowControl(self, sink, hub.config.buffer_bytes,
-                                all(t.limits.drop for t in self.objs))
         for ev in control:
             self.send(sink.control("reset" if ev["reason"] == "reset" else "gap", ev))
         single = len(self.objs) == 1
@@ -228,8 +226,21 @@ class Subscription(Stream, EventListener):
         """
         Send a frame on the stream (queued while the client is not reading).
         """
-        if self.open and self.flow is not None:
-            self.flow.send(data, msg)
+        if not self.open:
+            return
+        flow = self.flow
+        if flow is not None:
+            flow.send(data, msg)
+            return
+        sink = self.sink
+        if sink is None or not sink.held or sink.write(data):
+            return
+        # The client stopped reading: from now on the frames go through
+        # flow control (a client that keeps up never needs it).
+        flow = self.flow = FlowControl(self, sink, self.hub.config.buffer_bytes,
+                                       all(t.limits.drop for t in self.objs))
+        flow.backpressure()
+        flow.enqueue(data, msg)
 
     def send_control(self, name: str, fields: dict[str, Any]) -> None:
         """
@@ -246,7 +257,9 @@ class Subscription(Stream, EventListener):
         """
         Bytes waiting for this client: queued here and in the socket.
         """
-        return self.flow.buffered() if self.flow is not None else 0
+        if self.flow is not None:
+            return self.flow.buffered()
+        return self.sink.pending() if self.sink is not None else 0
 
     @property
     def queued(self) -> int:
@@ -355,14 +368,15 @@ class Subscription(Stream, EventListener):
             return
         self._release()
         flow, self.flow = self.flow, None
+        queued: list[bytes] = []
         if flow is not None:
             flow.release()
             queued = flow.take()
-            sink = self.sink
-            if final is not None and sink is not None and not sink.gone():
-                if queued:
-                    sink.write_through(queued)
-                sink.end(final)
+        sink = self.sink
+        if final is not None and sink is not None and sink.held and not sink.gone():
+            if queued:
+                sink.write_through(queued)
+            sink.end(final)
         self._signal_ended()
 
     def _signal_ended(self) -> None:
