@@ -935,3 +935,33 @@ class StreamSinkTests(SynchronousTestCase):
                          ["open", None, "gap", None, "end"])
         self.assertEqual(events[-1]["retry"], "1000")
         self.assertTrue(call.done)
+
+
+class SSEWireTests(SynchronousTestCase):
+    """
+    The one SSE encoder and the one parser (the client's and the test
+    helpers') agree, byte by byte and split anywhere.
+    """
+
+    def test_encoder_and_parser_round_trip_split_anywhere(self) -> None:
+        from pipecomet._sse import HEARTBEAT, SSEParser, encode_event, parse_events
+
+        wire = (encode_event(b'{"a":1}', "open", id="e:0", retry=2.0) + HEARTBEAT
+                + encode_event(b'{"n":1}', None, id="e:1")
+                + encode_event(b'{"n":2}', "message", id="e:2")
+                + encode_event(b'{"x":0}', "gap"))
+        self.assertEqual(encode_event(b"1", None, id="e:1"), b"id: e:1\ndata: 1\n\n")
+        self.assertEqual(encode_event(b"1", "gap", retry=1.5), b"retry: 1500\nevent: gap\ndata: 1\n\n")
+        for cut in range(len(wire)):
+            seen: list[tuple[str, str, str | None]] = []
+            retries: list[int] = []
+            parser = SSEParser(lambda t, d, i: seen.append((t, d, i)), retries.append)
+            parser.feed(wire[:cut])
+            parser.feed(wire[cut:])
+            self.assertEqual(seen, [("open", '{"a":1}', "e:0"), ("message", '{"n":1}', "e:1"),
+                                    ("message", '{"n":2}', "e:2"), ("gap", '{"x":0}', "e:2")])
+            self.assertEqual(retries, [2000])
+        blocks = parse_events(wire + b"data: unfinished")
+        self.assertEqual([b.get("event") for b in blocks], ["open", None, "message", "gap"])
+        self.assertEqual(blocks[0], {"retry": "2000", "id": "e:0", "event": "open",
+                                     "data": '{"a":1}'})

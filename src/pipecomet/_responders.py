@@ -547,7 +547,10 @@ class _StreamResponder(Responder):
         """
         frames = [self.control("reset" if ev.get("reason") == "reset" else "gap", ev)
                   for ev in events]
-        frames += [self.message(m, cursor) for m in messages]
+        # A cursor of several topics has one entry per topic; one topic's
+        # messages carry their own ids (the shared frame).
+        several = cursor if "," in cursor else None
+        frames += [self.message(m, several) for m in messages]
         final = None
         for name, fields in (extra or {}).items():
             final = self.control(name, fields, retry_after)

@@ -18,15 +18,15 @@ def encode_event(data: bytes, event: str | None = None, id: str | None = None,
                  retry: float | None = None) -> bytes:
     """
     One event block: ``retry:`` (``retry`` seconds, sent in milliseconds),
-    ``id:``, ``event:`` (left out for ``None`` and ``"message"``, the
-    default type) and one ``data:`` line.
+    ``id:``, ``event:`` (left out for ``None``: the type is then
+    ``message``) and one ``data:`` line.
 
     :param data: the payload, one line (compact JSON has no newline).
     """
     out = b"" if retry is None else b"retry: %d\n" % int(retry * 1000)
     if id is not None:
         out += b"id: " + id.encode("ascii") + b"\n"
-    if event is not None and event != "message":
+    if event is not None:
         out += b"event: " + event.encode("ascii") + b"\n"
     return out + b"data: " + data + b"\n\n"
 
