@@ -77,7 +77,7 @@ def serve_pipecomet(port: int) -> None:
     app.route("/comet/<topic>", [Condition(lambda i, c, r: [i.path_params["topic"]],
                                            mode="many")],
               responders=("sse", "json", "longpoll"))
-    app.route("/held", [Pipe(lambda i, c, r: {"held": c.runtime.events.comet.connections},
+    app.route("/held", [Pipe(lambda i, c, r: {"held": c.runtime.comet.connections},
                              name="held")])
     app.configure(Config.from_dict({"comet": {
         "publish_token": TOKEN, "heartbeat": 3600.0, "max_lifetime": 0.0,

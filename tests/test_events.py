@@ -155,7 +155,7 @@ def make(config: dict[str, Any] | None = None, routes: Any = None) -> tuple[App,
 
 
 def hub_of(app: App) -> Any:
-    return app.runtime.events.comet
+    return app.runtime.comet
 
 
 def data_events(call: Any) -> list[dict[str, Any]]:
@@ -255,7 +255,8 @@ class CometTransportTests(SynchronousTestCase):
         hub = hub_of(app)
         call = c.get("/sub/news", headers={"accept": "application/x-ndjson"})
         hub.publish("news", {"a": 1})
-        self.assertEqual(hub.complete("news", {"bye": True}), 1)
+        # The bus's report, not a count the hub read off the keeper.
+        self.assertEqual(self.successResultOf(hub.complete("news", {"bye": True})).delivered, 1)
         c.flush()
         lines = call.lines()
         self.assertEqual(lines[0]["event"], "open")
@@ -587,7 +588,7 @@ class CometLimitTests(SynchronousTestCase):
         self.error(c.post("/_pipecomet/publish/news", data=b"1",
                           headers={**auth, "idempotency-key": "k" * 201}), 400,
                    "bad_idempotency_key")
-        self.assertEqual(hub.published, 0)
+        self.assertEqual(hub.stats.published, 0)
         sub = c.get("/sub/news", headers={"accept": "application/x-ndjson"})
         keyed = {**auth, "idempotency-key": "abc"}
         first = c.post("/_pipecomet/publish/news", data=b'{"v":1}', headers=keyed)
@@ -595,7 +596,7 @@ class CometLimitTests(SynchronousTestCase):
         self.assertEqual(first.json()["delivered"], 1)
         self.assertEqual(again.json(), {**first.json(), "delivered": 0, "duplicate": True})
         self.assertEqual([x["data"] for x in sub.lines() if "data" in x], [{"v": 1}])
-        self.assertEqual(hub.published, 1)
+        self.assertEqual(hub.stats.published, 1)
         c.advance(301)  # the key is forgotten after idempotency_ttl
         third = c.post("/_pipecomet/publish/news", data=b'{"v":1}', headers=keyed)
         self.assertFalse(third.json()["duplicate"])
@@ -838,3 +839,129 @@ class ResumeProperties(SynchronousTestCase):
         c.flush()
         self.assertEqual(app.runtime.events.waiters(), 0)
         self.assertEqual(app.runtime.events.timers, 0)
+
+
+class _LaterBus:
+    """
+    A bus that answers a publish only when the test says so, as a networked
+    one answers when its broker does.
+    """
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.receivers: list[Any] = []
+        self.pending: list[tuple[Any, str, str, bytes]] = []
+
+    def publish(self, topic: str, event: str, data: bytes, key: str | None = None) -> Any:
+        from twisted.internet.defer import Deferred
+
+        d: Deferred[Any] = Deferred()
+        self.pending.append((d, topic, event, data))
+        return d
+
+    def deliver(self, delivered: int) -> None:
+        from pipecomet._bus import BusDelivery
+
+        d, topic, event, data = self.pending.pop(0)
+        for r in self.receivers:
+            r.bus_message(topic, event, data, None, "e0:7")
+        d.callback(BusDelivery("e0:7", delivered))
+
+    def add_receiver(self, receiver: Any) -> None:
+        self.receivers.append(receiver)
+
+    def remove_receiver(self, receiver: Any) -> None:
+        self.receivers.remove(receiver)
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+class StreamSinkTests(SynchronousTestCase):
+    """
+    The responders are the comet stream sinks; publishing reports what the
+    bus reports, whenever it reports it.
+    """
+
+    def test_every_responder_is_a_stream_sink(self) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web.http import HTTPChannel, Request
+        from zope.interface.verify import verifyObject
+
+        from pipecomet._comet import IStreamSink
+        from pipecomet._responders import RESPONDERS
+
+        transports = {}
+        for name, cls in RESPONDERS.items():
+            channel = HTTPChannel()
+            channel.makeConnection(StringTransport())
+            sink = cls(Request(channel))
+            self.assertTrue(verifyObject(IStreamSink, sink), name)
+            transports[name] = sink.transport
+        self.assertEqual(transports, {"json": "longpoll", "longpoll": "longpoll",
+                                      "sse": "sse", "ndjson": "ndjson"})
+
+    def test_publish_waits_for_the_bus_and_reports_its_result(self) -> None:
+        from pipecomet._comet import CometHub
+
+        clock = Clock()
+        bus = _LaterBus()
+        hub = CometHub(clock, EventKeeper(clock), bus, CometConfig())
+        hub.start()
+        d = hub.publish_json("news", b"1")
+        self.assertNoResult(d)  # nothing is known before the bus answers
+        bus.deliver(3)
+        done = self.successResultOf(d)
+        self.assertEqual((done.topic, done.id, done.delivered, done.duplicate),
+                         ("news", "e0:7", 3, False))
+        end = hub.complete("news")
+        self.assertNoResult(end)
+        bus.deliver(2)
+        self.assertEqual(self.successResultOf(end).delivered, 2)
+
+    def test_a_held_stream_answers_a_poll_as_frames_and_ends(self) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        call = c.get("/sub/news", headers={"accept": "text/event-stream"})
+        hub.publish("news", {"n": 1})
+        sub = next(iter(hub._streams))
+        msg = hub.topics["news"].history[-1]
+        sub.sink.answer_poll([msg], [{"topic": "news", "reason": "bus", "missed": None}],
+                             sub.cursor(), {"end": {"topic": "news", "data": None}}, 1.0)
+        c.flush()
+        events = call.events()
+        self.assertEqual([e.get("event") for e in events],
+                         ["open", None, "gap", None, "end"])
+        self.assertEqual(events[-1]["retry"], "1000")
+        self.assertTrue(call.done)
+
+
+class SSEWireTests(SynchronousTestCase):
+    """
+    The one SSE encoder and the one parser (the client's and the test
+    helpers') agree, byte by byte and split anywhere.
+    """
+
+    def test_encoder_and_parser_round_trip_split_anywhere(self) -> None:
+        from pipecomet._sse import HEARTBEAT, SSEParser, encode_event, parse_events
+
+        wire = (encode_event(b'{"a":1}', "open", id="e:0", retry=2.0) + HEARTBEAT
+                + encode_event(b'{"n":1}', None, id="e:1")
+                + encode_event(b'{"n":2}', "message", id="e:2")
+                + encode_event(b'{"x":0}', "gap"))
+        self.assertEqual(encode_event(b"1", None, id="e:1"), b"id: e:1\ndata: 1\n\n")
+        self.assertEqual(encode_event(b"1", "gap", retry=1.5), b"retry: 1500\nevent: gap\ndata: 1\n\n")
+        for cut in range(len(wire)):
+            seen: list[tuple[str, str, str | None]] = []
+            retries: list[int] = []
+            parser = SSEParser(lambda t, d, i: seen.append((t, d, i)), retries.append)
+            parser.feed(wire[:cut])
+            parser.feed(wire[cut:])
+            self.assertEqual(seen, [("open", '{"a":1}', "e:0"), ("message", '{"n":1}', "e:1"),
+                                    ("message", '{"n":2}', "e:2"), ("gap", '{"x":0}', "e:2")])
+            self.assertEqual(retries, [2000])
+        blocks = parse_events(wire + b"data: unfinished")
+        self.assertEqual([b.get("event") for b in blocks], ["open", None, "message", "gap"])
+        self.assertEqual(blocks[0], {"retry": "2000", "id": "e:0", "event": "open",
+                                     "data": '{"a":1}'})

@@ -35,7 +35,7 @@ CONFIG = {
 
 INTERFACES = {
     "IBodySource", "IBus", "IBusReceiver", "IChainRequest", "IDiscovery", "IEventListener",
-    "IHistoryBus", "IPipeInput", "IPipecometReactor",
+    "IHistoryBus", "IPipeInput", "IPipecometReactor", "IStreamSink",
 }
 
 TESTING = {"Call", "MemoryClient", "SynchronousThreadPool", "make_clock"}

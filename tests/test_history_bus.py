@@ -117,7 +117,7 @@ def make(count: int = 1000) -> tuple[App, MemoryClient, FakeRedis]:
 
 
 def hub_of(app: App) -> Any:
-    return app.runtime.events.comet
+    return app.runtime.comet
 
 
 def sse_data(call: Any) -> list[Any]:

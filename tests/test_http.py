@@ -373,7 +373,7 @@ class CometTests(SynchronousTestCase):
         proto.makeConnection(t)
         proto.dataReceived(b"GET /comet/news HTTP/1.1\r\nHost: t\r\n"
                            b"Accept: text/event-stream\r\n\r\n")
-        hub = app.runtime.events.comet
+        hub = app.runtime.comet
         return proto, t, hub
 
     def test_frames_queue_while_blocked_and_drain_on_resume(self):
@@ -385,7 +385,7 @@ class CometTests(SynchronousTestCase):
         hub.publish("news", {"n": 2})
         self.assertNotIn(b'{"n":2}', t.value())
         sub = next(iter(hub._streams))
-        self.assertEqual(proto._active.request.producer, sub)
+        self.assertEqual(proto._active.request.producer, sub.flow)
         proto.resumeProducing()
         self.assertIn(b'{"n":2}', t.value())
 
@@ -425,7 +425,7 @@ class TwistedChannelTests(SynchronousTestCase):
         self.assertIs(type(site), TwistedSite)
         client = MemoryClient(app, clock)
         call = client.get("/comet/news", headers={"accept": "text/event-stream"})
-        app.runtime.events.comet.publish("news", {"n": 1})
+        app.runtime.comet.publish("news", {"n": 1})
         client.flush()
         self.assertEqual(call.status, 200)
         self.assertEqual(json.loads(call.events()[-1]["data"]), {"n": 1})

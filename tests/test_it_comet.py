@@ -52,7 +52,7 @@ def close(app: App, port: Any) -> Any:
 
 
 def books(app: App) -> Any:
-    return app.runtime.events, app.runtime.events.comet
+    return app.runtime.events, app.runtime.comet
 
 
 @defer.inlineCallbacks
@@ -133,7 +133,7 @@ def test_resume_exactly_once_across_a_drop():
         for c in clients:
             assert [m["data"] for m in c.messages] == list(range(12)), c.transport
             assert c.connects >= 2
-        assert hub.resume_hits >= 2
+        assert hub.stats.resume_hits >= 2
     finally:
         for c in clients:
             yield within(c.stop(), "a client to stop")
@@ -207,7 +207,7 @@ def test_slow_reader_is_cut_off_with_bounded_buffer():
             peak = max(peak, sub.buffered())
             if n % 20 == 0:
                 yield task.deferLater(reactor, 0, lambda: None)
-        assert hub.slow_disconnects == 1
+        assert hub.stats.slow_disconnects == 1
         # Our queue never passed the bound; the socket buffer Twisted keeps
         # is bounded by its own high-water mark (it pauses us past it).
         assert sub.queued == 0
@@ -239,7 +239,7 @@ def test_drop_policy_keeps_the_client_with_a_gap_event():
             assert sub.queued <= limit
             if n % 20 == 0:
                 yield task.deferLater(reactor, 0, lambda: None)
-        assert sub.open and hub.dropped > 0 and hub.slow_disconnects == 0
+        assert sub.open and hub.stats.dropped > 0 and hub.stats.slow_disconnects == 0
         # The client reads again: it gets a gap event, then the newest messages.
         got = []
         stalled.dataReceived = lambda data: got.append(data)
@@ -314,7 +314,7 @@ def test_publish_auth_idempotency_and_limits():
         assert r.code == 400 and error_of(body)["code"] == "bad_topic"
         r, body = yield fetch("GET", f"{base}/comet/lim?since=not-a-cursor")
         assert r.code in (400, 503)
-        assert hub.rejected["topic_full"] == 1
+        assert hub.stats.rejected["topic_full"] == 1
     finally:
         for c in clients:
             yield within(c.stop(), "a client to stop")
@@ -421,8 +421,8 @@ def test_ten_thousand_connect_disconnect_cycles_leave_nothing():
         assert peak["waiters"] > 0  # the subscriptions were really held
         assert keeper.waiters() == 0 and keeper.timers == 0
         assert hub.connections == 0 and not hub._streams and not hub._polls
-        assert hub.opened["sse"] + hub.opened["ndjson"] == cycles * 3 // 4
-        assert hub.opened["longpoll"] > 0
+        assert hub.stats.opened["sse"] + hub.stats.opened["ndjson"] == cycles * 3 // 4
+        assert hub.stats.opened["longpoll"] > 0
         for t in hub.topics.values():
             assert len(t.history) <= 50 and t.bytes <= 20_000
         assert len(hub._idem) <= 100

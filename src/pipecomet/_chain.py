@@ -600,6 +600,13 @@ class Stream:
     def when_done(self) -> Deferred:
         raise NotImplementedError
 
+    def serve(self, sink: Any) -> None:
+        """
+        Start writing through ``sink``, the responder's
+        :class:`~pipecomet._comet.IStreamSink`.
+        """
+        raise NotImplementedError
+
 
 _SPECIAL = (Deferred, CoroutineType, Answer, SkipRest, Stream)
 #: Plain results, told apart from _SPECIAL by type alone: Deferred is an

@@ -21,10 +21,11 @@ its topics until an end event, a timeout or the client leaving.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -116,7 +117,7 @@ class Event:
         self.keys = keys
         self.listener = listener
         self.state = EventState.INIT
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
         self.invocations = 0
 
     def __repr__(self) -> str:
@@ -193,11 +194,11 @@ class _OnceListener(EventListener):
     __slots__ = ("deferred", "timeout_value", "event")
 
     def __init__(self, timeout_value: Any) -> None:
-        self.deferred: Deferred = Deferred(self._cancelled)
+        self.deferred: Deferred[Any] = Deferred(self._cancelled)
         self.timeout_value = timeout_value
         self.event: Event | None = None
 
-    def _cancelled(self, d: Deferred) -> None:
+    def _cancelled(self, d: Deferred[Any]) -> None:
         # Deferred.cancel() on a waiter: the event lets go of its keys.
         if self.event is not None:
             self.event.cancel()
@@ -236,14 +237,11 @@ class EventKeeper:
     transitions; each returns how many waiters it reached.
 
     :param reactor: gives ``callLater`` for deadlines (a ``Clock`` in tests).
-    :ivar comet: the comet hub using this keeper (:mod:`pipecomet._comet`),
-        or None when no hub is installed.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IReactorTime) -> None:
         self.reactor = reactor
         self._by_key: dict[Hashable, dict[Event, None]] = {}
-        self.comet: Any = None
         self.timers = 0
         self.events = 0
         self.invoked = 0
@@ -259,7 +257,10 @@ class EventKeeper:
         Register a waiter on ``keys`` (one key, or several with ``many=True``
         and an iterable) with a deadline ``timeout`` seconds from now.
         """
-        ks: tuple[Hashable, ...] = tuple(keys) if many else (keys,)  # type: ignore[arg-type]
+        # With many=True ``keys`` is an iterable of keys (a str key is
+        # iterable too: only the caller knows which it meant).
+        ks: tuple[Hashable, ...] = (tuple(cast(Iterable[Hashable], keys)) if many
+                                    else (cast(Hashable, keys),))
         event = Event(self, ks, listener)
         for k in ks:
             waiters = self._by_key.get(k)
@@ -273,7 +274,7 @@ class EventKeeper:
         return event
 
     def wait(self, key: Hashable, timeout: float | None = None, *,
-             on_timeout: Any = None) -> Deferred:
+             on_timeout: Any = None) -> Deferred[Any]:
         """
         A Deferred that fires with the value of the next :meth:`fire` or
         :meth:`complete` of ``key`` (the "once" mode).  Cancelling it lets go
@@ -413,13 +414,15 @@ class Condition:
         return self.name
 
     def __call__(self, inp: Any, ctx: Any, res: Any) -> Any:
-        keeper = ctx.runtime.events if ctx.runtime is not None else None
+        runtime = ctx.runtime
+        keeper = runtime.events if runtime is not None else None
         if keeper is None:
             raise RuntimeError("condition pipe used but no event keeper is installed")
         key = self._key(inp, ctx, res)
         if self.mode == "once":
             return keeper.wait(key, self.timeout, on_timeout=self.on_timeout)
-        if keeper.comet is None:
+        hub = runtime.comet
+        if hub is None:
             raise RuntimeError("many-mode condition used but no comet hub is installed")
         topics = [key] if isinstance(key, str) else list(key)
-        return keeper.comet.subscription(inp, topics)
+        return hub.subscription(inp, topics)

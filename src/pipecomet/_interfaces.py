@@ -6,7 +6,7 @@ replace, as zope.interface interfaces in one place (made public by
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 from twisted.internet.interfaces import (
     IReactorCore,
@@ -17,6 +17,11 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from ._bus import BusDelivery, TopicHistory
 
 __all__ = [
     "IBodySource",
@@ -171,7 +176,7 @@ class IBusReceiver(Interface):
     """
 
     def bus_message(topic: str, event: str, data: bytes, key: str | None,
-                    id: str | None = None) -> Delivery | None:
+                    id: str | None = None) -> BusDelivery | None:
         """
         A message published on ``topic`` reached this process.
 
@@ -209,7 +214,8 @@ class IBus(Interface):
 
     connected = Attribute("True while messages published now reach every receiver.")
 
-    def publish(topic: str, event: str, data: bytes, key: str | None = None) -> object:
+    def publish(topic: str, event: str, data: bytes,
+                key: str | None = None) -> Deferred[BusDelivery]:
         """
         Send a message to every receiver (this process included).
 
@@ -252,7 +258,7 @@ class IHistoryBus(IBus):
         comet installer hands in the ``[comet]`` table's).
         """
 
-    def load(topic: str, count: int) -> object:
+    def load(topic: str, count: int) -> Deferred[TopicHistory]:
         """
         The topic's epoch, last offset and its newest ``count`` messages.
 

@@ -1,5 +1,6 @@
 """
-Responders: how a chain's outcomes reach the client.
+Responders: how a chain's outcomes reach the client, and the wire format of
+every response.
 
 A responder is the :class:`~pipecomet._chain.ChainSink` of one request.
 ``json`` sends one body when everything is in; ``ndjson`` and ``sse`` write
@@ -7,17 +8,33 @@ each result (the main chain's and every branch's) the moment it is ready.
 The route says which responders it offers; the client picks with ``Accept``
 or ``transport=``.  Finishing is idempotent and a gone client is never
 written to.
+
+Each responder is also the :class:`~pipecomet._comet.IStreamSink` of a comet
+subscription (a many-mode condition pipe's stream) on its request: ``sse``
+and ``ndjson`` stream frames, ``json`` (also offered as ``longpoll``)
+answers as a long-poll.  The subscription says what to send; the responder
+frames it and writes it.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ._chain import Answer, ChainSink, as_pipecomet_error
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from ._chain import Answer, ChainSink, Stream, as_pipecomet_error
+from ._comet._interfaces import IStreamSink
 from ._errors import PipecometError, error_response
+from ._json import dumps
+from ._sse import HEARTBEAT, encode_event
 from ._twcompat import request_gone as _gone
+from ._twcompat import transport_pending
 from ._observe._requests import note_error
+
+if TYPE_CHECKING:
+    from ._comet._topics import Message
 
 __all__ = [
     "Responder",
@@ -26,19 +43,12 @@ __all__ = [
     "SSEResponder",
     "RESPONDERS",
     "MEDIA_TYPES",
+    "LongPollResponder",
     "choose_responder",
     "dumps",
     "send_error",
+    "envelope",
 ]
-
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-def dumps(value: Any) -> bytes:
-    """
-    Compact JSON as UTF-8 bytes; objects JSON does not know become strings.
-    """
-    return _encoder.encode(value).encode("utf-8")
 
 
 class _Unserialisable(Exception):
@@ -76,6 +86,112 @@ def send_error(request: Any, error: PipecometError) -> None:
     note_error(request, error)  # the access log and the figures show code and id
     request.write(error_response(request, error))
     request.finish()
+
+
+# ---------------------------------------------------------------------------
+# Comet frames.  A message's frame is encoded once per framing and cached on
+# the message (``Message.frame(slot, encoder)``), so the same bytes object
+# is written to every connection that frames it the same way.
+
+SSE, SSE_CHUNKED, NDJSON, NDJSON_CHUNKED, POLL_ONE = range(5)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def envelope(m: Message) -> bytes:
+    """
+    The JSON record of a message in NDJSON and long-poll (and in SSE when a
+    subscription has several topics): topic, id, event, data.
+    """
+    return (b'{"topic":' + dumps(m.topic) + b',"id":"' + m.id.encode("ascii")
+            + b'","event":' + dumps(m.event) + b',"data":' + m.data + b"}")
+
+
+def _sse_message(m: Message) -> bytes:
+    return encode_event(m.data, None if m.event == "message" else m.event, id=m.id)
+
+
+def _sse_message_chunked(m: Message) -> bytes:
+    return _chunk(m.frame(SSE, _sse_message))
+
+
+def _ndjson_message(m: Message) -> bytes:
+    return envelope(m) + b"\n"
+
+
+def _ndjson_message_chunked(m: Message) -> bytes:
+    return _chunk(m.frame(NDJSON, _ndjson_message))
+
+
+def _poll_one(m: Message) -> bytes:
+    # The long-poll answer carrying only this message, shared by every
+    # single-topic poller waiting at the head.
+    return (b'{"messages":[' + envelope(m) + b'],"events":[],"cursor":"'
+            + m.id.encode("ascii") + b'"}')
+
+
+_MESSAGE_ENCODERS: tuple[Callable[[Message], bytes], ...] = (
+    _sse_message, _sse_message_chunked, _ndjson_message, _ndjson_message_chunked, _poll_one)
+
+_ND_HEARTBEAT = b'{"event":"heartbeat"}\n'
+_HEARTBEATS = (HEARTBEAT, _chunk(HEARTBEAT), _ND_HEARTBEAT, _chunk(_ND_HEARTBEAT))
+
+
+def _hold(request: Any) -> None:
+    """
+    Exempt a held request from the idle timeout (Twisted #9532, #12498):
+    pipecomet's protocol through ``request.hold()`` (a client EOF then
+    means the client has gone), twisted.web's channel through its
+    ``setTimeout(None)``.
+    """
+    hold = getattr(request, "hold", None)
+    if hold is not None:
+        hold()
+    else:
+        request.channel.setTimeout(None)
+
+
+class _ChannelFrames:
+    """
+    Frame writer for a request on twisted.web's own channel: its write,
+    refused while the transport has paused it.
+    """
+
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    def __call__(self, data: bytes) -> bool:
+        channel = self.channel
+        if getattr(channel.transport, "producerPaused", False):
+            return False
+        channel.write(data)
+        return True
+
+
+def _frame_writer(request: Any) -> Callable[[bytes], bool]:
+    """
+    ``writer(frame) -> bool`` for a stream on ``request`` (True: written;
+    False: the client is not reading, nothing was written).  pipecomet's
+    protocol sends the frame to the socket at once when nothing waits
+    before it (one syscall).
+    """
+    write_frame: Callable[[bytes], bool] | None = getattr(request, "write_frame", None)
+    if write_frame is not None:
+        return write_frame
+    return _ChannelFrames(request.channel)
+
+
+def _resume_headers(request: Request, cursor: str, resume: str) -> None:
+    request.setHeader(b"pipecomet-resume", resume.encode("ascii"))
+    request.setHeader(b"pipecomet-resumed-from", cursor.encode("ascii"))
+
+
+# ---------------------------------------------------------------------------
+# Responders
 
 
 class Responder(ChainSink):
@@ -133,22 +249,49 @@ class Responder(ChainSink):
             return
         self._send(200, b"application/json", body)
 
-    def stream(self, stream: Any) -> None:
+    def stream(self, stream: Stream) -> None:
         """
-        A condition pipe's stream (:class:`~pipecomet._chain.Stream`) writes
-        to the request itself, framed for this responder's ``name``: the
-        ``json`` responder gives long-poll, ``sse`` and ``ndjson`` streams.
+        A condition pipe's stream (a comet subscription) is served with this
+        responder as its :class:`~pipecomet._comet.IStreamSink`: ``json``
+        answers it as a long-poll, ``sse`` and ``ndjson`` stream it.
         """
+        if not IStreamSink.providedBy(self):
+            super().stream(stream)
+            return
         stream.serve(self)
 
+    # -- IStreamSink, the parts every transport shares
 
+    def gone(self) -> bool:
+        return _gone(self.request)
+
+    def fail(self, error: PipecometError) -> None:
+        send_error(self.request, error)
+
+    def abort(self) -> None:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def hold(self) -> None:
+        if getattr(self.request, "channel", None) is not None:
+            _hold(self.request)
+
+
+@implementer(IStreamSink)
 class JSONResponder(Responder):
     """
     One JSON body.  With branches: ``{"results": {name: value},
     "errors": {name: error}}``, sent when the last one is in.
+
+    As a stream sink it serves a comet subscription as a long-poll: one
+    answer ``{"messages": [...], "events": [...], "cursor": ...}`` per
+    request.
     """
 
     name = "json"
+    transport = "longpoll"
+    held = False
     __slots__ = ("_results", "_errors")
 
     def __init__(self, request: Any) -> None:
@@ -170,19 +313,98 @@ class JSONResponder(Responder):
             return
         self._send(200, b"application/json", body)
 
+    # -- IStreamSink: a long-poll
+
+    def start(self, cursor: str, resume: str, retry: float) -> bool:
+        _resume_headers(self.request, cursor, resume)
+        return True
+
+    def message(self, message: Message, cursor: str | None) -> bytes:
+        return envelope(message)
+
+    def control(self, name: str, fields: dict[str, Any], retry: float | None = None) -> bytes:
+        return dumps(fields)
+
+    def heartbeat(self) -> bytes:
+        return b""  # a waiting poll sends nothing until its answer
+
+    def write(self, frame: bytes) -> bool:
+        return False  # a long-poll takes no frames: everything is in its answer
+
+    def write_through(self, frames: list[bytes]) -> None:
+        pass
+
+    def pending(self) -> int:
+        return 0
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        pass
+
+    def unregister_producer(self, producer: IPushProducer) -> None:
+        pass
+
+    def end(self, final: bytes | None) -> None:
+        # A long-poll's last word is its answer: nothing more to write.
+        if not _gone(self.request):
+            self.request.finish()
+
+    def answer_poll(self, messages: Sequence[Message], events: Sequence[dict[str, Any]],
+                    cursor: str, extra: dict[str, Any] | None = None,
+                    retry_after: float | None = None) -> None:
+        """
+        The one answer of a long-poll (see :meth:`IStreamSink.answer_poll`).
+        """
+        request = self.request
+        if _gone(request):
+            return
+        if len(messages) == 1 and not events and extra is None and cursor == messages[0].id:
+            body = messages[0].frame(POLL_ONE, _poll_one)
+        else:
+            body = (b'{"messages":[' + b",".join(envelope(m) for m in messages)
+                    + b'],"events":' + dumps(events) + b',"cursor":' + dumps(cursor))
+            if extra:
+                body += b"," + dumps(extra)[1:-1]
+            body += b"}"
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-cache")
+        if retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % max(1, round(retry_after)))
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+
+class LongPollResponder(JSONResponder):
+    """
+    The ``longpoll`` transport: the JSON responder under the name a client
+    asks for with ``transport=longpoll``.
+    """
+
+    name = "longpoll"
+    __slots__ = ()
+
 
 class _StreamResponder(Responder):
     """
     A stream of records, written as they come; headers go out with the
     first record, so an error before it still gets its proper status.
+
+    As a stream sink it holds the response open and writes a comet
+    subscription's frames as they come.
     """
 
     content_type = b""
-    __slots__ = ("_started",)
+    held = True
+    # Frame cache slots of a message: plain and chunked framing.
+    _slots: tuple[int, int] = (SSE, SSE_CHUNKED)
+    __slots__ = ("_started", "_framing", "_writer")
 
     def __init__(self, request: Any) -> None:
         super().__init__(request)
         self._started = False
+        self._framing = self._slots[0]
+        self._writer: Callable[[bytes], bool] | None = None
 
     def _headers(self) -> None:
         request = self.request
@@ -232,33 +454,164 @@ class _StreamResponder(Responder):
             self._headers()
         request.finish()
 
+    # -- IStreamSink: a held stream
 
+    def _opening(self, cursor: str, resume: str, retry: float) -> bytes:
+        raise NotImplementedError
+
+    def control(self, name: str, fields: dict[str, Any], retry: float | None = None) -> bytes:
+        raise NotImplementedError
+
+    def start(self, cursor: str, resume: str, retry: float) -> bool:
+        req = self.request
+        if getattr(req, "channel", None) is None:  # the client left before we started
+            return False
+        self._writer = _frame_writer(req)
+        self._started = True
+        self._headers()
+        _resume_headers(req, cursor, resume)
+        # A held response must not be cut by the idle timeout: the
+        # heartbeats are its activity.
+        _hold(req)
+        transport = req.transport
+        if transport is not None and hasattr(transport, "setTcpKeepAlive"):
+            transport.setTcpKeepAlive(True)
+        # The first write sends the headers and tells us the framing.
+        req.write(self._opening(cursor, resume, retry))
+        # The headers are on the wire: a held request need not keep them.
+        headers = req.responseHeaders
+        for name, _ in list(headers.getAllRawHeaders()):
+            headers.removeHeader(name)
+        self._framing = self._slots[1] if getattr(req, "chunked", False) else self._slots[0]
+        return True
+
+    def _frame(self, data: bytes) -> bytes:
+        return _chunk(data) if self._framing != self._slots[0] else data
+
+    def message(self, message: Message, cursor: str | None) -> bytes:
+        slot = self._framing
+        return message.frame(slot, _MESSAGE_ENCODERS[slot])
+
+    def heartbeat(self) -> bytes:
+        return _HEARTBEATS[self._framing]
+
+    def write(self, frame: bytes) -> bool:
+        assert self._writer is not None, "write() before start()"
+        return self._writer(frame)
+
+    def write_through(self, frames: list[bytes]) -> None:
+        channel = self.request.channel
+        if len(frames) == 1:
+            channel.write(frames[0])
+        else:
+            channel.writeSequence(frames)
+
+    def pending(self) -> int:
+        req = self.request
+        pending = getattr(req, "pending_bytes", None)
+        if pending is not None:
+            return int(pending())
+        return transport_pending(req.transport)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        req = self.request
+        if req.producer is None:
+            req.registerProducer(producer, True)
+
+    def unregister_producer(self, producer: IPushProducer) -> None:
+        req = self.request
+        if req.producer is producer and getattr(req, "channel", None) is not None:
+            req.unregisterProducer()
+
+    def end(self, final: bytes | None) -> None:
+        req = self.request
+        if _gone(req):
+            return
+        if final is not None:
+            req.channel.write(final)
+        req.finish()
+
+    def answer_poll(self, messages: Sequence[Message], events: Sequence[dict[str, Any]],
+                    cursor: str, extra: dict[str, Any] | None = None,
+                    retry_after: float | None = None) -> None:
+        """
+        :meth:`IStreamSink.answer_poll` on a held stream: the events and
+        messages as frames, ``extra``'s ``end`` or ``shutdown`` as the last
+        one, then the end of the response.
+        """
+        frames = [self.control("reset" if ev.get("reason") == "reset" else "gap", ev)
+                  for ev in events]
+        # A cursor of several topics has one entry per topic; one topic's
+        # messages carry their own ids (the shared frame).
+        several = cursor if "," in cursor else None
+        frames += [self.message(m, several) for m in messages]
+        final = None
+        for name, fields in (extra or {}).items():
+            final = self.control(name, fields, retry_after)
+        if frames:
+            self.write_through(frames)
+        self.end(final)
+
+
+@implementer(IStreamSink)
 class NDJSONResponder(_StreamResponder):
     """
     One JSON object per line: ``{"name": ..., "result": ...}`` or
-    ``{"name": ..., "error": {...}}``.
+    ``{"name": ..., "error": {...}}``.  A comet stream's lines are message
+    envelopes and ``{"event": name, ...}`` control records.
     """
 
     name = "ndjson"
+    transport = "ndjson"
     content_type = b"application/x-ndjson"
+    _slots = (NDJSON, NDJSON_CHUNKED)
     __slots__ = ()
 
     def write_record(self, kind: str, record: dict[str, Any]) -> None:
         self._write(_encode(record) + b"\n")
 
+    def _opening(self, cursor: str, resume: str, retry: float) -> bytes:
+        return dumps({"event": "open", "cursor": cursor, "resume": resume}) + b"\n"
 
+    def control(self, name: str, fields: dict[str, Any], retry: float | None = None) -> bytes:
+        return self._frame(dumps({"event": name, **fields}) + b"\n")
+
+
+@implementer(IStreamSink)
 class SSEResponder(_StreamResponder):
     """
     Server-Sent Events: ``event: result`` or ``event: error`` with the same
-    JSON records as NDJSON in ``data:``.
+    JSON records as NDJSON in ``data:``.  A comet stream's events carry the
+    message id as ``id:`` (the cursor, with several topics) and control
+    events under their reserved names.
     """
 
     name = "sse"
+    transport = "sse"
     content_type = b"text/event-stream"
+    _slots = (SSE, SSE_CHUNKED)
     __slots__ = ()
 
     def write_record(self, kind: str, record: dict[str, Any]) -> None:
-        self._write(b"event: " + kind.encode("ascii") + b"\ndata: " + _encode(record) + b"\n\n")
+        self._write(encode_event(_encode(record), kind))
+
+    def _opening(self, cursor: str, resume: str, retry: float) -> bytes:
+        # The head carries the cursor the stream starts from, so a client
+        # that gets no message before it drops still resumes without loss.
+        # It is an event with data: clients (the npm eventsource among
+        # them) record an id only from an event they dispatch, and one
+        # without data is never dispatched.
+        opening = dumps({"event": "open", "cursor": cursor, "resume": resume})
+        return encode_event(opening, "open", id=cursor, retry=retry)
+
+    def message(self, message: Message, cursor: str | None) -> bytes:
+        if cursor is None:
+            slot = self._framing
+            return message.frame(slot, _MESSAGE_ENCODERS[slot])
+        return self._frame(encode_event(envelope(message), message.event, id=cursor))
+
+    def control(self, name: str, fields: dict[str, Any], retry: float | None = None) -> bytes:
+        return self._frame(encode_event(dumps(fields), name, retry=retry))
 
 
 #: Responder name → class.  Parts that add transports register here.
@@ -266,8 +619,7 @@ RESPONDERS: dict[str, Callable[[Any], Responder]] = {
     "json": JSONResponder,
     "ndjson": NDJSONResponder,
     "sse": SSEResponder,
-    # A stream served by the JSON responder is a long-poll (pipecomet._comet).
-    "longpoll": JSONResponder,
+    "longpoll": LongPollResponder,
 }
 
 #: Media type in ``Accept`` → responder name.

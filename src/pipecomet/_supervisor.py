@@ -740,7 +740,7 @@ class ServingProcess(Service):
             self.control.families = metrics.families
             metrics.serve_as_process(index, self.control.total, self.control.gather_metrics)
         self.control.ready()
-        hub = getattr(self.app.runtime.events, "comet", None)
+        hub = self.app.runtime.comet
         # Only with the one shared socket: a process that stops reading its
         # own SO_REUSEPORT socket leaves the connections hashed to it waiting.
         # (A TCP port is a FileDescriptor: it can stop and start accepting.)

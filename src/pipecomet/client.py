@@ -19,13 +19,21 @@ It is what pipecomet's own tests and benchmarks use.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IResponse
+
+from ._comet._config import RESERVED_EVENTS
+from ._sse import SSEParser
+
+if TYPE_CHECKING:
+    from treq.client import HTTPClient
 
 __all__ = ["CometClient", "SSEParser", "CometError"]
 
@@ -34,7 +42,9 @@ log = Logger()
 TRANSPORTS = ("sse", "ndjson", "longpoll")
 _ACCEPT = {"sse": "text/event-stream", "ndjson": "application/x-ndjson",
            "longpoll": "application/json"}
-CONTROL = frozenset({"gap", "reset", "end", "reconnect", "shutdown"})
+#: Reserved event names a client hands to ``on_event`` (heartbeats and
+#: timeouts are not surfaced).
+CONTROL = RESERVED_EVENTS - {"heartbeat", "timeout"}
 
 
 class CometError(Exception):
@@ -46,54 +56,6 @@ class CometError(Exception):
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
         self.body = body
-
-
-class SSEParser:
-    """
-    An incremental ``text/event-stream`` parser (the WHATWG rules that
-    matter here): calls ``on_event(event_type, data, last_id)`` per
-    dispatched event and ``on_retry(ms)``.
-    """
-
-    def __init__(self, on_event: Callable[[str, str, str | None], None],
-                 on_retry: Callable[[int], None] | None = None) -> None:
-        self.on_event = on_event
-        self.on_retry = on_retry
-        self._buf = b""
-        self._data: list[str] = []
-        self._type = ""
-        self.last_id: str | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        buf = self._buf + chunk
-        lines = buf.split(b"\n")
-        self._buf = lines.pop()
-        for raw in lines:
-            line = raw.rstrip(b"\r").decode("utf-8", "replace")
-            if not line:
-                self._dispatch()
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "data":
-                self._data.append(value)
-            elif name == "event":
-                self._type = value
-            elif name == "id":
-                if "\0" not in value:
-                    self.last_id = value
-            elif name == "retry" and value.isdigit() and self.on_retry is not None:
-                self.on_retry(int(value))
-
-    def _dispatch(self) -> None:
-        data, self._data = self._data, []
-        etype, self._type = self._type or "message", ""
-        if not data:
-            return
-        self.on_event(etype, "\n".join(data), self.last_id)
 
 
 class _Body(Protocol):
@@ -117,7 +79,8 @@ class _Body(Protocol):
 
     def stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            # A response body's transport is its connection's producer.
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 class CometClient:
@@ -136,10 +99,10 @@ class CometClient:
     :param reconnect: False to stop after the first stream ends.
     """
 
-    def __init__(self, url: str, *, transport: str = "sse", reactor: Any = None,
+    def __init__(self, url: str, *, transport: str = "sse", reactor: IReactorTime | None = None,
                  on_message: Callable[[dict[str, Any]], None] | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 cursor: str | None = None, http: Any = None,
+                 cursor: str | None = None, http: HTTPClient | None = None,
                  poll_timeout: float | None = None, reconnect: bool = True,
                  headers: dict[str, str] | None = None, max_backoff: float = 30.0) -> None:
         if transport not in TRANSPORTS:
@@ -175,7 +138,7 @@ class CometClient:
         self._running = False
         self._pending: Deferred | None = None
         self._body: _Body | None = None
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._positions: dict[str, str] = {}
         self._waiters: list[tuple[int, Deferred]] = []
         self._stopped: Deferred | None = None
@@ -238,7 +201,8 @@ class CometClient:
         self._timer = None
         if not self._running:
             return
-        headers = {"accept": _ACCEPT[self.transport], **self.headers}
+        headers: dict[bytes | str, bytes | str] = {"accept": _ACCEPT[self.transport]}
+        headers.update(self.headers)
         if self.cursor is not None and self.transport != "longpoll":
             headers["last-event-id"] = self.cursor
         self.connects += 1
@@ -247,7 +211,7 @@ class CometClient:
         d.addCallback(self._got_response)
         d.addErrback(self._failed)
 
-    def _got_response(self, response: Any) -> Deferred | None:
+    def _got_response(self, response: IResponse) -> Deferred[None] | None:
         self._pending = None
         if not self._running:
             body = _Body(lambda b: None, Deferred())
@@ -258,7 +222,8 @@ class CometClient:
             return self._refused(response)
         self.failures = 0
         self.open_responses += 1
-        finished: Deferred = Deferred()
+        finished: Deferred[None] = Deferred()
+        feed: Callable[[bytes], None]
         if self.transport == "sse":
             parser = SSEParser(self._sse_event, self._set_retry)
             feed = parser.feed
@@ -281,7 +246,7 @@ class CometClient:
         finished.addCallback(ended)
         return None
 
-    def _refused(self, response: Any) -> Deferred:
+    def _refused(self, response: IResponse) -> Deferred[None]:
         import treq
 
         def body(raw: bytes) -> None:

@@ -11,10 +11,13 @@ another implementation plugs into.
 - :class:`IDiscovery`: where a backend service's endpoints come from
   (static, file, ZooKeeper).
 - :class:`IEventListener`: what an event of the event keeper runs.
+- :class:`IStreamSink`: where a comet stream's frames go (the SSE, NDJSON
+  and long-poll responders implement it).
 - :class:`IPipecometReactor`: the reactor an app is given.
 """
 
 from ._backend._discovery import IDiscovery
+from ._comet._interfaces import IStreamSink
 from ._interfaces import (
     IBodySource,
     IBus,
@@ -36,4 +39,5 @@ __all__ = [
     "IHistoryBus",
     "IPipeInput",
     "IPipecometReactor",
+    "IStreamSink",
 ]

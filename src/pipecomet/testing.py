@@ -35,6 +35,8 @@ from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from ._sse import parse_events
+
 __all__ = ["MemoryClient", "Call", "make_clock", "SynchronousThreadPool"]
 
 
@@ -108,20 +110,7 @@ class Call:
         ``open`` (``id`` is the cursor to resume from, ``data`` says
         how the stream resumed).
         """
-        out = []
-        text = self.body.decode("utf-8")
-        blocks = text.replace("\r\n", "\n").split("\n\n")
-        for block in blocks[:-1]:
-            fields: dict[str, str] = {}
-            for line in block.split("\n"):
-                if not line or line.startswith(":"):
-                    continue
-                key, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                fields[key] = fields[key] + "\n" + value if key in fields else value
-            if fields:
-                out.append(fields)
-        return out
+        return parse_events(self.body)
 
 
 @implementer(IBodyProducer)
