@@ -41,7 +41,7 @@ $(NODE_DEPS):
 test: $(STAMP)
 	scripts/apt-ensure $(TEST_APT)
 	$(MAKE) --no-print-directory $(NODE_DEPS)
-	$(MAKE) --no-print-directory test-pytest test-trial test-lowest
+	$(MAKE) --no-print-directory typecheck test-pytest test-trial test-lowest
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

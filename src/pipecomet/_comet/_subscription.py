@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.server import Request
+from twisted.web.iweb import IRequest
 
 from .._chain import Stream, as_pipecomet_error
 from .._events import Event, EventListener
@@ -57,7 +57,7 @@ class Subscription(Stream, EventListener):
     __slots__ = ("hub", "request", "topics", "cursors", "last", "timeout", "transport",
                  "sink", "event", "flow", "open", "pos", "objs", "_ended", "started", "resume")
 
-    def __init__(self, hub: CometHub, request: Request, topics: Sequence[str],
+    def __init__(self, hub: CometHub, request: IRequest, topics: Sequence[str],
                  cursors: dict[str, tuple[str, int]] | None, last: bool,
                  timeout: float | None) -> None:
         self.hub = hub
