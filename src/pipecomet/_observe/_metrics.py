@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from .._chain import Chain, Parallel, Pipe
+from .._chain import _PLAIN, Chain, Parallel, Pipe
 from .._errors import Forbidden, error_response
 
 __all__ = [
@@ -236,7 +236,9 @@ class PipeTimes:
             except BaseException:
                 observe(seconds() - t0)
                 raise
-            if isinstance(out, (Deferred, CoroutineType)):
+            # A plain result is told apart by type first: isinstance()
+            # against Deferred (an Awaitable) goes through ABCMeta.
+            if type(out) not in _PLAIN and isinstance(out, (Deferred, CoroutineType)):
                 if isinstance(out, CoroutineType):
                     out = Deferred.fromCoroutine(out)
                 out.addBoth(ended, t0)
