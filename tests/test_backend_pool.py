@@ -127,6 +127,16 @@ class CountTests(SynchronousTestCase):
         self.assertIsNone(h.pool.acquire(other, 60.0))  # still at the cap: it waits
         self.assertEqual((h.pool.status()["waiting"], h.pending()), (1, 0))
 
+    def test_a_connection_handed_on_keeps_the_others_counted(self) -> None:
+        h = Harness(max_connections=2)
+        a = h.lease()
+        h.lease()
+        w = Waiter()
+        self.assertIsNone(h.pool.acquire(w, 60.0))
+        h.pool.release(a, reusable=True)
+        self.assertIs(w.conn, a)
+        self.assertEqual(h.pool.status()["busy"], 2)
+
     def test_rejections_are_counted_one_by_one(self) -> None:
         h = Harness(max_connections=1, queue=0)
         h.lease()
