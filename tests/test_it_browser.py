@@ -8,6 +8,7 @@ the test reads them from the page through the DevTools protocol.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .support import twistd_server
 
@@ -117,56 +118,43 @@ def wait_for(check: Any, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def publish(port: int, topic: str, data: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/_pipecomet/publish/{topic}", data=json.dumps(data).encode(),
-        headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
-        method="POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def test_eventsource_in_headless_chromium_receives_published_messages():
+@contextlib.contextmanager
+def chromium_page(url: str, url_part: str, *flags: str) -> Iterator["DevTools"]:
+    """
+    Headless Chromium showing ``url`` (extra command-line ``flags``): yields
+    the DevTools session of the page whose URL holds ``url_part``, once the
+    page's EventSource is open; the browser and its profile are gone after.
+    """
     profile = tempfile.mkdtemp(prefix="pipecomet-chromium-")
     browser = None
     tools = None
     try:
-        with twistd_server() as (port, _proc):
-            page = f"http://127.0.0.1:{port}/demo/comet?topic=chat"
-            browser = subprocess.Popen(
-                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                 "--remote-debugging-address=127.0.0.1", page],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            active = Path(profile) / "DevToolsActivePort"
-            wait_for(lambda: active.exists() and active.read_text().count("\n") >= 1,
-                     "DevTools port file")
-            dt_port = int(active.read_text().split("\n")[0])
+        browser = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+             *flags, f"--user-data-dir={profile}", "--remote-debugging-port=0",
+             "--remote-debugging-address=127.0.0.1", url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        active = Path(profile) / "DevToolsActivePort"
+        wait_for(lambda: active.exists() and active.read_text().count("\n") >= 1,
+                 "DevTools port file")
+        dt_port = int(active.read_text().split("\n")[0])
 
-            def page_target() -> Any:
-                with urllib.request.urlopen(f"http://127.0.0.1:{dt_port}/json/list",
-                                            timeout=5) as r:
-                    targets = json.loads(r.read())
-                return next((t for t in targets if t.get("type") == "page"
-                             and "/demo/comet" in t.get("url", "")), None)
+        def page_target() -> Any:
+            with urllib.request.urlopen(f"http://127.0.0.1:{dt_port}/json/list",
+                                        timeout=5) as r:
+                targets = json.loads(r.read())
+            return next((t for t in targets if t.get("type") == "page"
+                         and url_part in t.get("url", "")), None)
 
-            target = wait_for(page_target, "the demo page in the browser")
-            tools = DevTools(target["webSocketDebuggerUrl"])
-            wait_for(lambda: tools.evaluate(
-                "document.getElementById('state') && "
-                "document.getElementById('state').textContent") == "open",
-                "EventSource open")
-            sent = [{"text": f"hello {n}", "n": n} for n in range(3)]
-            ids = [publish(port, "chat", m)["id"] for m in sent]
-            got = wait_for(lambda: (lambda r: r if len(r) >= 3 else None)(
-                json.loads(tools.evaluate("JSON.stringify(window.received)") or "[]")),
-                "3 messages in the page")
-            assert [m["data"] for m in got] == sent
-            assert [m["id"] for m in got] == ids
-            shown = tools.evaluate("document.getElementById('messages').textContent")
-            assert "hello 2" in shown
+        target = wait_for(page_target, f"the page {url_part} in the browser")
+        tools = DevTools(target["webSocketDebuggerUrl"])
+        wait_for(lambda: tools.evaluate(
+            "document.getElementById('state') && "
+            "document.getElementById('state').textContent") == "open",
+            f"the EventSource of {url_part} open")
+        yield tools
     finally:
         if tools is not None:
             tools.close()
@@ -181,3 +169,26 @@ def test_eventsource_in_headless_chromium_receives_published_messages():
                 os.killpg(browser.pid, signal.SIGKILL)
                 browser.wait(5)
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def publish(port: int, topic: str, data: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/_pipecomet/publish/{topic}", data=json.dumps(data).encode(),
+        headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/json"},
+        method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_eventsource_in_headless_chromium_receives_published_messages():
+    with twistd_server() as (port, _proc), chromium_page(
+            f"http://127.0.0.1:{port}/demo/comet?topic=chat", "/demo/comet") as tools:
+        sent = [{"text": f"hello {n}", "n": n} for n in range(3)]
+        ids = [publish(port, "chat", m)["id"] for m in sent]
+        got = wait_for(lambda: (lambda r: r if len(r) >= 3 else None)(
+            json.loads(tools.evaluate("JSON.stringify(window.received)") or "[]")),
+            "3 messages in the page")
+        assert [m["data"] for m in got] == sent
+        assert [m["id"] for m in got] == ids
+        shown = tools.evaluate("document.getElementById('messages').textContent")
+        assert "hello 2" in shown

@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .support import twistd_server
-from .test_it_browser import CHROMIUM, DevTools, wait_for
+from .test_it_browser import chromium_page, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -167,98 +165,55 @@ def test_text_access_log_on_stdout_by_default():
 
 
 def test_dashboard_in_headless_chromium(tmp_path: Path):
-    profile = tempfile.mkdtemp(prefix="pipecomet-chromium-")
-    browser = None
-    tools = None
-    try:
-        with twistd_server() as (port, _proc):
-            page = f"http://127.0.0.1:{port}/_pipecomet/dashboard"
-            browser = subprocess.Popen(
-                [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1600,1000", "--hide-scrollbars",
-                 f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                 "--remote-debugging-address=127.0.0.1", page],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            active = Path(profile) / "DevToolsActivePort"
-            wait_for(lambda: active.exists() and active.read_text().count("\n") >= 1,
-                     "DevTools port file")
-            dt_port = int(active.read_text().split("\n")[0])
+    with twistd_server() as (port, _proc), chromium_page(
+            f"http://127.0.0.1:{port}/_pipecomet/dashboard", "/_pipecomet/dashboard",
+            "--window-size=1600,1000", "--hide-scrollbars") as tools:
+        wait_for(lambda: tools.evaluate("window.pipecometDashboard.snapshots.length") >= 1,
+                 "a first snapshot")
+        before = json.loads(tools.evaluate("JSON.stringify(window.pipecometDashboard.charts)"))
+        canvas_before = tools.evaluate(
+            "document.getElementById('chart-requests').toDataURL()")
+        # (The browser's own favicon request may be a not_found already.)
+        assert "invalid_app_key" not in before["errors"]["series"]
+        assert before["workers"]["max"] == 0
+        # Traffic for a few seconds: answers, errors with a code of their
+        # own, and calls on the worker processes.
+        end = time.monotonic() + 3.5
+        sent = 0
+        while time.monotonic() < end:
+            assert get(port, "/api/time.get?app_key=demo-key")[0] == 200
+            assert get(port, "/api/time.get?app_key=nope")[0] == 403
+            assert post(port, "/api/cpu.burn?app_key=demo-key&ms=5")[0] == 200
+            sent += 3
+            time.sleep(0.01)
 
-            def page_target() -> Any:
-                with urllib.request.urlopen(f"http://127.0.0.1:{dt_port}/json/list",
-                                            timeout=5) as r:
-                    targets = json.loads(r.read())
-                return next((t for t in targets if t.get("type") == "page"
-                             and "/_pipecomet/dashboard" in t.get("url", "")), None)
+        def changed() -> Any:
+            charts = json.loads(tools.evaluate(
+                "JSON.stringify(window.pipecometDashboard.charts)"))
+            if (charts["requests"]["max"] > 0
+                    and "invalid_app_key" in charts["errors"]["series"]
+                    and charts["workers"]["max"] > 0):
+                return charts
+            return None
 
-            target = wait_for(page_target, "the dashboard page in the browser")
-            tools = DevTools(target["webSocketDebuggerUrl"])
-            wait_for(lambda: tools.evaluate(
-                "document.getElementById('state') && "
-                "document.getElementById('state').textContent") == "open",
-                "the dashboard's EventSource open")
-            wait_for(lambda: tools.evaluate("window.pipecometDashboard.snapshots.length") >= 1,
-                     "a first snapshot")
-            before = json.loads(tools.evaluate("JSON.stringify(window.pipecometDashboard.charts)"))
-            canvas_before = tools.evaluate(
-                "document.getElementById('chart-requests').toDataURL()")
-            # (The browser's own favicon request may be a not_found already.)
-            assert "invalid_app_key" not in before["errors"]["series"]
-            assert before["workers"]["max"] == 0
-            # Traffic for a few seconds: answers, errors with a code of their
-            # own, and calls on the worker processes.
-            end = time.monotonic() + 3.5
-            sent = 0
-            while time.monotonic() < end:
-                assert get(port, "/api/time.get?app_key=demo-key")[0] == 200
-                assert get(port, "/api/time.get?app_key=nope")[0] == 403
-                assert post(port, "/api/cpu.burn?app_key=demo-key&ms=5")[0] == 200
-                sent += 3
-                time.sleep(0.01)
-
-            def changed() -> Any:
-                charts = json.loads(tools.evaluate(
-                    "JSON.stringify(window.pipecometDashboard.charts)"))
-                if (charts["requests"]["max"] > 0
-                        and "invalid_app_key" in charts["errors"]["series"]
-                        and charts["workers"]["max"] > 0):
-                    return charts
-                return None
-
-            after = wait_for(changed, "the charts to show the traffic")
-            assert after["requests"]["max"] > before["requests"]["max"]
-            assert after["latency"]["series"] == ["p50", "p90", "p99"]
-            assert "2xx" in after["requests"]["series"]
-            assert set(after["comet"]["series"]) == {"sse", "ndjson", "longpoll"}
-            assert after["workers"]["last"]["calls/s"] >= 0
-            assert "calls/s" in after["workers"]["series"]
-            assert any(name.startswith("slow") for name in after["quota"]["series"])
-            assert tools.evaluate(
-                "document.getElementById('chart-requests').toDataURL()") != canvas_before
-            assert tools.evaluate("document.getElementById('tile-rps').textContent") != "–"
-            # The page's own stream is not counted as a request in flight.
-            status = json.loads(get(port, "/_pipecomet/status")[2])
-            assert status["comet"]["connections"] == 0
-            shot = tools.call("Page.captureScreenshot", format="png")
-            path = tmp_path / "dashboard.png"
-            path.write_bytes(base64.b64decode(shot["data"]))
-            assert path.stat().st_size > 10_000
-            keep = os.environ.get("PIPECOMET_DASHBOARD_SCREENSHOT")
-            if keep:
-                shutil.copy(path, keep)
-    finally:
-        if tools is not None:
-            tools.close()
-        if browser is not None:
-            try:
-                os.killpg(browser.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                browser.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(browser.pid, signal.SIGKILL)
-                browser.wait(5)
-        shutil.rmtree(profile, ignore_errors=True)
+        after = wait_for(changed, "the charts to show the traffic")
+        assert after["requests"]["max"] > before["requests"]["max"]
+        assert after["latency"]["series"] == ["p50", "p90", "p99"]
+        assert "2xx" in after["requests"]["series"]
+        assert set(after["comet"]["series"]) == {"sse", "ndjson", "longpoll"}
+        assert after["workers"]["last"]["calls/s"] >= 0
+        assert "calls/s" in after["workers"]["series"]
+        assert any(name.startswith("slow") for name in after["quota"]["series"])
+        assert tools.evaluate(
+            "document.getElementById('chart-requests').toDataURL()") != canvas_before
+        assert tools.evaluate("document.getElementById('tile-rps').textContent") != "–"
+        # The page's own stream is not counted as a request in flight.
+        status = json.loads(get(port, "/_pipecomet/status")[2])
+        assert status["comet"]["connections"] == 0
+        shot = tools.call("Page.captureScreenshot", format="png")
+        path = tmp_path / "dashboard.png"
+        path.write_bytes(base64.b64decode(shot["data"]))
+        assert path.stat().st_size > 10_000
+        keep = os.environ.get("PIPECOMET_DASHBOARD_SCREENSHOT")
+        if keep:
+            shutil.copy(path, keep)
