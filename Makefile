@@ -17,6 +17,10 @@ LOWEST_PYTEST_ARGS ?= tests --ignore=tests/test_it_packaging.py --ignore=tests/t
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# A stale egg-info left in src/ by an older install would shadow the new
+	# entry points (importlib.metadata reads src/ first): the install makes
+	# the current one.
+	rm -rf src/pipecomet.egg-info
 	$(PY) -m pip install -q -e '.[test,demo,bench]'
 	# The editable install puts src/ on sys.path, where twistd finds
 	# src/twisted/plugins/pipecomet_plugin.py; the symlink older trees made
