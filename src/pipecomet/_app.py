@@ -158,10 +158,6 @@ class App:
         """
         The app's reactor (the one given, else the global one).
         """
-        if self.runtime.reactor is None:
-            from twisted.internet import reactor
-
-            self.runtime.reactor = cast(IPipecometReactor, reactor)
         return self.runtime.reactor
 
     # -- declaring

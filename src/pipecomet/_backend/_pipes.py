@@ -292,7 +292,7 @@ class _Proxy(BackendPipe):
                     or request.requestHeaders.hasHeader(b"transfer-encoding"))
 
         def send(body: bytes | _StreamedRequestBody | None) -> Deferred:
-            return service.request(method, target, data=body, headers=_Raw(headers),
+            return service.request(method, target, data=body, headers=headers,
                                    timeout=self.timeout, stream=True)
 
         if not has_body:
@@ -312,15 +312,6 @@ class _Proxy(BackendPipe):
                 # has the body whole already.
                 d = inp.body().addCallback(send)
         return d.addCallback(_ProxiedStream)
-
-
-class _Raw(list):
-    """
-    Headers already encoded as ``(name, value)`` byte pairs.
-    """
-
-    def items(self) -> Any:
-        return iter(self)
 
 
 def proxy(service: str, *, strip_prefix: str = "", add_prefix: str = "", name: str = "",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json as _json
 from collections import deque
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeAlias
 from urllib.parse import urlencode
 
 from twisted.application.service import Service
@@ -51,11 +51,18 @@ _METHODS = {m: m.encode("ascii") for m in
             ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")}
 
 
-def _encode_headers(headers: Mapping[str, Any] | None) -> list[tuple[bytes, bytes]]:
+#: A header's value: text or bytes, or several of them.
+HeaderValue: TypeAlias = "str | bytes | Sequence[str | bytes]"
+#: Request headers: a mapping, or ``(name, value)`` byte pairs already encoded.
+RequestHeaders: TypeAlias = "Mapping[str, HeaderValue] | Sequence[tuple[bytes, bytes]]"
+
+
+def _encode_headers(headers: RequestHeaders | None) -> list[tuple[bytes, bytes]]:
     if not headers:
         return []
     out = []
-    for k, value in headers.items():
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    for k, value in pairs:
         name = k.encode("latin-1") if isinstance(k, str) else k
         values = value if isinstance(value, (list, tuple)) else (value,)
         for x in values:
@@ -206,7 +213,7 @@ class BackendService:
     # -- calls
 
     def request(self, method: str, path: str | bytes, *, params: Any = None, json: Any = ...,
-                data: Any = None, headers: Mapping[str, Any] | None = None,
+                data: Any = None, headers: RequestHeaders | None = None,
                 timeout: float | None = None, stream: bool = False) -> Deferred:
         """
         Call the service.
@@ -219,7 +226,8 @@ class BackendService:
         :param data: a body: bytes, str, or an ``IBodyProducer`` streamed
             (chunked when its length is unknown; such a call is never
             replayed).
-        :param headers: extra request headers.
+        :param headers: extra request headers (a mapping, or ``(name, value)``
+            byte pairs).
         :param timeout: this call's deadline in seconds (the service's
             ``timeout`` when None).
         :param stream: hand the response over as soon as its headers are in,

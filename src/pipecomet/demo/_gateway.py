@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 from xml.sax.saxutils import escape
 
 from twisted.internet.defer import Deferred
@@ -191,7 +191,7 @@ def echo(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
     query = inp.query_all
     d = inp.form()
 
-    def done(form: dict[str, list[str]]) -> dict[str, Any]:
+    def done(form: Mapping[str, object]) -> dict[str, Any]:
         return {"method": inp.method, "query": query, "form": form}
 
     return d.addCallback(done)
