@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ._json import JSON
 
 __all__ = [
+    "IBackendReactor",
     "IBodySource",
     "IBus",
     "IBusReceiver",
@@ -42,8 +43,14 @@ __all__ = [
 ]
 
 
-class IPipecometReactor(IReactorTime, IReactorCore, IReactorThreads, IReactorTCP,
-                        IReactorProcess, IReactorFDSet):
+class IBackendReactor(IReactorTime, IReactorTCP, IReactorThreads):
+    """
+    What the backend client uses of its reactor: time and timers, TCP
+    connections, and calls brought back from ZooKeeper's threads.
+    """
+
+
+class IPipecometReactor(IBackendReactor, IReactorCore, IReactorProcess, IReactorFDSet):
     """
     The reactor an app is given (as Synapse's ``ISynapseReactor``): timed
     calls, threads, TCP, processes.  Unit tests hand in a fake clock that

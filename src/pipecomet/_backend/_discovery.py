@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTCP, IReactorThreads, IReactorTime
 from zope.interface import Interface, implementer
+
+from .._interfaces import IBackendReactor
 
 __all__ = [
     "Endpoint",
@@ -115,13 +116,6 @@ class DiscoveryConfig:
             raise ValueError("kind = 'file' needs path")
         if self.kind == "zookeeper" and not self.hosts:
             raise ValueError("kind = 'zookeeper' needs hosts")
-
-
-class IBackendReactor(IReactorTime, IReactorTCP, IReactorThreads):
-    """
-    What the backend client uses of its reactor: time and timers, TCP
-    connections, and calls brought back from ZooKeeper's threads.
-    """
 
 
 class IDiscovery(Interface):
