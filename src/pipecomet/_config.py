@@ -378,7 +378,9 @@ def reference_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
         default = f.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # a class, typed as a function
             default = default.factory()
-        type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        # pipecomet._json.JSON is a string alias at run time: name it, not its expansion.
+        type_name = ("JSON" if f.type == "JSON"
+                     else getattr(tp, "__name__", str(tp).replace("typing.", "")))
         rows.append((key, type_name, repr(default), docs.get(f.name, "")))
     return rows
 

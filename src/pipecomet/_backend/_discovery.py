@@ -10,13 +10,14 @@ changes; it never knows which provider it has.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
 
 from .._interfaces import IBackendReactor
+from .._json import JSON
 
 __all__ = [
     "Endpoint",
@@ -44,7 +45,7 @@ class Endpoint:
     host: str
     port: int
     id: str = attrs.field(default="")
-    payload: Any = attrs.field(default=None, eq=False, hash=False)
+    payload: JSON = attrs.field(default=None, eq=False, hash=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.id:
@@ -103,7 +104,7 @@ class DiscoveryConfig:
                                          validator=attrs.validators.gt(0))
 
     @endpoints.validator
-    def _check_endpoints(self, attribute: Any, value: Any) -> None:
+    def _check_endpoints(self, attribute: attrs.Attribute[list[str]], value: object) -> None:
         if not isinstance(value, list):
             raise ValueError("must be a list of host:port strings")
         for item in value:
