@@ -100,7 +100,6 @@ class _ChunkedConsumer:
     def __init__(self, transport: TCPTransport, chunked: bool) -> None:
         self.transport = transport
         self.chunked = chunked
-        self.written = 0
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
@@ -111,7 +110,6 @@ class _ChunkedConsumer:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self.written += len(data)
         if self.chunked:
             self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:

@@ -197,10 +197,6 @@ class Response:
             self._chunks.append(data)
         return True
 
-    @property
-    def _buffered(self) -> int:
-        return self._size
-
     def _done(self) -> None:
         self._complete = True
         self._call = None

@@ -148,22 +148,17 @@ class Layout:
 
 class _RingSide:
     # The control words are read while the other process writes them, so
-    # each is accessed through a one-item memoryview cast to its native
-    # type: an item store or load is one aligned 8- (or 4-) byte move, which
-    # is atomic on x86-64 and aarch64.  ``struct.pack_into`` would not do:
+    # each is accessed through a one-item memoryview cast to its native type
+    # (an item store or load is one aligned 8- or 4-byte move, which is
+    # atomic on x86-64 and aarch64).  ``struct.pack_into`` would not do:
     # it zero-fills the field before writing it, and a reader in between
     # sees 0.
-    __slots__ = ("buf", "cap", "base", "off_tail", "off_head", "off_parked", "off_waiting",
-                 "_tail", "_head", "_parked", "_waiting")
+    __slots__ = ("buf", "cap", "base", "_tail", "_head", "_parked", "_waiting")
 
     def __init__(self, buf: memoryview, control: int, data: int, capacity: int) -> None:
         self.buf = buf
         self.cap = capacity
         self.base = data
-        self.off_tail = control
-        self.off_head = control + 64
-        self.off_parked = control + 128
-        self.off_waiting = control + 192
         self._tail = buf[control:control + 8].cast("Q")
         self._head = buf[control + 64:control + 72].cast("Q")
         self._parked = buf[control + 128:control + 132].cast("I")
@@ -173,16 +168,8 @@ class _RingSide:
     # producer says it waits for room (``producer_waiting``).  Whoever sees a
     # flag set after publishing clears it and rings the doorbell once.
 
-    @property
-    def consumer_parked(self) -> bool:
-        return self._parked[0] != 0
-
     def set_consumer_parked(self, value: bool) -> None:
         self._parked[0] = 1 if value else 0
-
-    @property
-    def producer_waiting(self) -> bool:
-        return self._waiting[0] != 0
 
     def set_producer_waiting(self, value: bool) -> None:
         self._waiting[0] = 1 if value else 0
@@ -389,9 +376,6 @@ class RingConsumer(_RingSide):
         self._partial: bytearray | None = None
         self._partial_fill = 0
         self._partial_key: tuple[int, int, int] = (0, 0, 0)
-
-    def available(self) -> int:
-        return self._tail[0] - self.head
 
     def has_data(self) -> bool:
         return self._tail[0] != self.head
