@@ -106,7 +106,7 @@ class Pipe:
         if self.run == "process" and not self.worker_function:
             raise ValueError(f"pipe {self.name!r}: a process pipe needs a function name")
 
-    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
+    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:  # PipeFunc's
         return self.func(inp, ctx, res)
 
 
@@ -836,7 +836,7 @@ class ChainRun:
         self._pending = d
         self.watch_disconnect(self.inp.request)
 
-        def ok(out: Any) -> None:
+        def ok(out: Any) -> None:  # the pipe's result: anything
             if self._pending is not d:
                 return
             self._pending = None
