@@ -360,3 +360,33 @@ class ChainRequestTests(SynchronousTestCase):
         from pipecomet.interfaces import IChainRequest
 
         self.assertTrue(IChainRequest.implementedBy(Request))
+
+
+class UnconfiguredAppTests(SynchronousTestCase):
+    def test_timed_pipe_without_reactor_or_configure(self):
+        """
+        An app given no reactor and never configured, served through its
+        resource (mounted elsewhere, or by StubTreq), times its pipes on the
+        global reactor: the runtime looks it up on first use (it used to be
+        None there, and a pipe with a timeout answered 500).
+        """
+        from treq.testing import StubTreq
+        from twisted.internet.defer import succeed
+
+        app = App()
+        app.route("/t", [Pipe(lambda i, c, r: succeed("ok"), name="t", timeout=5)])
+        stub = StubTreq(app.resource())
+        response = self.successResultOf(stub.get("http://example.test/t"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.successResultOf(stub.json_content(response)), "ok")
+
+    def test_context_without_runtime(self):
+        """
+        A PipeContext made without a runtime (a pipe's own unit test) has an
+        empty one: no parts, an empty configuration.
+        """
+        from pipecomet import PipeContext
+
+        ctx = PipeContext()
+        self.assertIsNone(ctx.runtime.quota)
+        self.assertIsInstance(ctx.runtime.config, Config)

@@ -279,6 +279,35 @@ class ParallelTests(SynchronousTestCase):
             Pipe(lambda i, c, r: {"main": r["query"]}, name="summary"),
         ])
 
+    def test_stream_in_a_branch_is_refused(self):
+        """
+        A branch cannot stream: a Stream its pipe returns is cancelled and
+        the branch ends with a 500 ``internal_error`` record; the rest of
+        the response goes on.
+        """
+        from pipecomet._chain import Stream
+
+        class Held(Stream):
+            cancelled = 0
+
+            def cancel(self):
+                Held.cancelled += 1
+
+            def when_done(self):
+                return Deferred()
+
+            def serve(self, sink):
+                raise AssertionError("a branch's stream was served")
+
+        self.route(branches=[Pipe(lambda i, c, r: Held(), name="held"), self.branch("fast", 0.1)])
+        call = self.client.get("/p")
+        self.client.advance(0.1)
+        self.assertTrue(call.done)
+        body = call.json()
+        self.assertEqual(body["results"], {"main": {"main": "q"}, "fast": "fast"})
+        self.assertEqual(body["errors"]["held"]["code"], "internal_error")
+        self.assertEqual(Held.cancelled, 1)
+
     def test_partial_results_stream(self):
         """
         NDJSON: each result is written as it completes; the response ends

@@ -73,6 +73,13 @@ class ExportTests(SynchronousTestCase):
 
     def test_interfaces(self):
         self._check(pipecomet.interfaces, INTERFACES)
+        # The chain sink is internal: the responders that implement it are
+        # pipecomet's own, picked by name (Route responders=...); an app
+        # never writes one.  The stream sink they also implement is public.
+        from pipecomet import _interfaces
+
+        self.assertTrue(hasattr(_interfaces, "IChainSink"))
+        self.assertFalse(hasattr(pipecomet.interfaces, "IChainSink"))
 
     def test_testing(self):
         self._check(pipecomet.testing, TESTING)

@@ -14,10 +14,12 @@ the server itself never routes chains through Klein).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Iterable, Mapping, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.iweb import IRequest
 from twisted.web.server import NOT_DONE_YET, Site
@@ -25,7 +27,7 @@ from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
 
 from ._backend._pipes import BackendPipe
-from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeInput
+from ._chain import Chain, ChainRun, Parallel, Pipe, PipeContext, PipeFunc, PipeInput, PipeResult
 from ._config import Config, ConfigError
 from ._events import Condition
 from ._interfaces import IPipecometReactor
@@ -35,12 +37,17 @@ from ._observe import KLEIN, UNMATCHED, RequestObserver
 from ._routing import Matched, Router
 from ._runtime import Runtime
 
+if TYPE_CHECKING:
+    from klein import Klein
+
+    from ._json import JSON
+
 __all__ = ["App", "Route", "PipecometResource"]
 
 log = Logger()
 
 
-def _no_access_log(request: Any) -> None:
+def _no_access_log(request: object) -> None:
     """
     ``Site.log``: twisted.web's per-request log line is replaced by the
     buffered access log (``pipecomet._observe``).
@@ -66,7 +73,7 @@ class Route:
         self.responders = tuple(responders)
         self._one = RESPONDERS[self.responders[0]] if len(self.responders) == 1 else None
 
-    def serve(self, request: IRequest, path_params: Mapping[str, Any] | None = None) -> ChainRun:
+    def serve(self, request: IRequest, path_params: Mapping[str, object] | None = None) -> ChainRun:
         """
         Run the chain for ``request``; the responder answers it.  The app's
         observer gives the request its id (``ctx.request_id``) and records
@@ -95,7 +102,7 @@ class PipecometResource(Resource):
     def __init__(self, app: App) -> None:
         super().__init__()
         self.app = app
-        self._klein_resource: Any = None
+        self._klein_resource: Resource | None = None
 
     def render(self, request: IRequest) -> bytes | int:
         app = self.app
@@ -158,10 +165,6 @@ class App:
         """
         The app's reactor (the one given, else the global one).
         """
-        if self.runtime.reactor is None:
-            from twisted.internet import reactor
-
-            self.runtime.reactor = cast(IPipecometReactor, reactor)
         return self.runtime.reactor
 
     # -- declaring
@@ -169,7 +172,7 @@ class App:
     def route(
         self,
         path: str,
-        chain: Chain | Iterable[Pipe | Parallel | Callable[..., Any]],
+        chain: Chain | Iterable[Pipe | Parallel | PipeFunc],
         *,
         methods: Sequence[str] = ("GET",),
         responders: Sequence[str] | None = None,
@@ -197,7 +200,7 @@ class App:
         """
         return self.router.routes
 
-    def mount_in_klein(self, klein: Any = None) -> Any:
+    def mount_in_klein(self, klein: Klein | None = None) -> Klein:
         """
         Register every chain route declared so far on ``klein`` (the wrapped
         :attr:`klein` when None) and return it, so that a Klein app serves
@@ -210,13 +213,15 @@ class App:
         for i, route in enumerate(self.router.routes):
             endpoint = f"pipecomet:{i + 1}:{route.path}"
 
-            def handler(request: Any, _route: Route = route, **params: Any) -> Any:
+            def handler(request: IRequest, _route: Route = route,
+                        **params: object) -> Deferred[None]:
                 return _route.serve(request, params).when_done()
 
             handler.__name__ = endpoint
             klein.route(route.path, methods=list(route.methods), endpoint=endpoint)(handler)
         return klein
 
+    # Any: Klein's own route arguments and decorator, passed through.
     def klein_route(self, *args: Any, **kwargs: Any) -> Callable[..., Any]:
         """
         ``app.klein.route`` for plain Klein handlers served beside the chains.
@@ -294,6 +299,7 @@ class App:
     def resource(self) -> PipecometResource:
         return PipecometResource(self)
 
+    # Any: twisted.web Site's own keyword arguments, passed through.
     def site(self, **kwargs: Any) -> Site:
         """
         The ``twisted.web`` Site serving this app: pipecomet's own HTTP/1.1
@@ -325,13 +331,13 @@ class App:
 
     def _install_klein_errors(self) -> None:
         @self.klein.handle_errors(WzNotFound)
-        def not_found(request: Any, failure: Any) -> bytes:
+        def not_found(request: IRequest, failure: Failure) -> bytes:
             return error_response(
                 request, NotFound(f"no route for {request.path.decode('utf-8', 'replace')}"))
 
         @self.klein.handle_errors(WzMethodNotAllowed)
-        def not_allowed(request: Any, failure: Any) -> bytes:
+        def not_allowed(request: IRequest, failure: Failure) -> bytes:
             return error_response(request, MethodNotAllowed("method not allowed here"))
 
-    def _status(self, inp: PipeInput, ctx: PipeContext, res: Any) -> Any:
+    def _status(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, JSON]:
         return {"app": self.name, **self.runtime.status()}

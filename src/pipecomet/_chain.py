@@ -17,7 +17,7 @@ unless a pipe returns one.  Results reach the client through a responder
 from __future__ import annotations
 
 from types import CoroutineType
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar, cast, overload
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
@@ -25,12 +25,19 @@ from twisted.logger import Logger
 from twisted.python.components import registerAdapter
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from ._errors import BadRequest, GatewayTimeout, InternalError, PipecometError
-from ._interfaces import IBodySource, IChainRequest, IPipeInput
+from ._interfaces import IBodySource, IChainRequest, IChainSink, IPipeInput
+from ._json import JSON
 from ._query import parse_query, parse_query_text
+from ._runtime import Runtime
+
+if TYPE_CHECKING:
+    from ._backend import BackendService
+    from ._comet._interfaces import IStreamSink
 
 __all__ = [
     "Pipe",
@@ -50,8 +57,12 @@ __all__ = [
 
 log = Logger()
 
+#: A pipe's function, ``func(inp, ctx, res)``.  What it returns is the
+#: app's own value (any value, a Deferred, a coroutine, an Answer...): Any.
 PipeFunc = Callable[["PipeInput", "PipeContext", "PipeResult"], Any]
 SkipIf = Callable[["PipeResult", "PipeContext"], bool]
+
+_T = TypeVar("_T")
 
 RUN_KINDS = ("inline", "thread", "process")
 
@@ -95,8 +106,19 @@ class Pipe:
         if self.run == "process" and not self.worker_function:
             raise ValueError(f"pipe {self.name!r}: a process pipe needs a function name")
 
-    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
+    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:  # PipeFunc's
         return self.func(inp, ctx, res)
+
+
+@overload
+def pipe(func: PipeFunc, *, name: str = "", run: str = "inline", category: str | None = None,
+         skip_if: SkipIf | None = None, timeout: float | None = None) -> Pipe: ...
+
+
+@overload
+def pipe(func: None = None, *, name: str = "", run: str = "inline",
+         category: str | None = None, skip_if: SkipIf | None = None,
+         timeout: float | None = None) -> Callable[[PipeFunc], Pipe]: ...
 
 
 def pipe(
@@ -107,7 +129,7 @@ def pipe(
     category: str | None = None,
     skip_if: SkipIf | None = None,
     timeout: float | None = None,
-) -> Any:
+) -> Pipe | Callable[[PipeFunc], Pipe]:
     """
     Declare a pipe; usable bare (``@pipe``) or with options
     (``@pipe(run="thread", category="slow")``).
@@ -133,7 +155,7 @@ def process_pipe(
     """
     if payload is None:
 
-        def payload(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
+        def payload(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> object:
             return res.last
 
     return Pipe(
@@ -186,7 +208,7 @@ class Answer:
         by the responder (JSON).
     """
 
-    body: Any = None
+    body: object = None
     status: int = 200
     headers: Mapping[str, str] = attrs.field(factory=dict)
     content_type: str | None = None
@@ -199,7 +221,7 @@ class SkipRest:
     the response, as if it were the last pipe.
     """
 
-    value: Any = None
+    value: Any = None  # a pipe's result, read by the pipes after it: anything
 
 
 # ---------------------------------------------------------------------------
@@ -223,8 +245,10 @@ class _ThreadGroup:
     kind = "thread"
 
     def __init__(self, pipes: list[Pipe]) -> None:
+        category = pipes[0].category
+        assert category is not None  # Pipe refuses a thread pipe without one
         self.pipes = tuple(pipes)
-        self.category = pipes[0].category
+        self.category = category
 
     def run_in_thread(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> tuple[str, Any]:
         """
@@ -248,11 +272,13 @@ class _ThreadGroup:
 
 
 class _Process:
-    __slots__ = ("pipe",)
+    __slots__ = ("pipe", "function")
     kind = "process"
 
     def __init__(self, pipe: Pipe) -> None:
+        assert pipe.worker_function is not None  # Pipe refuses a process pipe without one
         self.pipe = pipe
+        self.function = pipe.worker_function
 
 
 class _Fanout:
@@ -267,8 +293,11 @@ class _Fanout:
         )
 
 
-def _compile(pipes: Sequence[Pipe | Parallel]) -> tuple[Any, ...]:
-    stages: list[Any] = []
+_Stage = _Inline | _ThreadGroup | _Process | _Fanout
+
+
+def _compile(pipes: Sequence[Pipe | Parallel]) -> tuple[_Stage, ...]:
+    stages: list[_Stage] = []
     group: list[Pipe] = []
     for p in pipes:
         if isinstance(p, Pipe) and p.run == "thread":
@@ -341,9 +370,9 @@ class BufferedBody:
 
     def __init__(self, request: IRequest) -> None:
         self._request = request
-        self._form: dict[str, list[str]] | None = None
+        self._form: dict[str, list[JSON]] | None = None
 
-    def body(self) -> Deferred:
+    def body(self) -> Deferred[bytes]:
         content = self._request.content
         if content is None:
             return _succeed(b"")
@@ -352,9 +381,9 @@ class BufferedBody:
         content.seek(0)
         return _succeed(data)
 
-    def _form_now(self) -> dict[str, list[str]]:
+    def _form_now(self) -> dict[str, list[JSON]]:
         if self._form is None:
-            form: dict[str, list[str]] = {}
+            form: dict[str, list[JSON]] = {}
             if self._request.method == b"POST":
                 # twisted.web parsed urlencoded and multipart bodies into args.
                 query = parse_query(self._request.uri)
@@ -367,10 +396,11 @@ class BufferedBody:
             self._form = form
         return self._form
 
-    def form(self) -> Deferred:
+    def form(self) -> Deferred[dict[str, list[JSON]]]:
         return _succeed(self._form_now())
 
-    def param(self, name: str, default: Any = ..., query: Mapping[str, str] | None = None) -> Deferred:
+    def param(self, name: str, default: object = ...,
+              query: Mapping[str, str] | None = None) -> Deferred[Any]:
         if query is not None and name in query:
             return _succeed(query[name])
         values = self._form_now().get(name)
@@ -401,7 +431,7 @@ class BufferedRequest:
     def body_source(self) -> BufferedBody:
         return BufferedBody(self.request)
 
-    def hold_run(self, run: Any) -> bool:
+    def hold_run(self, run: ChainRun) -> bool:
         return False
 
 
@@ -409,7 +439,7 @@ registerAdapter(BufferedRequest, server.Request, IChainRequest)
 registerAdapter(BufferedRequest, IRequest, IChainRequest)
 
 
-def chain_request(request: Any) -> IChainRequest:
+def chain_request(request: IRequest) -> IChainRequest:
     """
     ``IChainRequest(request)``.  A request that provides it is used as it
     is: asking a twisted.web request (a ``Componentized``) would cache the
@@ -420,14 +450,14 @@ def chain_request(request: Any) -> IChainRequest:
     return IChainRequest(request)
 
 
-def _succeed(value: Any) -> Deferred:
-    d: Deferred = Deferred()
+def _succeed(value: _T) -> Deferred[_T]:
+    d: Deferred[_T] = Deferred()
     d.callback(value)
     return d
 
 
-def _fail(error: BaseException) -> Deferred:
-    d: Deferred = Deferred()
+def _fail(error: BaseException) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
     d.errback(Failure(error))
     return d
 
@@ -449,7 +479,7 @@ class PipeInput:
         self.path_params = path_params or {}
         self._query: dict[str, str] | None = None
         self._query_all: dict[str, list[str]] | None = None
-        self._body: Any = None
+        self._body: IBodySource | None = None
 
     @property
     def method(self) -> str:
@@ -492,7 +522,7 @@ class PipeInput:
                              details={"header": name}) from None
 
     @property
-    def headers(self) -> Any:
+    def headers(self) -> Headers:
         return self.request.requestHeaders
 
     @property
@@ -504,19 +534,19 @@ class PipeInput:
             self._body = chain_request(self.request).body_source()
         return self._body
 
-    def body(self) -> Deferred:
+    def body(self) -> Deferred[bytes]:
         """
         A Deferred of the whole body as bytes.
         """
         return self.body_source.body()
 
-    def form(self) -> Deferred:
+    def form(self) -> Deferred[dict[str, list[JSON]]]:
         """
         A Deferred of the body's form fields: ``{name: [values]}``.
         """
         return self.body_source.form()
 
-    def param(self, name: str, default: Any = ...) -> Deferred:
+    def param(self, name: str, default: object = ...) -> Deferred[Any]:
         """
         A Deferred of parameter ``name``: from the query at once, else from
         the body as soon as that field is complete.  Fails with 400
@@ -526,19 +556,20 @@ class PipeInput:
         return self.body_source.param(name, default, self.query)
 
 
-class PipeContext(dict):
+class PipeContext(dict[str, Any]):
     """
-    Data pipes of one request share, as a dict; plus the app's runtime.
+    Data pipes of one request share, as a dict; plus the app's runtime
+    (one with no parts when none is given).
     """
 
     __slots__ = ("runtime", "request_id")
 
-    def __init__(self, runtime: Any = None) -> None:
+    def __init__(self, runtime: Runtime | None = None) -> None:
         super().__init__()
-        self.runtime = runtime
+        self.runtime = runtime if runtime is not None else Runtime(None)
         self.request_id: str | None = None
 
-    def backend(self, name: str) -> Any:
+    def backend(self, name: str) -> BackendService:
         """
         The backend service ``name`` declared in ``[backends]``
         (:class:`pipecomet.BackendService`):
@@ -550,7 +581,7 @@ class PipeContext(dict):
         return backends.get(name)
 
 
-class PipeResult(dict):
+class PipeResult(dict[str, Any]):
     """
     Results of the pipes that ran so far, by pipe name; ``last`` is the most
     recent one.
@@ -558,30 +589,24 @@ class PipeResult(dict):
 
     __slots__ = ("last",)
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: Mapping[str, Any]) -> None:
         super().__init__(*args)
-        self.last: Any = None
+        self.last: Any = None  # a pipe's result: anything
 
 
 # ---------------------------------------------------------------------------
 # The runner
 
 
-class ChainSink:
+def refuse_stream(stream: Stream, error: Callable[[PipecometError], None]) -> None:
     """
-    Where a run's outcomes go.  The responders implement it; tests may too.
+    What an :class:`~pipecomet._interfaces.IChainSink` that cannot stream
+    does with a :class:`Stream` (a fan-out branch, a responder that is no
+    stream sink): cancel it and fail the run with a 500, ``error(...)``
+    being the sink's own :meth:`~pipecomet._interfaces.IChainSink.error`.
     """
-
-    def answer(self, answer: Answer) -> None: ...
-    def result(self, value: Any) -> None: ...
-    def error(self, error: PipecometError) -> None: ...
-    def part(self, name: str, value: Any) -> None: ...
-    def part_error(self, name: str, error: PipecometError) -> None: ...
-    def close(self) -> None: ...
-
-    def stream(self, stream: Stream) -> None:
-        stream.cancel()
-        self.error(InternalError())
+    stream.cancel()
+    error(InternalError())
 
 
 class Stream:
@@ -597,10 +622,10 @@ class Stream:
     def cancel(self) -> None:
         raise NotImplementedError
 
-    def when_done(self) -> Deferred:
+    def when_done(self) -> Deferred[None]:
         raise NotImplementedError
 
-    def serve(self, sink: Any) -> None:
+    def serve(self, sink: IStreamSink) -> None:
         """
         Start writing through ``sink``, the responder's
         :class:`~pipecomet._comet.IStreamSink`.
@@ -644,7 +669,7 @@ class ChainRun:
         "_main_done", "_closed", "cancelled", "_watching", "_done",
     )
 
-    def __init__(self, chain: Chain, inp: PipeInput, ctx: PipeContext, sink: ChainSink) -> None:
+    def __init__(self, chain: Chain, inp: PipeInput, ctx: PipeContext, sink: IChainSink) -> None:
         self.chain = chain
         self.inp = inp
         self.ctx = ctx
@@ -702,7 +727,7 @@ class ChainRun:
                 self._pending.when_done().addBoth(self._stream_ended, self._pending)
         return self._done
 
-    def watch_disconnect(self, request: Any) -> None:
+    def watch_disconnect(self, request: IRequest) -> None:
         """
         Cancel this run if ``request``'s client disconnects.  Only needed
         once the run waits on something.
@@ -717,7 +742,8 @@ class ChainRun:
             return
         # A bound method, not a closure: a held stream keeps this callback
         # for its whole life, and a closure and its cell cost ~150 bytes more.
-        request.notifyFinish().addErrback(self._client_gone)
+        # notifyFinish() is twisted.web's Request's; IRequest does not declare it.
+        cast(server.Request, request).notifyFinish().addErrback(self._client_gone)
 
     def _client_gone(self, reason: Failure) -> None:
         self.cancel()
@@ -731,7 +757,9 @@ class ChainRun:
         while i < n:
             if self.cancelled:
                 return
-            stage = stages[i]
+            # Any: dispatched on .kind (a str compare, cheaper here than
+            # isinstance), which mypy cannot narrow the stage union through.
+            stage: Any = stages[i]
             kind = stage.kind
             if kind == "inline":
                 p = stage.pipe
@@ -796,7 +824,7 @@ class ChainRun:
         self._main_finished(out.value)
         return True
 
-    def _stream_ended(self, _: Any, out: Stream) -> None:
+    def _stream_ended(self, _: object, out: Stream) -> None:
         if self._pending is out:
             self._pending = None
         self._closed = True
@@ -808,7 +836,7 @@ class ChainRun:
         self._pending = d
         self.watch_disconnect(self.inp.request)
 
-        def ok(out: Any) -> None:
+        def ok(out: Any) -> None:  # the pipe's result: anything
             if self._pending is not d:
                 return
             self._pending = None
@@ -875,7 +903,7 @@ class ChainRun:
             return
         try:
             payload = p.func(self.inp, self.ctx, self.res)
-            d = workers.call(p.worker_function, payload, timeout=p.timeout)
+            d = workers.call(stage.function, payload, timeout=p.timeout)
         except BaseException as e:
             self._main_failed(e, p.name)
             return
@@ -891,7 +919,7 @@ class ChainRun:
             self._branches[name] = branch
             branch.start()
 
-    def _branch_done(self, name: str, value: Any, error: PipecometError | None) -> None:
+    def _branch_done(self, name: str, value: object, error: PipecometError | None) -> None:
         if self._branches.pop(name, None) is None or self._closed:
             return
         if error is None:
@@ -909,7 +937,7 @@ class ChainRun:
 
     # -- ending
 
-    def _main_finished(self, value: Any) -> None:
+    def _main_finished(self, value: object) -> None:
         self._main_done = True
         if self.chain.has_branches:
             self.sink.part("main", value)
@@ -942,7 +970,14 @@ class ChainRun:
             self._done.callback(None)
 
 
-class _BranchSink(ChainSink):
+@implementer(IChainSink)
+class _BranchSink:
+    """
+    The sink of a fan-out branch's run: its outcome goes to the branch.
+    A branch has no branches of its own (``part``, ``part_error`` and
+    ``close`` are never called) and cannot stream.
+    """
+
     __slots__ = ("branch",)
 
     def __init__(self, branch: _BranchRun) -> None:
@@ -951,11 +986,23 @@ class _BranchSink(ChainSink):
     def answer(self, answer: Answer) -> None:
         self.branch.finish(answer.body, None)
 
-    def result(self, value: Any) -> None:
+    def result(self, value: object) -> None:
         self.branch.finish(value, None)
 
     def error(self, error: PipecometError) -> None:
         self.branch.finish(None, error)
+
+    def part(self, name: str, value: object) -> None:
+        pass
+
+    def part_error(self, name: str, error: PipecometError) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stream(self, stream: Stream) -> None:
+        refuse_stream(stream, self.error)
 
 
 class _BranchRun:
@@ -996,7 +1043,7 @@ class _BranchRun:
         self._finished = True
         self.run.cancel()
 
-    def finish(self, value: Any, error: PipecometError | None) -> None:
+    def finish(self, value: object, error: PipecometError | None) -> None:
         if self._finished:
             return
         self._finished = True

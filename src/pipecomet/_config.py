@@ -20,9 +20,15 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar, cast
 
 import attrs
+
+if TYPE_CHECKING:
+    from ._app import App
+
+_T = TypeVar("_T")
+_Section = TypeVar("_Section", bound=attrs.AttrsInstance)
 
 __all__ = ["ConfigError", "Config", "ServerConfig", "SECTIONS", "load_config", "read_tables",
            "merge_tables", "build_section", "register_section", "Installer"]
@@ -84,7 +90,7 @@ class ServerConfig:
                                      validator=attrs.validators.ge(0))
 
     @processes.validator
-    def _check_processes(self, attribute: Any, value: Any) -> None:
+    def _check_processes(self, attribute: attrs.Attribute[int | str], value: object) -> None:
         if value == "auto":
             return
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -92,7 +98,8 @@ class ServerConfig:
 
 
 #: What installs a part on an app from its table: ``install(app, config)``.
-Installer = Callable[[Any, Any], object]
+#: Any: each part's installer takes its own table's config class.
+Installer = Callable[["App", Any], object]
 
 #: table name → (its config class, or ``module:Class``; the installer that
 #: builds the part on an app from that config, or ``module:function``, or
@@ -135,13 +142,19 @@ def register_section(name: str, config_class: type, installer: Installer | None 
     SECTIONS[name] = (config_class, installer)
 
 
-def _resolve(spec: Any) -> Any:
+def _resolve(spec: _T | str) -> _T:
+    """
+    ``spec``, or the object that its ``module:attribute`` names (trusted to
+    be of the type the registry says).
+    """
     if not isinstance(spec, str):
         return spec
     module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return cast(_T, getattr(importlib.import_module(module), attr))
 
 
+# Any: a type hint as typing.get_type_hints gives it (a class, a union, a
+# generic alias...): typing has no type for type expressions.
 def _unwrap_optional(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -151,7 +164,7 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def build_section(cls: type, table: Any, where: str) -> Any:
+def build_section(cls: type[_Section], table: object, where: str) -> _Section:
     """
     Build attrs class ``cls`` from a TOML table, recursing into attrs-typed
     fields and ``dict[str, AttrsClass]`` fields; errors name the key path.
@@ -169,7 +182,7 @@ def build_section(cls: type, table: Any, where: str) -> Any:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where or cls.__name__}: {_field_message(e)}") from None
     fields = {f.name: f for f in attrs.fields(cls)}
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, object] = {}
     for key, value in table.items():
         name = key.replace("-", "_")
         path = f"{where}.{key}" if where else key
@@ -194,7 +207,7 @@ def build_section(cls: type, table: Any, where: str) -> Any:
         raise ConfigError(f"{where or cls.__name__}: {_field_message(e)}") from None
 
 
-def _named_tables(cls: type) -> Any:
+def _named_tables(cls: type) -> attrs.Attribute[Any] | None:
     """
     The field of ``cls`` marked ``metadata={"named_tables": True}`` (a
     ``dict[str, AttrsClass]`` whose names are the table's own keys, as in
@@ -213,7 +226,7 @@ def _field_message(e: Exception) -> str:
     return str(e)
 
 
-def merge_tables(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge_tables(base: Mapping[str, object], over: Mapping[str, object]) -> dict[str, object]:
     """
     ``base`` with ``over`` laid on it: tables present in both are merged
     key by key (recursively), any other value in ``over`` replaces the one
@@ -239,12 +252,14 @@ class Config:
         were (:meth:`from_dict`); :meth:`with_defaults` merges those.
     """
 
-    def __init__(self, sections: Mapping[str, Any] | None = None,
-                 data: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, sections: Mapping[str, object] | None = None,
+                 data: Mapping[str, object] | None = None) -> None:
         self._sections = dict(sections or {})
         self._given = frozenset(self._sections)
         self._data = dict(data) if data is not None else None
 
+    # Any: a section's config class is the registry's (SECTIONS), not known
+    # statically; ``config.quota`` is a QuotaConfig, ``config.demo`` the demo's.
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
@@ -265,8 +280,8 @@ class Config:
         return list(self._sections)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Config:
-        sections: dict[str, Any] = {}
+    def from_dict(cls, data: Mapping[str, object]) -> Config:
+        sections: dict[str, object] = {}
         for key, table in data.items():
             if key not in SECTIONS:
                 known = ", ".join(sorted(SECTIONS))
@@ -275,14 +290,14 @@ class Config:
         return cls(sections, data=data)
 
     @property
-    def tables(self) -> dict[str, Any]:
+    def tables(self) -> dict[str, object]:
         """
         The TOML tables this configuration was read from (empty when it was
         built from objects).
         """
         return dict(self._data or {})
 
-    def with_defaults(self, defaults: Mapping[str, Any]) -> Config:
+    def with_defaults(self, defaults: Mapping[str, object]) -> Config:
         """
         ``defaults`` (an app's tables) overlaid by this configuration: what
         it was read from overrides key by key, a section given as an object
@@ -301,7 +316,7 @@ class Config:
         return [(name, _resolve(inst)) for name, (_, inst) in SECTIONS.items() if inst]
 
 
-def read_tables(path: str | Path) -> dict[str, Any]:
+def read_tables(path: str | Path) -> dict[str, object]:
     """
     The tables of a TOML file, unchecked; errors say which file.
     """
@@ -363,7 +378,9 @@ def reference_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
         default = f.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]  # a class, typed as a function
             default = default.factory()
-        type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        # pipecomet._json.JSON is a string alias at run time: name it, not its expansion.
+        type_name = ("JSON" if f.type == "JSON"
+                     else getattr(tp, "__name__", str(tp).replace("typing.", "")))
         rows.append((key, type_name, repr(default), docs.get(f.name, "")))
     return rows
 

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping, TypedDict, Unpack
+
+if TYPE_CHECKING:
+    from twisted.web.iweb import IRequest
+
+    from ._json import JSON
 
 __all__ = [
     "PipecometError",
@@ -62,7 +67,7 @@ class PipecometError(Exception):
         code: str | None = None,
         status: int | None = None,
         headers: Mapping[str, str] | None = None,
-        details: Mapping[str, Any] | None = None,
+        details: Mapping[str, JSON] | None = None,
     ) -> None:
         super().__init__(message or self.code)
         self.message = message or self.code.replace("_", " ")
@@ -71,14 +76,14 @@ class PipecometError(Exception):
         if status is not None:
             self.status = status
         self.headers: dict[str, str] = dict(headers or {})
-        self.details: dict[str, Any] = dict(details or {})
+        self.details: dict[str, JSON] = dict(details or {})
         self.error_id = new_error_id()
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, JSON]:
         """
         The ``error`` object of the response body.
         """
-        body: dict[str, Any] = {
+        body: dict[str, JSON] = {
             "code": self.code,
             "message": self.message,
             "id": self.error_id,
@@ -122,12 +127,33 @@ class HeadersTooLarge(PipecometError):
     status, code = 431, "headers_too_large"
 
 
+class ErrorOptions(TypedDict, total=False):
+    """
+    The keyword arguments of :class:`PipecometError`, as subclasses pass
+    them on (``**kw: Unpack[ErrorOptions]``).
+    """
+
+    code: str | None
+    status: int | None
+    headers: Mapping[str, str] | None
+    details: Mapping[str, JSON] | None
+
+
+class RetryOptions(ErrorOptions, total=False):
+    """
+    :class:`ErrorOptions` and ``retry_after`` (a 503 or 429).
+    """
+
+    retry_after: float
+
+
 class _RetryAfter(PipecometError):
     """
     An error that tells the client when to come back.
     """
 
-    def __init__(self, message: str = "", *, retry_after: float = 1, **kw: Any) -> None:
+    def __init__(self, message: str = "", *, retry_after: float = 1,
+                 **kw: Unpack[ErrorOptions]) -> None:
         super().__init__(message, **kw)
         self.retry_after = retry_after
         # HTTP wants whole seconds; never tell a client to retry "now".
@@ -166,7 +192,7 @@ def error_body(error: PipecometError) -> bytes:
     return json.dumps({"error": error.to_json()}, separators=(",", ":")).encode("utf-8")
 
 
-def error_response(request: Any, error: PipecometError) -> bytes:
+def error_response(request: IRequest, error: PipecometError) -> bytes:
     """
     Set the status and headers of ``error``'s response on ``request`` (a
     twisted.web request) and return its body: the one place an error

@@ -13,11 +13,16 @@ them far less often; objects freed by reference counting never wait for it.
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 from attrs import validators as v
 from twisted.application.service import Service
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from ._app import App
 
 __all__ = ["GCConfig", "GCTuning", "install"]
 
@@ -63,7 +68,7 @@ class GCTuning(Service):
             gc.collect()
             gc.freeze()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None] | None:
         previous, self._previous = self._previous, None
         if previous is not None:
             gc.set_threshold(*previous)
@@ -72,7 +77,7 @@ class GCTuning(Service):
         return super().stopService()
 
 
-def install(app: Any, config: GCConfig) -> None:
+def install(app: App, config: GCConfig) -> None:
     """
     ``[gc]`` installer: a service that applies the settings when the app
     starts (nothing when both are left at their defaults).

@@ -1,7 +1,9 @@
 """
 The seams of pipecomet that have more than one implementation or that tests
-replace, as zope.interface interfaces in one place (made public by
-:mod:`pipecomet.interfaces`).  Nothing here imports the rest of pipecomet.
+replace, as zope.interface interfaces in one place (those an app uses made
+public by :mod:`pipecomet.interfaces`; :class:`IChainSink`, which only
+pipecomet's own responders implement, stays internal).  Nothing here imports
+the rest of pipecomet at run time.
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from ._bus import BusDelivery, TopicHistory
+    from ._chain import Answer, ChainRun, Stream
+    from ._errors import PipecometError
+    from ._events import Event
+    from ._json import JSON
 
 __all__ = [
+    "IBackendReactor",
     "IBodySource",
     "IBus",
     "IBusReceiver",
     "IChainRequest",
+    "IChainSink",
     "IEventListener",
     "IHistoryBus",
     "IPipeInput",
@@ -35,8 +43,14 @@ __all__ = [
 ]
 
 
-class IPipecometReactor(IReactorTime, IReactorCore, IReactorThreads, IReactorTCP,
-                        IReactorProcess, IReactorFDSet):
+class IBackendReactor(IReactorTime, IReactorTCP, IReactorThreads):
+    """
+    What the backend client uses of its reactor: time and timers, TCP
+    connections, and calls brought back from ZooKeeper's threads.
+    """
+
+
+class IPipecometReactor(IBackendReactor, IReactorCore, IReactorProcess, IReactorFDSet):
     """
     The reactor an app is given (as Synapse's ``ISynapseReactor``): timed
     calls, threads, TCP, processes.  Unit tests hand in a fake clock that
@@ -51,17 +65,18 @@ class IBodySource(Interface):
     it still arrives (``pipecomet._lazy.LazyBody``).
     """
 
-    def body() -> Any:
+    def body() -> Deferred[bytes]:
         """
         A Deferred of the whole body as bytes.
         """
 
-    def form() -> Any:
+    def form() -> Deferred[dict[str, list[JSON]]]:
         """
         A Deferred of the body's form fields, ``{name: [values]}``.
         """
 
-    def param(name: str, default: Any = ..., query: Mapping[str, str] | None = None) -> Any:
+    def param(name: str, default: object = ...,
+              query: Mapping[str, str] | None = None) -> Deferred[Any]:
         """
         A Deferred of parameter ``name``: from ``query`` when it is there,
         else from the body as soon as that field is complete; fails with
@@ -83,7 +98,7 @@ class IChainRequest(Interface):
         Where the request's body is read from.
         """
 
-    def hold_run(run: Any) -> bool:
+    def hold_run(run: ChainRun) -> bool:
         """
         Cancel ``run`` (a chain run, ``run.cancel()``) when the client goes,
         without a ``notifyFinish()`` Deferred kept for the life of the
@@ -112,19 +127,67 @@ class IPipeInput(Interface):
         when it is not UTF-8).
         """
 
-    def body() -> Any:
+    def body() -> Deferred[bytes]:
         """
         A Deferred of the whole body as bytes.
         """
 
-    def form() -> Any:
+    def form() -> Deferred[dict[str, list[JSON]]]:
         """
         A Deferred of the body's form fields.
         """
 
-    def param(name: str, default: Any = ...) -> Any:
+    def param(name: str, default: object = ...) -> Deferred[Any]:
         """
         A Deferred of parameter ``name`` from the query, else the body.
+        """
+
+
+class IChainSink(Interface):
+    """
+    Where a chain run's outcomes go (:class:`pipecomet._chain.ChainRun`):
+    the responder of the request (JSON, NDJSON, SSE), or the parent run for
+    a fan-out branch.  A run calls :meth:`answer`, :meth:`result`,
+    :meth:`error` or :meth:`stream` once, or, with branches, :meth:`part`
+    and :meth:`part_error` per result and then :meth:`close`.
+    """
+
+    def answer(answer: Answer) -> None:
+        """
+        A pipe answered at once (:class:`pipecomet.Answer`).
+        """
+
+    def result(value: object) -> None:
+        """
+        The chain ended with ``value``, its last pipe's result.
+        """
+
+    def error(error: PipecometError) -> None:
+        """
+        The chain failed with ``error`` (what the client is told).
+        """
+
+    def part(name: str, value: object) -> None:
+        """
+        With branches: branch ``name`` (or ``"main"``) ended with ``value``.
+        """
+
+    def part_error(name: str, error: PipecometError) -> None:
+        """
+        With branches: branch ``name`` (or ``"main"``) failed with ``error``.
+        """
+
+    def close() -> None:
+        """
+        With branches: the main chain and every branch have ended.
+        """
+
+    def stream(stream: Stream) -> None:
+        """
+        A pipe made the response a long-lived stream: serve it
+        (``stream.serve(sink)``), or, a sink that cannot stream, refuse it
+        with :func:`pipecomet._chain.refuse_stream` (the stream cancelled,
+        500 ``internal_error``).
         """
 
 
@@ -134,22 +197,22 @@ class IEventListener(Interface):
     invoke (repeatable) / complete / timeout / cancel).
     """
 
-    def on_invoke(event: Any, value: Any) -> None:
+    def on_invoke(event: Event, value: object) -> None:
         """
         The event fired and goes on waiting (comet push).
         """
 
-    def on_complete(event: Any, value: Any) -> None:
+    def on_complete(event: Event, value: object) -> None:
         """
         The event fired and stops waiting.
         """
 
-    def on_timeout(event: Any) -> None:
+    def on_timeout(event: Event) -> None:
         """
         The event's deadline passed.
         """
 
-    def on_cancel(event: Any) -> None:
+    def on_cancel(event: Event) -> None:
         """
         The waiter went away (client disconnect).
         """
@@ -237,7 +300,7 @@ class IBus(Interface):
         Stop delivering to ``receiver``.
         """
 
-    def status() -> dict:
+    def status() -> dict[str, JSON]:
         """
         Live figures for ``/_pipecomet/status``.
         """

@@ -28,21 +28,26 @@ import enum
 import math
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, ParamSpec, TypeVar
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ._config import ConfigError
 from ._errors import GatewayTimeout, ServiceUnavailable
+from ._json import JSON
 
 if TYPE_CHECKING:
+    from ._app import App
     from .testing import SynchronousThreadPool
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 __all__ = [
     "CategoryConfig",
@@ -107,31 +112,31 @@ class ExecutionTimeout(GatewayTimeout):
 # field (attrs hands validators the attribute, not converters).
 
 
-def _to_whole(value: Any) -> Any:
+def _to_whole(value: object) -> object:
     if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
         return int(value)
     return value
 
 
-def _to_seconds(value: Any) -> Any:
+def _to_seconds(value: object) -> object:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return value
 
 
-def _to_limit_seconds(value: Any) -> Any:
+def _to_limit_seconds(value: object) -> object:
     # 0 (TOML has no null) means "no limit".
     value = _to_seconds(value)
     return None if value == 0 else value
 
 
-def _whole(instance: Any, field: attrs.Attribute, value: Any) -> None:
+def _whole(instance: object, field: attrs.Attribute, value: object) -> None:
     # TOML gives ints; refuse bools and fractions instead of truncating them.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{field.name}: expected a whole number, got {value!r}")
 
 
-def _seconds(instance: Any, field: attrs.Attribute, value: Any) -> None:
+def _seconds(instance: object, field: attrs.Attribute, value: object) -> None:
     if not isinstance(value, float):
         raise ValueError(f"{field.name}: expected a number of seconds, got {value!r}")
 
@@ -139,7 +144,7 @@ def _seconds(instance: Any, field: attrs.Attribute, value: Any) -> None:
 _optional_whole = attrs.validators.optional(_whole)
 
 
-def _positive(instance: Any, field: attrs.Attribute, value: float | None) -> None:
+def _positive(instance: object, field: attrs.Attribute, value: float | None) -> None:
     """
     None, or a number of seconds above 0.
     """
@@ -284,7 +289,7 @@ class Distribution:
                 return min(bound, self.max)
         return self.max
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, JSON]:
         return {
             "count": self.count,
             "sum": round(self.total, 6),
@@ -357,8 +362,8 @@ class _Job:
     __slots__ = ("category", "fn", "args", "kwargs", "deferred", "state", "outcome",
                  "submitted", "started", "timer")
 
-    def __init__(self, category: _Category, fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: Mapping[str, Any], now: float) -> None:
+    def __init__(self, category: _Category, fn: Callable[..., object], args: tuple[object, ...],
+                 kwargs: Mapping[str, object], now: float) -> None:
         self.category = category
         self.fn = fn
         self.args = args
@@ -370,7 +375,7 @@ class _Job:
         self.started = 0.0
         # The one pending timed call: queue timeout while waiting,
         # execution timeout while running.
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
 
     def _cancel(self, d: Deferred) -> None:
         self.category.pool._cancel(self)
@@ -424,7 +429,7 @@ class _Category:
         self.queue_wait = Distribution()
         self.run_time = Distribution()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, JSON]:
         return {
             "reserve": self.reserve,
             "limit": self.limit,
@@ -450,6 +455,7 @@ class _Category:
 
 
 class _DaemonThread(threading.Thread):
+    # Any: threading.Thread's own arguments, as Twisted's ThreadPool passes them.
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # A zombie that never returns must not keep the process alive.
@@ -485,7 +491,7 @@ class QuotaPool(Service):
         self._threadpool: ThreadPool | SynchronousThreadPool = (
             threadpool if threadpool is not None
             else _QuotaThreadPool(0, config.size, name="pipecomet-quota"))
-        self._from_thread: Callable[..., Any] = (
+        self._from_thread: Callable[..., object] = (
             reactor.callFromThread if IReactorThreads.providedBy(reactor) else _direct)
         self._categories = {name: _Category(self, name, c, config.size, config.retry_after)
                             for name, c in config.categories.items()}
@@ -497,7 +503,7 @@ class QuotaPool(Service):
         self._waking = False
         self._rewake = False
         self._stopped: Deferred | None = None
-        self._stop_timer: Any = None
+        self._stop_timer: IDelayedCall | None = None
 
     # -- questions
 
@@ -522,13 +528,13 @@ class QuotaPool(Service):
         """
         return self._busy
 
-    def category_status(self, name: str) -> dict[str, Any]:
+    def category_status(self, name: str) -> dict[str, JSON]:
         """
         One category's live figures and statistics.
         """
         return self._categories[name].status()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, JSON]:
         """
         The whole pool's live figures (``/_pipecomet/status`` shows them).
         """
@@ -543,7 +549,8 @@ class QuotaPool(Service):
 
     # -- the one entry point
 
-    def run(self, category: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
+    def run(self, category: str, fn: Callable[_P, _R], *args: _P.args,
+            **kwargs: _P.kwargs) -> Deferred[_R]:
         """
         Run ``fn(*args, **kwargs)`` on a pool thread under ``category``'s
         rules.
@@ -603,7 +610,7 @@ class QuotaPool(Service):
         from_thread = self._from_thread
         returned = self._returned
 
-        def on_result(ok: bool, result: Any) -> None:
+        def on_result(ok: bool, result: object) -> None:
             # Runs on the pool thread: hand over, touch nothing.
             from_thread(returned, job, ok, result)
 
@@ -635,7 +642,7 @@ class QuotaPool(Service):
 
     # -- events, all on the reactor thread
 
-    def _returned(self, job: _Job, ok: bool, result: Any) -> None:
+    def _returned(self, job: _Job, ok: bool, result: object) -> None:
         cat = job.category
         cat.busy -= 1
         self._busy -= 1
@@ -652,7 +659,8 @@ class QuotaPool(Service):
                 # Its caller was already answered; a warning, not an error
                 # the request could be blamed for.
                 log.warn("quota category {category}: a job whose caller was already answered "
-                         "failed: {error}", category=cat.name, error=result.getErrorMessage())
+                         "failed: {error}", category=cat.name,
+                         error=result.getErrorMessage() if isinstance(result, Failure) else result)
         # Hand the freed thread to waiting jobs before the caller's chain
         # goes on, so a job just made by that chain cannot jump the queue.
         self._wake()
@@ -702,7 +710,7 @@ class QuotaPool(Service):
         job.outcome = Outcome.CANCELLED
         cat.counters[Outcome.CANCELLED] += 1
 
-    def _tell(self, job: _Job, outcome: Outcome, result: Any) -> None:
+    def _tell(self, job: _Job, outcome: Outcome, result: object) -> None:
         """
         Give the caller its one outcome.
         """
@@ -753,8 +761,9 @@ class QuotaPool(Service):
         if stopped is None:
             return
         if joined:
-            if self._stop_timer.active():
-                self._stop_timer.cancel()
+            timer = self._stop_timer
+            if timer is not None and timer.active():
+                timer.cancel()
             self._threadpool.stop()
         else:
             log.warn("quota pool stopped with {busy} threads still running; they are left to "
@@ -767,7 +776,7 @@ class QuotaPool(Service):
         stopped.callback(None)
 
 
-def _direct(f: Callable[..., Any], *args: Any) -> None:
+def _direct(f: Callable[..., object], *args: object) -> None:
     f(*args)
 
 
@@ -775,7 +784,7 @@ def _direct(f: Callable[..., Any], *args: Any) -> None:
 # Installing
 
 
-def install(app: Any, config: QuotaConfig) -> QuotaPool:
+def install(app: App, config: QuotaConfig) -> QuotaPool:
     """
     Build the app's quota pool from ``[quota]``: ``app.runtime.quota``,
     the ``quota`` status source, and a service started with the app.

@@ -2,7 +2,7 @@
 Responders: how a chain's outcomes reach the client, and the wire format of
 every response.
 
-A responder is the :class:`~pipecomet._chain.ChainSink` of one request.
+A responder is the :class:`~pipecomet._interfaces.IChainSink` of one request.
 ``json`` sends one body when everything is in; ``ndjson`` and ``sse`` write
 each result (the main chain's and every branch's) the moment it is ready.
 The route says which responders it offers; the client picks with ``Accept``
@@ -24,9 +24,10 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from ._chain import Answer, ChainSink, Stream, as_pipecomet_error
+from ._chain import Answer, Stream, as_pipecomet_error, refuse_stream
 from ._comet._interfaces import IStreamSink
 from ._errors import PipecometError, error_response
+from ._interfaces import IChainSink
 from ._json import dumps
 from ._sse import HEARTBEAT, encode_event
 from ._twcompat import request_gone as _gone
@@ -194,7 +195,7 @@ def _resume_headers(request: Request, cursor: str, resume: str) -> None:
 # Responders
 
 
-class Responder(ChainSink):
+class Responder:
     """
     Base: the whole-body paths (``answer``, ``error``) every responder shares.
     """
@@ -256,7 +257,7 @@ class Responder(ChainSink):
         answers it as a long-poll, ``sse`` and ``ndjson`` stream it.
         """
         if not IStreamSink.providedBy(self):
-            super().stream(stream)
+            refuse_stream(stream, self.error)
             return
         stream.serve(self)
 
@@ -278,7 +279,7 @@ class Responder(ChainSink):
             _hold(self.request)
 
 
-@implementer(IStreamSink)
+@implementer(IChainSink, IStreamSink)
 class JSONResponder(Responder):
     """
     One JSON body.  With branches: ``{"results": {name: value},
@@ -385,6 +386,7 @@ class LongPollResponder(JSONResponder):
     __slots__ = ()
 
 
+@implementer(IChainSink)
 class _StreamResponder(Responder):
     """
     A stream of records, written as they come; headers go out with the
@@ -615,7 +617,7 @@ class SSEResponder(_StreamResponder):
 
 
 #: Responder name → class.  Parts that add transports register here.
-RESPONDERS: dict[str, Callable[[Any], Responder]] = {
+RESPONDERS: dict[str, Callable[[Any], IChainSink]] = {
     "json": JSONResponder,
     "ndjson": NDJSONResponder,
     "sse": SSEResponder,

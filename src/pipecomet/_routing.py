@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Router", "Matched", "WrongMethod"]
 
-_NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
+_NO_PARAMS: Mapping[str, object] = MappingProxyType({})
 
 
 @attrs.frozen
@@ -38,7 +38,7 @@ class Matched:
     """
 
     route: Route
-    params: Mapping[str, Any] = _NO_PARAMS
+    params: Mapping[str, object] = _NO_PARAMS
 
 
 @attrs.frozen

@@ -9,7 +9,7 @@ Everything else in pipecomet uses public Twisted APIs only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.tcp import Client as _TCPClient
 from twisted.internet.tcp import Server as _TCPServer
@@ -17,9 +17,15 @@ from twisted.internet.tcp import Server as _TCPServer
 #: The plain TCP transports (both ``tcp.Connection``s) whose buffer we know.
 _PLAIN_TCP = (_TCPServer, _TCPClient)
 
+if TYPE_CHECKING:
+    from twisted.web import http
+
 __all__ = ["request_gone", "send_now", "transport_pending"]
 
 
+# Any (both helpers): the transport is read as a tcp.Connection once
+# ``type(transport)`` says it is one, a check mypy does not narrow through
+# (an isinstance() would be slower on this path and admit subclasses).
 def send_now(transport: Any, data: bytes) -> int:
     """
     Send ``data`` straight to the socket of a plain TCP transport whose
@@ -58,7 +64,7 @@ def transport_pending(transport: Any) -> int:
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
-def request_gone(request: Any) -> bool:
+def request_gone(request: http.Request) -> bool:
     """
     True when ``request`` is finished or its client has gone.
 

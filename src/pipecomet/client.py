@@ -35,7 +35,13 @@ from ._sse import SSEParser
 if TYPE_CHECKING:
     from treq.client import HTTPClient
 
+    from ._json import JSON
+
 __all__ = ["CometClient", "SSEParser", "CometError"]
+
+# Messages, events and records are JSON objects of the documented shapes
+# (docs/comet.md), read as the server frames them: dict[str, Any], so that
+# ``msg["data"]`` is the app's own value.
 
 log = Logger()
 
@@ -52,7 +58,7 @@ class CometError(Exception):
     The server refused the subscription (4xx): retrying would not help.
     """
 
-    def __init__(self, status: int, body: Any) -> None:
+    def __init__(self, status: int, body: JSON) -> None:
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
         self.body = body
@@ -235,7 +241,7 @@ class CometClient:
         self._body = _Body(feed, finished)
         response.deliverBody(self._body)
 
-        def ended(_: Any) -> None:
+        def ended(_: object) -> None:
             self._body = None
             self.open_responses -= 1
             if self.transport == "longpoll":
@@ -251,7 +257,7 @@ class CometClient:
 
         def body(raw: bytes) -> None:
             try:
-                content: Any = json.loads(raw)
+                content: JSON = json.loads(raw)
             except ValueError:
                 content = raw.decode("utf-8", "replace")
             if 400 <= response.code < 500 and response.code not in (408, 429):

@@ -22,20 +22,33 @@ threadpool=SynchronousThreadPool())``).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from typing import IO, TYPE_CHECKING, Callable, Mapping, TypedDict, Unpack
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
-from twisted.web.client import Agent
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
+from twisted.web.client import URI, Agent
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from ._sse import parse_events
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._json import JSON
+
+#: A request body: bytes, text (sent as UTF-8) or a file read whole.
+Body = bytes | str | IO[bytes]
+#: Form fields, sent urlencoded.
+Form = dict[str, str] | list[tuple[str, str]]
+#: A job a SynchronousThreadPool holds: function, arguments, callback.
+_Job = tuple[Callable[..., object], tuple[object, ...], dict[str, object],
+             "Callable[[bool, object], object] | None"]
 
 __all__ = ["MemoryClient", "Call", "make_clock", "SynchronousThreadPool"]
 
@@ -55,7 +68,7 @@ class Call:
     """
 
     def __init__(self) -> None:
-        self.response: Any = None
+        self.response: IResponse | None = None
         self.chunks: list[bytes] = []
         self.done = False
         self.failure: Failure | None = None
@@ -65,20 +78,19 @@ class Call:
     def started(self) -> bool:
         return self.response is not None
 
-    def _need(self) -> None:
+    def _need(self) -> IResponse:
         if self.failure is not None:
             self.failure.raiseException()
         if self.response is None:
             raise AssertionError("no response yet (advance the clock?)")
+        return self.response
 
     @property
     def status(self) -> int:
-        self._need()
-        return self.response.code
+        return self._need().code
 
     def header(self, name: str) -> str | None:
-        self._need()
-        values = self.response.headers.getRawHeaders(name)
+        values = self._need().headers.getRawHeaders(name)
         return values[0] if values else None
 
     @property
@@ -89,12 +101,12 @@ class Call:
         self._need()
         return b"".join(self.chunks)
 
-    def json(self) -> Any:
+    def json(self) -> JSON:
         if not self.done:
             raise AssertionError("the response is not complete yet")
         return json.loads(self.body)
 
-    def lines(self) -> list[Any]:
+    def lines(self) -> list[JSON]:
         """
         The complete NDJSON lines received so far, decoded.
         """
@@ -124,7 +136,7 @@ class _BytesProducer:
         self._data = data
         self.length = len(data)
 
-    def startProducing(self, consumer: Any) -> Deferred:
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         consumer.write(self._data)
         return succeed(None)
 
@@ -138,12 +150,16 @@ class _BytesProducer:
         pass
 
 
-def _body_producer(data: Any) -> IBodyProducer:
+def _body_bytes(data: Body) -> bytes:
     if isinstance(data, str):
-        data = data.encode("utf-8")
+        return data.encode("utf-8")
     if not isinstance(data, bytes):
-        data = data.read()  # a file
-    return _BytesProducer(data)
+        return data.read()  # a file
+    return data
+
+
+def _body_producer(data: Body) -> IBodyProducer:
+    return _BytesProducer(_body_bytes(data))
 
 
 @implementer(IAgentEndpointFactory)
@@ -157,8 +173,14 @@ class _MemoryEndpoints:
     def __init__(self, reactor: MemoryReactorClock) -> None:
         self._reactor = reactor
 
-    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
+    def endpointForURI(self, uri: URI) -> TCP4ClientEndpoint:
         return TCP4ClientEndpoint(self._reactor, uri.host, uri.port)
+
+
+class _RequestOptions(TypedDict, total=False):
+    headers: Mapping[str, str] | None
+    data: Body | Form | None
+    json_body: object
 
 
 class MemoryClient:
@@ -177,7 +199,7 @@ class MemoryClient:
     :param clock: the fake clock; ``app.runtime.reactor`` when it is a Clock.
     """
 
-    def __init__(self, app: Any, clock: Clock | None = None) -> None:
+    def __init__(self, app: App, clock: Clock | None = None) -> None:
         from treq.client import HTTPClient
 
         if clock is None:
@@ -210,27 +232,35 @@ class MemoryClient:
         return client_io
 
     def request(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
-                data: Any = None, json_body: Any = None) -> Call:
+                data: Body | Form | None = None, json_body: object = None) -> Call:
         """
         Start a request; it runs as far as it can without the clock moving.
+
+        :param data: the body (bytes, text, or a file), or form fields
+            (a dict or pairs, sent urlencoded).
+        :param json_body: a value sent as a JSON body instead.
         """
         import treq
 
         call = Call()
-        kwargs: dict[str, Any] = {"headers": dict(headers or {})}
+        sent_headers: dict[bytes | str, bytes | str] = {k: v for k, v in (headers or {}).items()}
+        body: bytes | Form | None = None
         if json_body is not None:
-            kwargs["data"] = json.dumps(json_body).encode()
-            kwargs["headers"].setdefault("content-type", "application/json")
+            body = json.dumps(json_body).encode()
+            sent_headers.setdefault("content-type", "application/json")
+        elif isinstance(data, (dict, list)):
+            body = data
         elif data is not None:
-            kwargs["data"] = data
-        d = self._http.request(method, "http://pipecomet.test" + path, **kwargs)
+            body = _body_bytes(data)
+        d = self._http.request(method, "http://pipecomet.test" + path, headers=sent_headers,
+                               data=body)
         call._connection = self._connect()
 
-        def got(response: Any) -> Any:
+        def got(response: IResponse) -> Deferred[None]:
             call.response = response
             return treq.collect(response, call.chunks.append)
 
-        def finished(_: Any) -> None:
+        def finished(_: object) -> None:
             call.done = True
 
         def failed(f: Failure) -> None:
@@ -241,10 +271,10 @@ class MemoryClient:
         self.flush()
         return call
 
-    def get(self, path: str, **kw: Any) -> Call:
+    def get(self, path: str, **kw: Unpack[_RequestOptions]) -> Call:
         return self.request("GET", path, **kw)
 
-    def post(self, path: str, **kw: Any) -> Call:
+    def post(self, path: str, **kw: Unpack[_RequestOptions]) -> Call:
         return self.request("POST", path, **kw)
 
     def flush(self) -> None:
@@ -285,7 +315,7 @@ class SynchronousThreadPool:
 
     def __init__(self, immediate: bool = False) -> None:
         self.immediate = immediate
-        self.running: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]] = []
+        self.running: list[_Job] = []
         self.started = False
         self.joined = False
 
@@ -297,8 +327,9 @@ class SynchronousThreadPool:
         self.started = False
         self.joined = True
 
-    def callInThreadWithCallback(self, onResult: Any, func: Callable[..., Any],
-                                 *args: Any, **kw: Any) -> None:
+    def callInThreadWithCallback(self, onResult: Callable[[bool, object], object] | None,
+                                 func: Callable[..., object], *args: object,
+                                 **kw: object) -> None:
         entry = (func, args, kw, onResult)
         if self.immediate:
             self._run(entry)
@@ -316,7 +347,7 @@ class SynchronousThreadPool:
             self.finish(0)
 
     @staticmethod
-    def _run(entry: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Any]) -> None:
+    def _run(entry: _Job) -> None:
         func, args, kw, onResult = entry
         try:
             result, ok = func(*args, **kw), True

@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Generic, Iterable, TypeVar
 
 from ._config import BalancerConfig
 from ._discovery import Endpoint
 
+if TYPE_CHECKING:
+    from .._json import JSON
+
+#: What the service keeps per endpoint (its connection pool).
+_Pool = TypeVar("_Pool")
+
 __all__ = ["EndpointState", "Balancer", "RetryBudget"]
 
 
-class EndpointState:
+class EndpointState(Generic[_Pool]):
     """
     What the balancer knows of one endpoint.  ``pool`` is whatever the
     service keeps per endpoint (its connections).
@@ -35,7 +41,7 @@ class EndpointState:
     __slots__ = ("endpoint", "pool", "outstanding", "ewma", "ewma_stamp", "failures",
                  "ejected_until", "ejections", "calls", "errors", "draining", "ejected")
 
-    def __init__(self, endpoint: Endpoint, pool: Any) -> None:
+    def __init__(self, endpoint: Endpoint, pool: _Pool) -> None:
         self.endpoint = endpoint
         self.pool = pool
         self.outstanding = 0
@@ -49,8 +55,12 @@ class EndpointState:
         self.errors = 0
         self.draining = False
 
-    def status(self, now: float) -> dict[str, Any]:
-        return {
+    def status(self, now: float,
+               pool_status: Callable[[_Pool], JSON] | None = None) -> dict[str, JSON]:
+        """
+        The endpoint's figures; with ``pool_status``, its pool's under ``pool``.
+        """
+        out: dict[str, JSON] = {
             "id": self.endpoint.id,
             "address": self.endpoint.address,
             "outstanding": self.outstanding,
@@ -63,9 +73,12 @@ class EndpointState:
             "ejections": self.ejections,
             "draining": self.draining,
         }
+        if pool_status is not None:
+            out["pool"] = pool_status(self.pool)
+        return out
 
 
-class Balancer:
+class Balancer(Generic[_Pool]):
     """
     Picks endpoints for one service.
 
@@ -78,16 +91,16 @@ class Balancer:
     """
 
     def __init__(self, config: BalancerConfig, clock: Callable[[], float],
-                 make_pool: Callable[[Endpoint], Any] = lambda e: None,
-                 drain_pool: Callable[[EndpointState], None] = lambda s: None,
+                 make_pool: Callable[[Endpoint], _Pool],
+                 drain_pool: Callable[[EndpointState[_Pool]], None] = lambda s: None,
                  rng: random.Random | None = None) -> None:
         self.config = config
         self.clock = clock
         self.make_pool = make_pool
         self.drain_pool = drain_pool
         self.rng = rng or random.Random()
-        self.active: list[EndpointState] = []
-        self.draining: list[EndpointState] = []
+        self.active: list[EndpointState[_Pool]] = []
+        self.draining: list[EndpointState[_Pool]] = []
         self.ejected_count = 0
         self.panic = False
         self.panics = 0
@@ -101,8 +114,8 @@ class Balancer:
         ones drain.
         """
         wanted = {e.id: e for e in endpoints}
-        keep: list[EndpointState] = []
-        removed: list[EndpointState] = []
+        keep: list[EndpointState[_Pool]] = []
+        removed: list[EndpointState[_Pool]] = []
         for state in self.active:
             e = wanted.pop(state.endpoint.id, None)
             if e is not None and e.address == state.endpoint.address:
@@ -124,7 +137,7 @@ class Balancer:
             self.draining.append(state)
             self.drain_pool(state)
 
-    def forget(self, state: EndpointState) -> None:
+    def forget(self, state: EndpointState[_Pool]) -> None:
         """
         A draining endpoint has no call left.
         """
@@ -133,7 +146,7 @@ class Balancer:
 
     # -- choosing
 
-    def pick(self, exclude: EndpointState | None = None) -> EndpointState | None:
+    def pick(self, exclude: EndpointState[_Pool] | None = None) -> EndpointState[_Pool] | None:
         """
         The endpoint for the next call, or None when there is none.
 
@@ -161,7 +174,7 @@ class Balancer:
             return a if a.outstanding < b.outstanding else b
         return a if a.ewma <= b.ewma else b
 
-    def _healthy(self) -> list[EndpointState]:
+    def _healthy(self) -> list[EndpointState[_Pool]]:
         now = self.clock()
         healthy = []
         for s in self.active:
@@ -181,7 +194,7 @@ class Balancer:
 
     # -- outcomes
 
-    def record_success(self, state: EndpointState, latency: float) -> None:
+    def record_success(self, state: EndpointState[_Pool], latency: float) -> None:
         state.failures = 0
         if state.ejections and not state.ejected:
             state.ejections = 0
@@ -193,7 +206,7 @@ class Balancer:
             state.ewma = latency
         state.ewma_stamp = now
 
-    def record_failure(self, state: EndpointState) -> None:
+    def record_failure(self, state: EndpointState[_Pool]) -> None:
         state.errors += 1
         state.failures += 1
         # A failure weighs like a slow answer, so a failing endpoint stops
@@ -214,13 +227,17 @@ class Balancer:
         state.ejections += 1
         self.ejected_count += 1
 
-    def status(self) -> dict[str, Any]:
+    def status(self, pool_status: Callable[[_Pool], JSON] | None = None) -> dict[str, JSON]:
+        """
+        The balancer's figures and each endpoint's (with its pool's, given
+        ``pool_status``).
+        """
         now = self.clock()
         if self.ejected_count:
             self._healthy()
         return {
-            "endpoints": [s.status(now) for s in self.active],
-            "draining": [s.status(now) for s in self.draining],
+            "endpoints": [s.status(now, pool_status) for s in self.active],
+            "draining": [s.status(now, pool_status) for s in self.draining],
             "ejected": self.ejected_count,
             "panic": self.panic,
             "panics": self.panics,
@@ -285,7 +302,7 @@ class RetryBudget:
         self.retries += 1
         return True
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, JSON]:
         self._roll()
         return {"calls_in_window": self.calls, "retries_in_window": self.retries,
                 "allowed": round(self.allowed(), 1), "refused": self.refused}

@@ -6,8 +6,6 @@ retry settings.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 from attrs import validators as v
 
@@ -106,7 +104,8 @@ class RetryConfig:
     budget_window: float = attrs.field(default=10.0, converter=float, validator=_pos)
 
 
-def _check_headers(instance: Any, attribute: Any, value: Any) -> None:
+def _check_headers(instance: object, attribute: attrs.Attribute[dict[str, str]],
+                   value: object) -> None:
     if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(x, str) for k, x in value.items()):
         raise ValueError("must be a table of header name = string value")
@@ -166,7 +165,7 @@ class BackendsConfig:
                                                      metadata={"named_tables": True})
 
     @services.validator
-    def _check(self, attribute: Any, value: Any) -> None:
+    def _check(self, attribute: attrs.Attribute[dict[str, ServiceConfig]], value: object) -> None:
         if not isinstance(value, dict):
             raise ValueError("must be a table of services")
         for name, service in value.items():

@@ -10,12 +10,14 @@ changes; it never knows which provider it has.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTCP, IReactorThreads, IReactorTime
 from zope.interface import Interface, implementer
+
+from .._interfaces import IBackendReactor
+from .._json import JSON
 
 __all__ = [
     "Endpoint",
@@ -43,7 +45,7 @@ class Endpoint:
     host: str
     port: int
     id: str = attrs.field(default="")
-    payload: Any = attrs.field(default=None, eq=False, hash=False)
+    payload: JSON = attrs.field(default=None, eq=False, hash=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.id:
@@ -102,7 +104,7 @@ class DiscoveryConfig:
                                          validator=attrs.validators.gt(0))
 
     @endpoints.validator
-    def _check_endpoints(self, attribute: Any, value: Any) -> None:
+    def _check_endpoints(self, attribute: attrs.Attribute[list[str]], value: object) -> None:
         if not isinstance(value, list):
             raise ValueError("must be a list of host:port strings")
         for item in value:
@@ -115,13 +117,6 @@ class DiscoveryConfig:
             raise ValueError("kind = 'file' needs path")
         if self.kind == "zookeeper" and not self.hosts:
             raise ValueError("kind = 'zookeeper' needs hosts")
-
-
-class IBackendReactor(IReactorTime, IReactorTCP, IReactorThreads):
-    """
-    What the backend client uses of its reactor: time and timers, TCP
-    connections, and calls brought back from ZooKeeper's threads.
-    """
 
 
 class IDiscovery(Interface):

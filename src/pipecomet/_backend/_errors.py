@@ -8,9 +8,9 @@ the log).  A backend's own 4xx/5xx answer is not an error here: it is a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Unpack
 
-from .._errors import BadGateway, GatewayTimeout, ServiceUnavailable
+from .._errors import BadGateway, ErrorOptions, GatewayTimeout, RetryOptions, ServiceUnavailable
 
 __all__ = [
     "BackendError",
@@ -32,7 +32,7 @@ class BackendError(BadGateway):
 
     code = "backend_error"
 
-    def __init__(self, service: str, message: str = "", **kw: Any) -> None:
+    def __init__(self, service: str, message: str = "", **kw: Unpack[ErrorOptions]) -> None:
         kw.setdefault("details", {"service": service})
         super().__init__(message or f"backend service {service!r} failed", **kw)
         self.service = service
@@ -53,7 +53,7 @@ class BackendTimeout(GatewayTimeout):
 
     code = "backend_timeout"
 
-    def __init__(self, service: str, timeout: float, **kw: Any) -> None:
+    def __init__(self, service: str, timeout: float, **kw: Unpack[ErrorOptions]) -> None:
         kw.setdefault("details", {"service": service})
         super().__init__(f"backend service {service!r} did not answer within {timeout:g}s", **kw)
         self.service = service
@@ -67,7 +67,7 @@ class BackendBusy(ServiceUnavailable):
 
     code = "backend_busy"
 
-    def __init__(self, service: str, message: str = "", **kw: Any) -> None:
+    def __init__(self, service: str, message: str = "", **kw: Unpack[RetryOptions]) -> None:
         kw.setdefault("details", {"service": service})
         super().__init__(message or f"backend service {service!r} is busy", **kw)
         self.service = service
@@ -88,7 +88,7 @@ class NoBackend(ServiceUnavailable):
 
     code = "no_backend"
 
-    def __init__(self, service: str, **kw: Any) -> None:
+    def __init__(self, service: str, **kw: Unpack[RetryOptions]) -> None:
         kw.setdefault("details", {"service": service})
         super().__init__(f"no endpoint of backend service {service!r} is available", **kw)
         self.service = service

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
@@ -27,6 +27,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ._discovery import Endpoint, IBackendReactor, IDiscovery, WatchedEndpoints, parse_address
+
+if TYPE_CHECKING:
+    from .._json import JSON
 
 __all__ = ["FileDiscovery", "parse_endpoints_file", "DEFAULT_MAX_SIZE"]
 
@@ -36,7 +39,7 @@ DEFAULT_MAX_SIZE = 1024 * 1024
 log = Logger()
 
 
-def _endpoint_from_item(item: Any, where: str) -> Endpoint:
+def _endpoint_from_item(item: object, where: str) -> Endpoint:
     if isinstance(item, str):
         try:
             return parse_address(item)
@@ -75,7 +78,7 @@ def parse_endpoints_file(data: bytes, name: str) -> tuple[Endpoint, ...]:
     """
     try:
         if name.endswith(".toml"):
-            doc: Any = tomllib.loads(data.decode("utf-8"))
+            doc: JSON = tomllib.loads(data.decode("utf-8"))
         else:
             doc = json.loads(data)
     except (UnicodeDecodeError, ValueError) as e:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json as _json
 import string
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
+from twisted.web import server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
@@ -21,7 +22,10 @@ from .._errors import BadRequest
 from .._observe._requests import trace_headers
 from ._response import Response
 
+_T = TypeVar("_T")
+
 if TYPE_CHECKING:
+    from .._json import JSON
     # (Imported where used: pipecomet._http imports the app, which imports this.)
     from .._http._request import Request
     from .._lazy._body import LazyBody
@@ -49,7 +53,7 @@ class BackendPipe:
 
     service: str = ""
 
-    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
+    def __call__(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred[Any]:
         raise NotImplementedError
 
 
@@ -87,7 +91,7 @@ class _Call(BackendPipe):
             if ctype:
                 headers["Content-Type"] = ctype
 
-            def send(body: bytes) -> Deferred:
+            def send(body: bytes) -> Deferred[Response]:
                 return service.request(self.method, path, params=params, data=body,
                                        headers=headers, timeout=self.timeout)
 
@@ -98,8 +102,8 @@ class _Call(BackendPipe):
         return d if self.raw else d.addCallback(_result)
 
 
-def _result(resp: Response) -> Deferred:
-    def decode(body: bytes) -> Any:
+def _result(resp: Response) -> Deferred[JSON | bytes | Answer]:
+    def decode(body: bytes) -> JSON | bytes | Answer:
         ctype = resp.content_type
         if not resp.ok:
             return Answer(body, status=resp.status,
@@ -144,9 +148,11 @@ class _ProxiedStream(Stream):
 
     def __init__(self, response: Response) -> None:
         self.response = response
-        self.request: Any = None
-        self._done: Deferred = Deferred()
+        self.request: server.Request | None = None
+        self._done: Deferred[None] = Deferred()
 
+    # Any: the proxy writes through the responder's request (``.request``),
+    # which IStreamSink does not declare.
     def serve(self, responder: Any) -> None:
         request = self.request = responder.request
         resp = self.response
@@ -158,8 +164,9 @@ class _ProxiedStream(Stream):
         request.registerProducer(resp, True)
         resp.deliver(request.write).addCallbacks(self._ended, self._failed)
 
-    def _ended(self, _: Any) -> None:
+    def _ended(self, _: object) -> None:
         request = self.request
+        assert request is not None  # set by serve()
         request.unregisterProducer()
         if not (request.finished or getattr(request, "_disconnected", False)):
             request.finish()
@@ -168,6 +175,7 @@ class _ProxiedStream(Stream):
 
     def _failed(self, f: Failure) -> None:
         request = self.request
+        assert request is not None  # set by serve()
         request.unregisterProducer()
         if not (request.finished or getattr(request, "_disconnected", False)):
             # The status went out already: cut the connection so the client
@@ -216,7 +224,7 @@ class _StreamedRequestBody:
         if consumer is not None:
             consumer.write(data)
 
-    def _ended(self, result: Any) -> Any:
+    def _ended(self, result: _T) -> _T:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             consumer.unregisterProducer()
@@ -292,7 +300,7 @@ class _Proxy(BackendPipe):
                     or request.requestHeaders.hasHeader(b"transfer-encoding"))
 
         def send(body: bytes | _StreamedRequestBody | None) -> Deferred:
-            return service.request(method, target, data=body, headers=_Raw(headers),
+            return service.request(method, target, data=body, headers=headers,
                                    timeout=self.timeout, stream=True)
 
         if not has_body:
@@ -312,15 +320,6 @@ class _Proxy(BackendPipe):
                 # has the body whole already.
                 d = inp.body().addCallback(send)
         return d.addCallback(_ProxiedStream)
-
-
-class _Raw(list):
-    """
-    Headers already encoded as ``(name, value)`` byte pairs.
-    """
-
-    def items(self) -> Any:
-        return iter(self)
 
 
 def proxy(service: str, *, strip_prefix: str = "", add_prefix: str = "", name: str = "",

@@ -17,11 +17,11 @@ Everything runs on the reactor thread; waiting calls are plain objects with
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Protocol as TypingProtocol
+from typing import TYPE_CHECKING, Callable, Protocol as TypingProtocol
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,6 +30,9 @@ from ._config import PoolConfig
 from ._discovery import Endpoint, IBackendReactor
 from ._errors import BackendBusy, BackendQueueTimeout, ConnectionFailed
 from ._protocol import ClientConnection
+
+if TYPE_CHECKING:
+    from .._json import JSON
 
 __all__ = ["EndpointPool", "Waiter"]
 
@@ -51,7 +54,7 @@ class _Factory(Factory):
     def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
 
-    def buildProtocol(self, addr: Any) -> ClientConnection:
+    def buildProtocol(self, addr: IAddress | None) -> ClientConnection:
         return ClientConnection(self.pool, self.pool.reactor.seconds())
 
 
@@ -76,7 +79,9 @@ class EndpointPool:
     """
 
     def __init__(self, service: str, endpoint: Endpoint, config: PoolConfig, reactor: IBackendReactor,
-                 retry_after: float = 1.0, on_empty: Any = None, host_header: str = "") -> None:
+                 retry_after: float = 1.0,
+                 on_empty: Callable[[EndpointPool], object] | None = None,
+                 host_header: str = "") -> None:
         self.service = service
         self.endpoint = endpoint
         self.config = config
@@ -101,7 +106,7 @@ class EndpointPool:
         self.host_header = host_header.encode("idna" if not host_header.isascii() else "ascii")
         timeout = config.connect_timeout
         if isIPAddress(host):
-            self._endpoint: Any = TCP4ClientEndpoint(reactor, host, endpoint.port, timeout=timeout)
+            self._endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, host, endpoint.port, timeout=timeout)
         elif isIPv6Address(host):
             self._endpoint = TCP6ClientEndpoint(reactor, host, endpoint.port, timeout=timeout)
         else:
@@ -117,7 +122,7 @@ class EndpointPool:
 
     # -- taking and giving back
 
-    def acquire(self, waiter: Waiter, wait_limit: float) -> Any:
+    def acquire(self, waiter: Waiter, wait_limit: float) -> ClientConnection | None:
         """
         Give ``waiter`` a connection now (returned) or later
         (``waiter.got_connection``); None when it has to wait.  A full queue
@@ -242,7 +247,7 @@ class EndpointPool:
             if callback is not None:
                 callback(self)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, JSON]:
         return {
             "busy": self.busy,
             "idle": len(self.idle),

@@ -12,17 +12,20 @@ per-call cost is a few method calls and no Deferred.
 
 from __future__ import annotations
 
-from typing import Any, Protocol as TypingProtocol, cast
+from typing import TYPE_CHECKING, Protocol as TypingProtocol, cast
 
 import httptools
 from twisted.internet.interfaces import IConsumer, IProducer, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from .._twcompat import send_now
 from ._errors import ConnectionFailed
+
+if TYPE_CHECKING:
+    from ._pool import EndpointPool
 
 __all__ = ["ResponseListener", "ClientConnection", "build_head", "header_lines"]
 
@@ -97,7 +100,6 @@ class _ChunkedConsumer:
     def __init__(self, transport: TCPTransport, chunked: bool) -> None:
         self.transport = transport
         self.chunked = chunked
-        self.written = 0
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
@@ -108,7 +110,6 @@ class _ChunkedConsumer:
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self.written += len(data)
         if self.chunked:
             self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
@@ -127,7 +128,7 @@ class ClientConnection(Protocol):
         kept-alive connection).
     """
 
-    def __init__(self, owner: Any, created: float) -> None:
+    def __init__(self, owner: EndpointPool, created: float) -> None:
         self.owner = owner
         self.created = created
         self.idle_since = created
@@ -158,7 +159,8 @@ class ClientConnection(Protocol):
 
     # -- sending
 
-    def send(self, listener: ResponseListener, head: bytes, body: Any = None,
+    def send(self, listener: ResponseListener, head: bytes,
+             body: bytes | IBodyProducer | None = None,
              is_head: bool = False) -> None:
         """
         Write a request (``head`` from :func:`build_head`) and report its
@@ -199,7 +201,7 @@ class ClientConnection(Protocol):
         self.sending = True
         d = body.startProducing(consumer)
 
-        def sent(_: Any) -> None:
+        def sent(_: object) -> None:
             self.sending = False
             if chunked and not self.closed and self.listener is listener:
                 transport.write(b"0\r\n\r\n")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import uuid
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import attrs
 from twisted.application.service import Service
@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._json import JSON  # at run time: build_section reads the config's type hints
 from ._discovery import IBackendReactor
 from ._zookeeper import (
     as_deferred,
@@ -38,6 +39,14 @@ from ._zookeeper import (
     stop_client,
 )
 
+if TYPE_CHECKING:
+    # kazoo ships no type information: these name what the values are.
+    from kazoo.client import KazooClient
+    from kazoo.protocol.states import KazooState
+    from twisted.internet.interfaces import IDelayedCall
+
+    from .._app import App
+
 __all__ = ["ServiceRegistration", "RegistrationConfig", "RegistrationState", "install"]
 
 log = Logger()
@@ -46,7 +55,7 @@ log = Logger()
 _CREATE_ATTEMPTS = 5
 
 
-def _json_value(instance: Any, attribute: Any, value: Any) -> None:
+def _json_value(instance: object, attribute: attrs.Attribute[JSON], value: object) -> None:
     try:
         json.dumps(value)
     except (TypeError, ValueError):
@@ -81,7 +90,7 @@ class RegistrationConfig:
                                                   attrs.validators.ge(0),
                                                   attrs.validators.le(65535)])
     id: str = attrs.field(default="", validator=attrs.validators.instance_of(str))
-    payload: Any = attrs.field(default=None, validator=_json_value)
+    payload: JSON = attrs.field(default=None, validator=_json_value)
     session_timeout: float = attrs.field(default=10.0, converter=float,
                                          validator=attrs.validators.gt(0))
 
@@ -149,10 +158,11 @@ class ServiceRegistration(Service):
     """
 
     def __init__(self, hosts: str, base_path: str, service: str, address: str, port: int,
-                 payload: Any = None, *, reactor: IBackendReactor, instance_id: str | None = None,
+                 payload: JSON = None, *, reactor: IBackendReactor,
+                 instance_id: str | None = None,
                  session_timeout: float = 10.0, reconnect_max_delay: float = 2.0,
                  retry_delay: float = 1.0,
-                 client_factory: Callable[[], Any] | None = None) -> None:
+                 client_factory: Callable[[], KazooClient] | None = None) -> None:
         self.instance_id = instance_id or str(uuid.uuid4())
         self.path = instance_path(base_path, service, self.instance_id)
         self._hosts = hosts
@@ -164,13 +174,13 @@ class ServiceRegistration(Service):
         self._retry_delay = retry_delay
         self._client_factory = client_factory or (
             lambda: make_kazoo_client(hosts, session_timeout, reconnect_max_delay))
-        self._client: Any = None
+        self._client: KazooClient | None = None
         self._data = b""
         self._state = RegistrationState.STOPPED
         self._epoch = 0  # connections so far; an attempt counts only for its own
         self._busy = False
         self._again = False
-        self._retry_call: Any = None
+        self._retry_call: IDelayedCall | None = None
         self._registrations = 0
         self._losses = 0
         self._last_error: str | None = None
@@ -213,7 +223,7 @@ class ServiceRegistration(Service):
             self._failed, "start")
 
     @inlineCallbacks
-    def stopService(self) -> Any:
+    def stopService(self) -> Generator[Deferred[Any], object, None]:
         Service.stopService(self)
         registered = self._state is RegistrationState.REGISTERED
         self._move(RegistrationState.STOPPED)
@@ -255,7 +265,7 @@ class ServiceRegistration(Service):
 
     # -- connection state (kazoo thread → reactor thread)
 
-    def _kazoo_state(self, state: Any) -> None:
+    def _kazoo_state(self, state: KazooState) -> None:
         self._reactor.callFromThread(self._on_state, str(state))
 
     def _on_state(self, state: str) -> None:
@@ -290,13 +300,14 @@ class ServiceRegistration(Service):
         d.addErrback(self._failed, "register")
         d.addBoth(self._done)
 
-    def _done(self, _: Any) -> None:
+    def _done(self, _: object) -> None:
         self._busy = False
         if self._again:
             self._ensure()
 
     @inlineCallbacks
-    def _register_once(self, client: Any, epoch: int) -> Any:
+    def _register_once(self, client: KazooClient,
+                       epoch: int) -> Generator[Deferred[Any], Any, None]:
         from kazoo.exceptions import BadVersionError, NoNodeError, NodeExistsError
 
         for _ in range(_CREATE_ATTEMPTS):
@@ -346,7 +357,7 @@ class ServiceRegistration(Service):
         self._ensure()
 
 
-def install(app: Any, config: RegistrationConfig) -> ServiceRegistration | None:
+def install(app: App, config: RegistrationConfig) -> ServiceRegistration | None:
     """
     When ``[registration] enabled``: register this server with the app's
     start, unregister at its stop, and show the ``registration`` status.

@@ -6,13 +6,16 @@ either complete already or still arriving.
 from __future__ import annotations
 
 import json as _json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from ._service import _Call
 
 __all__ = ["Response"]
 
@@ -46,9 +49,9 @@ class Response:
         self._complete = False
         self._error: Failure | None = None
         self._waiters: list[Deferred] = []
-        self._write: Callable[[bytes], Any] | None = None
+        self._write: Callable[[bytes], object] | None = None
         self._end: Deferred | None = None
-        self._call: Any = None
+        self._call: _Call | None = None
         self._paused = False
         self._limit = limit
         self._headers: Headers | None = None
@@ -127,7 +130,7 @@ class Response:
         """
         return self.body().addCallback(_json.loads)
 
-    def deliver(self, write: Callable[[bytes], Any]) -> Deferred:
+    def deliver(self, write: Callable[[bytes], object]) -> Deferred[None]:
         """
         Stream the body: ``write(chunk)`` for what arrived so far and for
         every chunk after; the Deferred fires when the body is complete (or
@@ -193,10 +196,6 @@ class Response:
         else:
             self._chunks.append(data)
         return True
-
-    @property
-    def _buffered(self) -> int:
-        return self._size
 
     def _done(self) -> None:
         self._complete = True

@@ -17,8 +17,9 @@ once on a fresh one whatever the budget (nothing of it was answered).
 from __future__ import annotations
 
 import json as _json
+import random
 from collections import deque
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, TypeAlias, TypedDict, Unpack
 from urllib.parse import urlencode
 
 from twisted.application.service import Service
@@ -26,9 +27,10 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, succe
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IBodyProducer
 
 from ._balancer import Balancer, EndpointState, RetryBudget
-from ._config import IDEMPOTENT_METHODS, BackendsConfig, ServiceConfig
+from ._config import IDEMPOTENT_METHODS, BackendsConfig, DiscoveryConfig, ServiceConfig
 from ._discovery import Endpoint, IBackendReactor, IDiscovery, make_discovery
 from ._errors import (
     BackendBusy,
@@ -43,6 +45,10 @@ from ._pool import EndpointPool
 from ._protocol import ClientConnection, build_head, header_lines
 from ._response import Response
 
+if TYPE_CHECKING:
+    from .._app import App
+    from .._json import JSON
+
 __all__ = ["BackendService", "Backends", "install", "Deadlines"]
 
 log = Logger()
@@ -51,11 +57,37 @@ _METHODS = {m: m.encode("ascii") for m in
             ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")}
 
 
-def _encode_headers(headers: Mapping[str, Any] | None) -> list[tuple[bytes, bytes]]:
+#: A header's value: text or bytes, or several of them.
+HeaderValue: TypeAlias = "str | bytes | Sequence[str | bytes]"
+#: Request headers: a mapping, or ``(name, value)`` byte pairs already encoded.
+RequestHeaders: TypeAlias = "Mapping[str, HeaderValue] | Sequence[tuple[bytes, bytes]]"
+#: Query parameters: a mapping or pairs, values text or lists of text.
+QueryParams: TypeAlias = "Mapping[str, str | Sequence[str]] | Sequence[tuple[str, str]]"
+#: A request body: bytes, text (sent as UTF-8), or a producer streamed.
+RequestBody: TypeAlias = "bytes | str | IBodyProducer"
+#: ``f(name, config, reactor)`` → where a service's endpoints come from.
+DiscoveryFactory = Callable[[str, DiscoveryConfig, IBackendReactor], IDiscovery]
+
+
+class RequestOptions(TypedDict, total=False):
+    """
+    The keyword arguments of :meth:`BackendService.request` after the path.
+    """
+
+    params: QueryParams | None
+    json: object
+    data: RequestBody | None
+    headers: RequestHeaders | None
+    timeout: float | None
+    stream: bool
+
+
+def _encode_headers(headers: RequestHeaders | None) -> list[tuple[bytes, bytes]]:
     if not headers:
         return []
     out = []
-    for k, value in headers.items():
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    for k, value in pairs:
         name = k.encode("latin-1") if isinstance(k, str) else k
         values = value if isinstance(value, (list, tuple)) else (value,)
         for x in values:
@@ -130,7 +162,7 @@ class BackendService:
     """
 
     def __init__(self, name: str, config: ServiceConfig, discovery: IDiscovery, reactor: IBackendReactor,
-                 rng: Any = None) -> None:
+                 rng: random.Random | None = None) -> None:
         self.name = name
         self.config = config
         self.discovery = discovery
@@ -205,9 +237,10 @@ class BackendService:
 
     # -- calls
 
-    def request(self, method: str, path: str | bytes, *, params: Any = None, json: Any = ...,
-                data: Any = None, headers: Mapping[str, Any] | None = None,
-                timeout: float | None = None, stream: bool = False) -> Deferred:
+    def request(self, method: str, path: str | bytes, *, params: QueryParams | None = None,
+                json: object = ..., data: RequestBody | None = None,
+                headers: RequestHeaders | None = None, timeout: float | None = None,
+                stream: bool = False) -> Deferred[Response]:
         """
         Call the service.
 
@@ -219,7 +252,8 @@ class BackendService:
         :param data: a body: bytes, str, or an ``IBodyProducer`` streamed
             (chunked when its length is unknown; such a call is never
             replayed).
-        :param headers: extra request headers.
+        :param headers: extra request headers (a mapping, or ``(name, value)``
+            byte pairs).
         :param timeout: this call's deadline in seconds (the service's
             ``timeout`` when None).
         :param stream: hand the response over as soon as its headers are in,
@@ -240,7 +274,7 @@ class BackendService:
         extra = self._headers
         if headers:
             extra = extra + header_lines(_encode_headers(headers))
-        body: Any = None
+        body: bytes | IBodyProducer | None = None
         if json is not ...:
             body = _json.dumps(json, separators=(",", ":")).encode("utf-8")
             extra = extra + b"Content-Type: application/json\r\n"
@@ -249,35 +283,31 @@ class BackendService:
         return _Call(self, method, bmethod, target, extra, body,
                      timeout if timeout is not None else self.config.timeout, stream).start()
 
-    def get(self, path: str, **kw: Any) -> Deferred:
+    def get(self, path: str, **kw: Unpack[RequestOptions]) -> Deferred[Response]:
         return self.request("GET", path, **kw)
 
-    def head(self, path: str, **kw: Any) -> Deferred:
+    def head(self, path: str, **kw: Unpack[RequestOptions]) -> Deferred[Response]:
         return self.request("HEAD", path, **kw)
 
-    def post(self, path: str, **kw: Any) -> Deferred:
+    def post(self, path: str, **kw: Unpack[RequestOptions]) -> Deferred[Response]:
         return self.request("POST", path, **kw)
 
-    def put(self, path: str, **kw: Any) -> Deferred:
+    def put(self, path: str, **kw: Unpack[RequestOptions]) -> Deferred[Response]:
         return self.request("PUT", path, **kw)
 
-    def patch(self, path: str, **kw: Any) -> Deferred:
+    def patch(self, path: str, **kw: Unpack[RequestOptions]) -> Deferred[Response]:
         return self.request("PATCH", path, **kw)
 
-    def delete(self, path: str, **kw: Any) -> Deferred:
+    def delete(self, path: str, **kw: Unpack[RequestOptions]) -> Deferred[Response]:
         return self.request("DELETE", path, **kw)
 
-    def options(self, path: str, **kw: Any) -> Deferred:
+    def options(self, path: str, **kw: Unpack[RequestOptions]) -> Deferred[Response]:
         return self.request("OPTIONS", path, **kw)
 
     # -- status
 
-    def status(self) -> dict[str, Any]:
-        balancer = self.balancer.status()
-        for item, state in zip(balancer["endpoints"], self.balancer.active):
-            item["pool"] = state.pool.status()
-        for item, state in zip(balancer["draining"], self.balancer.draining):
-            item["pool"] = state.pool.status()
+    def status(self) -> dict[str, JSON]:
+        balancer = self.balancer.status(EndpointPool.status)
         return {
             "calls": self.calls,
             "in_flight": self.in_flight,
@@ -301,7 +331,7 @@ class _Call:
                  "attempts", "fresh_only", "done", "sent_at", "holding")
 
     def __init__(self, svc: BackendService, method: str, bmethod: bytes, target: bytes,
-                 headers: bytes, body: Any, timeout: float,
+                 headers: bytes, body: bytes | IBodyProducer | None, timeout: float,
                  stream: bool) -> None:
         self.svc = svc
         self.service = svc.name
@@ -604,7 +634,7 @@ class Backends(Service):
     name = "backends"
 
     def __init__(self, config: BackendsConfig, reactor: IBackendReactor,
-                 discovery_factory: Any = make_discovery) -> None:
+                 discovery_factory: DiscoveryFactory = make_discovery) -> None:
         self.config = config
         self.reactor = reactor
         self.services: dict[str, BackendService] = {}
@@ -650,11 +680,11 @@ class Backends(Service):
         ds = [s.stop() for s in self.services.values()]
         return DeferredList(ds, consumeErrors=True) if ds else succeed(None)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, JSON]:
         return {name: s.status() for name, s in self.services.items()}
 
 
-def install(app: Any, config: BackendsConfig) -> Backends:
+def install(app: App, config: BackendsConfig) -> Backends:
     """
     Build the app's backend services from ``[backends]``:
     ``app.runtime.backends``, the ``backends`` status source, and a service

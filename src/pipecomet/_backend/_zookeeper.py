@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
@@ -32,6 +32,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._discovery import Endpoint, IBackendReactor, IDiscovery, WatchedEndpoints
+
+if TYPE_CHECKING:
+    # kazoo ships no type information: these name what the values are.
+    from kazoo.client import KazooClient
+    from kazoo.interfaces import IAsyncResult
+    from kazoo.protocol.states import KazooState, WatchedEvent
+    from twisted.internet.interfaces import IDelayedCall
+
+    from .._json import JSON
 
 __all__ = [
     "ZooKeeperDiscovery",
@@ -101,9 +110,9 @@ def parse_instance(data: bytes, node: str = "") -> Endpoint | None:
     return Endpoint(address, port, ident, payload)
 
 
-def instance_json(name: str, id: str, address: str, port: int, *, payload: Any = None,
+def instance_json(name: str, id: str, address: str, port: int, *, payload: JSON = None,
                   registration_time_ms: int = 0, service_type: str = "DYNAMIC",
-                  ssl_port: int | None = None, uri_spec: Any = None) -> bytes:
+                  ssl_port: int | None = None, uri_spec: JSON = None) -> bytes:
     """
     The JSON Curator's ``JsonInstanceSerializer`` writes for a
     ``ServiceInstance``, field for field and in its order.
@@ -150,7 +159,8 @@ def instance_path(base_path: str, service: str, id: str) -> str:
 # -- kazoo glue
 
 
-def make_kazoo_client(hosts: str, session_timeout: float, reconnect_max_delay: float) -> Any:
+def make_kazoo_client(hosts: str, session_timeout: float,
+                      reconnect_max_delay: float) -> KazooClient:
     """
     A kazoo client that reconnects forever with a backoff capped at
     ``reconnect_max_delay`` seconds (kazoo's default cap is an hour, which
@@ -164,14 +174,14 @@ def make_kazoo_client(hosts: str, session_timeout: float, reconnect_max_delay: f
     return KazooClient(hosts=hosts, timeout=session_timeout, connection_retry=retry)
 
 
-def as_deferred(reactor: IBackendReactor, result: Any) -> Deferred:
+def as_deferred(reactor: IBackendReactor, result: IAsyncResult) -> Deferred[Any]:
     """
     A Deferred that fires on the reactor thread with the outcome of a kazoo
     ``IAsyncResult`` (which completes on one of kazoo's threads).
     """
-    d: Deferred = Deferred()
+    d: Deferred[Any] = Deferred()
 
-    def completed(res: Any) -> None:  # kazoo's callback thread
+    def completed(res: IAsyncResult) -> None:  # kazoo's callback thread
         try:
             value = res.get_nowait()
         except BaseException:
@@ -192,11 +202,11 @@ def describe(failure: Failure) -> str:
     return f"{name}: {message}" if message and message != name else name
 
 
-def _in_thread(reactor: IBackendReactor, f: Callable[..., Any], *args: Any) -> Deferred:
+def _in_thread(reactor: IBackendReactor, f: Callable[..., object], *args: object) -> Deferred[object]:
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
 
-def stop_client(reactor: IBackendReactor, client: Any) -> Deferred:
+def stop_client(reactor: IBackendReactor, client: KazooClient) -> Deferred[object]:
     """
     Close the session and free the client's sockets, off the reactor thread.
     """
@@ -208,7 +218,7 @@ def stop_client(reactor: IBackendReactor, client: Any) -> Deferred:
     return _in_thread(reactor, stop_and_close)
 
 
-def start_client(reactor: IBackendReactor, client: Any) -> Deferred:
+def start_client(reactor: IBackendReactor, client: KazooClient) -> Deferred[object]:
     """
     ``client.start_async()`` off the reactor thread; the connection comes up
     (and comes back) on its own, reported to the state listeners.
@@ -277,7 +287,7 @@ class ZooKeeperDiscovery(WatchedEndpoints):
     def __init__(self, hosts: str, base_path: str, service: str, *, reactor: IBackendReactor,
                  session_timeout: float = 10.0, start_timeout: float | None = None,
                  reconnect_max_delay: float = 2.0, retry_delay: float = 1.0,
-                 client_factory: Callable[[], Any] | None = None) -> None:
+                 client_factory: Callable[[], KazooClient] | None = None) -> None:
         self._hosts = hosts
         self._service = service
         self._path = service_path(base_path, service)
@@ -286,7 +296,7 @@ class ZooKeeperDiscovery(WatchedEndpoints):
         self._retry_delay = retry_delay
         self._client_factory = client_factory or (
             lambda: make_kazoo_client(hosts, session_timeout, reconnect_max_delay))
-        self._client: Any = None
+        self._client: KazooClient | None = None
         self._link = Link.STOPPED
         self._epoch = 0  # connections so far; a read counts only for its own
         self._endpoints: tuple[Endpoint, ...] = ()
@@ -298,8 +308,8 @@ class ZooKeeperDiscovery(WatchedEndpoints):
         self._again = False
         self._full = True
         self._dirty: set[str] = set()
-        self._retry_call: Any = None
-        self._start_call: Any = None
+        self._retry_call: IDelayedCall | None = None
+        self._start_call: IDelayedCall | None = None
         self._started: Deferred | None = None
         self._starting: Deferred = succeed(None)
         self._last_error: str | None = None
@@ -335,7 +345,7 @@ class ZooKeeperDiscovery(WatchedEndpoints):
         return started
 
     @inlineCallbacks
-    def stop(self) -> Any:
+    def stop(self) -> Generator[Deferred[Any], object, None]:
         if self._link is Link.STOPPED:
             return
         self._move(Link.STOPPED)
@@ -345,6 +355,7 @@ class ZooKeeperDiscovery(WatchedEndpoints):
         self._retry_call = self._start_call = None
         self._fire_started()
         client, self._client = self._client, None
+        assert client is not None  # set while not STOPPED
         client.remove_listener(self._kazoo_state)
         # A stop racing the start's thread could leave kazoo's threads running.
         yield self._starting
@@ -387,7 +398,7 @@ class ZooKeeperDiscovery(WatchedEndpoints):
 
     # -- connection state (kazoo thread → reactor thread)
 
-    def _kazoo_state(self, state: Any) -> None:
+    def _kazoo_state(self, state: KazooState) -> None:
         self._reactor.callFromThread(self._on_state, str(state))
 
     def _on_state(self, state: str) -> None:
@@ -435,13 +446,13 @@ class ZooKeeperDiscovery(WatchedEndpoints):
 
     # -- watches (kazoo thread → reactor thread)
 
-    def _children_event(self, event: Any) -> None:
+    def _children_event(self, event: WatchedEvent) -> None:
         self._reactor.callFromThread(self._changed, None)
 
-    def _node_event(self, event: Any) -> None:
+    def _node_event(self, event: WatchedEvent) -> None:
         self._reactor.callFromThread(self._changed, None)
 
-    def _data_event(self, event: Any) -> None:
+    def _data_event(self, event: WatchedEvent) -> None:
         name = event.path.rsplit("/", 1)[-1] if event.path else None
         self._reactor.callFromThread(self._changed, name)
 
@@ -473,7 +484,8 @@ class ZooKeeperDiscovery(WatchedEndpoints):
         d.addBoth(self._read_done)
 
     @inlineCallbacks
-    def _read_once(self, client: Any, full: bool, dirty: set[str], epoch: int) -> Any:
+    def _read_once(self, client: KazooClient, full: bool, dirty: set[str],
+                   epoch: int) -> Generator[Deferred[Any], Any, None]:
         from kazoo.exceptions import NoNodeError
 
         try:
@@ -495,6 +507,7 @@ class ZooKeeperDiscovery(WatchedEndpoints):
             return
         if not self._running or client is not self._client:
             return
+        assert client is not None  # the running client (a type checker narrows it to Optional)
         names = set(children)
         wanted = sorted(n for n in names
                         if full or n in dirty or (n not in self._instances
@@ -556,7 +569,7 @@ class ZooKeeperDiscovery(WatchedEndpoints):
         self._retry_call = None
         self._read()
 
-    def _read_done(self, _: Any) -> None:
+    def _read_done(self, _: object) -> None:
         self._reading = False
         if self._running and self._again:
             self._read()

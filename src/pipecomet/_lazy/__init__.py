@@ -10,12 +10,18 @@ through a :class:`LazySite`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from twisted.web.resource import IResource
 
 from ._body import BodyState, LazyBody, UploadedFile
 from ._config import LimitsConfig
 from ._http import LazyChannel, LazyRequest, LazySite, LazyStats, Phase
 from ._parsers import FormParser, JSONParser, MultipartParser, parse_content_type
+
+if TYPE_CHECKING:
+    from .._app import App
+    from .._json import JSON
 
 __all__ = [
     "BodyState",
@@ -47,17 +53,18 @@ class LazySiteFactory:
         self.config = config
         self.stats = LazyStats()
 
-    def make_site(self, resource: Any, **kwargs: Any) -> LazySite:
+    # Any: twisted.web Site's own keyword arguments, passed through.
+    def make_site(self, resource: IResource, **kwargs: Any) -> LazySite:
         """
         A :class:`LazySite` for ``resource`` (``Site`` keyword arguments pass through).
         """
         return LazySite(resource, limits=self.config, stats=self.stats, **kwargs)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> dict[str, JSON]:
         return {"lazy": self.config.lazy, **self.stats.as_dict()}
 
 
-def install(app: Any, config: LimitsConfig) -> None:
+def install(app: App, config: LimitsConfig) -> None:
     """
     ``[limits]`` installer: serve the app's sites through :class:`LazySite`.
     """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import IO, TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -21,7 +21,12 @@ from zope.interface import implementer
 from .._errors import BadRequest, PipecometError
 from .._interfaces import IBodySource
 from ._config import LimitsConfig
-from ._parsers import RawParser, make_parser
+from ._parsers import Parser, RawParser, make_parser
+
+if TYPE_CHECKING:
+    from .._json import JSON
+
+_T = TypeVar("_T")
 
 __all__ = ["BodyState", "LazyBody", "UploadedFile"]
 
@@ -54,12 +59,12 @@ class UploadedFile:
     name: str
     filename: str
     content_type: str
-    file: Any = None
+    file: IO[bytes] | None = None
     size: int = 0
     sha256: str = ""
     complete: bool = False
-    _hash: Any = attrs.field(factory=hashlib.sha256, repr=False)
-    _writer: Callable[[bytes], Any] | None = attrs.field(default=None, repr=False)
+    _hash: hashlib._Hash = attrs.field(factory=hashlib.sha256, repr=False)
+    _writer: Callable[[bytes], object] | None = attrs.field(default=None, repr=False)
 
     def read(self) -> bytes:
         """
@@ -72,7 +77,7 @@ class UploadedFile:
         self.file.seek(0)
         return data
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, JSON]:
         return {"name": self.name, "filename": self.filename, "content_type": self.content_type,
                 "size": self.size, "sha256": self.sha256}
 
@@ -84,7 +89,7 @@ class _Parsed:
 
     __slots__ = ("value",)
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: JSON) -> None:
         self.value = value
 
     def feed(self, data: bytes) -> None:
@@ -116,20 +121,22 @@ class LazyBody:
         self.limits = limits
         self.state = BodyState.RECEIVING
         self.error: PipecometError | None = None
-        self.fields: dict[str, list[Any]] = {}
+        self.fields: dict[str, list[JSON]] = {}
         self.uploads: dict[str, list[UploadedFile]] = {}
         self.received = 0
         self._on_demand = on_demand
-        self._waiters: dict[str, list[tuple[Deferred, Any]]] = {}
-        self._end_waiters: list[tuple[Deferred, Callable[[], Any]]] = []
-        self._streams: dict[str, Callable[[bytes], Any]] = {}
+        # name → (waiter, the default it was asked with), not read back.
+        self._waiters: dict[str, list[tuple[Deferred[Any], object]]] = {}
+        self._end_waiters: list[tuple[Deferred[Any], Callable[[], object]]] = []
+        self._streams: dict[str, Callable[[bytes], object]] = {}
         self._current: UploadedFile | None = None
         self._first: str | None = None
         self._first_waiters: list[Deferred] = []
         self._raw = tempfile.SpooledTemporaryFile(max_size=limits.file_memory_bytes)
-        self._raw_writer: Callable[[bytes], Any] | None = None
+        self._raw_writer: Callable[[bytes], object] | None = None
         # Raises a 400 for a bad Content-Type: the caller refuses the
         # request before reading its body.
+        self._parser: Parser | _Parsed
         self.kind, self._parser = make_parser(
             content_type, self, max_fields=limits.max_fields,
             max_field_bytes=limits.max_field_bytes,
@@ -248,7 +255,7 @@ class LazyBody:
             if not d.called:
                 d.callback(self._first)
 
-    def field(self, name: str, value: Any) -> None:
+    def field(self, name: str, value: JSON) -> None:
         if self._first is None:
             self._first = name
             self._fire_first()
@@ -283,6 +290,7 @@ class LazyBody:
         if up._writer is not None:
             up._writer(data)
         else:
+            assert up.file is not None  # file_start spooled it
             up.file.write(data)
 
     def file_end(self) -> None:
@@ -302,7 +310,7 @@ class LazyBody:
 
     # -- what pipes call
 
-    def _wait(self, key: str, default: Any) -> Deferred:
+    def _wait(self, key: str, default: object) -> Deferred[Any]:
         def forget(d: Deferred) -> None:
             ds = self._waiters.get(key)
             if ds:
@@ -313,7 +321,7 @@ class LazyBody:
         self._demand()
         return d
 
-    def _at_end(self, get: Callable[[], Any]) -> Deferred:
+    def _at_end(self, get: Callable[[], _T]) -> Deferred[_T]:
         if self.state is BodyState.COMPLETE:
             return succeed(get())
         if self.state is BodyState.FAILED:
@@ -332,7 +340,8 @@ class LazyBody:
         if on_demand is not None:
             on_demand()
 
-    def param(self, name: str, default: Any = ..., query: Mapping[str, str] | None = None) -> Deferred:
+    def param(self, name: str, default: object = ...,
+              query: Mapping[str, str] | None = None) -> Deferred[Any]:
         """
         Parameter ``name``: from the query at once, else the first body
         field of that name as soon as it is complete.  Fails with 400
@@ -383,7 +392,7 @@ class LazyBody:
             return fail(self.error)
         return self._wait("\0file:" + name, ...)
 
-    def stream_file(self, name: str, write: Callable[[bytes], Any]) -> Deferred:
+    def stream_file(self, name: str, write: Callable[[bytes], object]) -> Deferred[UploadedFile]:
         """
         Hand the data of the next file field ``name`` to ``write`` as it
         arrives instead of spooling it; fires with its
@@ -392,7 +401,7 @@ class LazyBody:
         self._streams[name] = write
         return self.file(name)
 
-    def stream_raw(self, write: Callable[[bytes], Any]) -> Deferred:
+    def stream_raw(self, write: Callable[[bytes], object]) -> Deferred[None]:
         """
         Hand the raw body to ``write`` as it arrives instead of keeping it
         (a proxy forwarding it): the bytes already in hand at once, then
@@ -444,7 +453,7 @@ class LazyBody:
         return self._at_end(read)
 
     @property
-    def raw(self) -> Any:
+    def raw(self) -> IO[bytes]:
         """
         The file holding the raw body (what twisted.web calls ``content``).
         """

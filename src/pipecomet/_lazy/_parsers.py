@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, NoReturn, Protocol, TypeAlias
 
 from .._errors import BadRequest, PayloadTooLarge
 
@@ -32,8 +32,12 @@ __all__ = [
 ]
 
 
+if TYPE_CHECKING:
+    from .._json import JSON
+
+
 class FieldSink(Protocol):
-    def field(self, name: str, value: Any) -> None: ...
+    def field(self, name: str, value: JSON) -> None: ...
     def file_start(self, name: str, filename: str, content_type: str) -> None: ...
     def file_data(self, data: bytes) -> None: ...
     def file_end(self) -> None: ...
@@ -394,11 +398,11 @@ def _invalid_json(why: str) -> BadRequest:
     return BadRequest(f"invalid JSON: {why}", code="invalid_json")
 
 
-def _no_constant(name: str) -> Any:
+def _no_constant(name: str) -> NoReturn:
     raise _invalid_json(f"{name} is not a JSON number")
 
 
-def decode_json(text: str | bytes, where: str = "") -> Any:
+def decode_json(text: str | bytes, where: str = "") -> JSON:
     """
     ``json.loads`` that turns everything the decoder cannot take into a
     400 ``invalid_json``: syntax errors, ``NaN``/``Infinity`` (not JSON),
@@ -435,14 +439,14 @@ class JSONParser:
                  "_escape")
 
     def __init__(self, sink: FieldSink, *, charset: str | None = None, max_fields: int = 1000,
-                 max_field_bytes: int = 2**20, **_: Any) -> None:
+                 max_field_bytes: int = 2**20, **_: object) -> None:
         if charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
             raise BadRequest(f"JSON must be UTF-8, not {charset!r}", code="unsupported_charset",
                              details={"charset": charset})
         self.sink = sink
         self.max_fields = max_fields
         self.max_field_bytes = max_field_bytes
-        self.value: Any = None
+        self.value: JSON = None
         self._decode = text_decoder("utf-8")
         self._mode = "start"        # start | object | end | whole
         self._buf = bytearray()     # object: the member being read
@@ -450,7 +454,7 @@ class JSONParser:
         self._depth = 0
         self._in_string = False
         self._count = 0
-        self._members: dict[str, Any] = {}
+        self._members: dict[str, JSON] = {}
         self._chunks: list[bytes] = []
         self._held = 0              # whole: bytes in _chunks
         self._escape = False        # whole: a backslash ended the last chunk
@@ -610,7 +614,7 @@ class RawParser:
 
     __slots__ = ()
 
-    def __init__(self, sink: FieldSink, **_: Any) -> None:
+    def __init__(self, sink: FieldSink, **_: object) -> None:
         pass
 
     def feed(self, data: bytes) -> None:
@@ -620,8 +624,12 @@ class RawParser:
         pass
 
 
+#: What make_parser gives: one of the parsers, each with ``feed`` and ``close``.
+Parser: TypeAlias = "FormParser | MultipartParser | JSONParser | RawParser"
+
+
 def make_parser(content_type: bytes | None, sink: FieldSink, *, max_fields: int,
-                max_field_bytes: int, max_part_header_bytes: int) -> tuple[str, Any]:
+                max_field_bytes: int, max_part_header_bytes: int) -> tuple[str, Parser]:
     """
     ``(kind, parser)`` for a request's Content-Type; raises a 400 at once
     for a multipart type without a boundary or an unknown charset, so the

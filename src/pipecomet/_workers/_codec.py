@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 import struct
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeAlias
 
 __all__ = ["encode", "decode", "PicklingFailed", "ENC_PICKLE", "ENC_BYTES", "ENC_BYTEARRAY"]
 
@@ -34,7 +34,14 @@ class PicklingFailed(Exception):
     """
 
 
-def encode(value: Any, name: bytes = b"") -> tuple[list[Any], int]:
+#: A piece of a message as it is written to a ring: a view, not a copy, of a
+#: big buffer.
+Chunk: TypeAlias = "bytes | bytearray | memoryview"
+
+
+# Any: a payload is whatever the caller hands in (pickled when it is not
+# bytes), dispatched on its exact type.
+def encode(value: Any, name: bytes = b"") -> tuple[list[Chunk], int]:
     """
     ``(chunks, length)`` of the message carrying ``value``.
 
@@ -55,7 +62,7 @@ def encode(value: Any, name: bytes = b"") -> tuple[list[Any], int]:
         n = mv.nbytes
         head = _ONE.pack(ENC_BYTES, 0, len(name), 1, n)
         return [head + name, mv], len(head) + len(name) + n
-    buffers: list[Any] = []
+    buffers: list[pickle.PickleBuffer] = []
     try:
         data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     except Exception as e:
@@ -64,7 +71,7 @@ def encode(value: Any, name: bytes = b"") -> tuple[list[Any], int]:
         n = len(data)
         head = _ONE.pack(ENC_PICKLE, 0, len(name), 1, n)
         return [head + name, data], len(head) + len(name) + n
-    raws: list[Any] = []
+    raws: list[memoryview] = []
     lengths = [len(data)]
     try:
         for b in buffers:
@@ -83,7 +90,7 @@ def encode(value: Any, name: bytes = b"") -> tuple[list[Any], int]:
     return [head + name, data, *raws], total
 
 
-def _take(segments: Sequence[Any], start: int, n: int) -> Any:
+def _take(segments: Sequence[memoryview], start: int, n: int) -> bytes | memoryview:
     """
     ``n`` bytes at ``start`` of the segments: a view when they lie in one
     segment, else one joined copy.
@@ -97,7 +104,9 @@ def _take(segments: Sequence[Any], start: int, n: int) -> Any:
     return b"".join((segments[0][start:], segments[1][:n - (first - start)]))
 
 
-def decode(segments: Sequence[Any]) -> tuple[str, Any]:
+# Any: the value is whatever the other side sent (a worker function's result
+# goes to the pipe after it as it is).
+def decode(segments: Sequence[memoryview]) -> tuple[str, Any]:
     """
     ``(name, value)`` from a message's segments (one or two memoryviews).
     Every byte the value keeps is copied out, so the segments may be
@@ -110,7 +119,7 @@ def decode(segments: Sequence[Any]) -> tuple[str, Any]:
             n0 = _ONE.unpack_from(seg, 0)[4] & ~_WRITABLE
             pos = _ONE.size + name_len
             name = str(seg[_ONE.size:pos], "utf-8") if name_len else ""
-            part0 = seg[pos:pos + n0]
+            part0: bytes | memoryview = seg[pos:pos + n0]
             if enc == ENC_PICKLE:
                 return name, pickle.loads(part0)
             if enc == ENC_BYTES:

@@ -6,9 +6,18 @@ exception in the function 500 with an error id.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Mapping, TypedDict, Unpack
 
-from .._errors import BadGateway, GatewayTimeout, InternalError, PipecometError, ServiceUnavailable
+from .._errors import (
+    BadGateway,
+    GatewayTimeout,
+    InternalError,
+    PipecometError,
+    ServiceUnavailable,
+)
+
+if TYPE_CHECKING:
+    from .._json import JSON
 
 __all__ = [
     "WorkerCrashed",
@@ -66,6 +75,12 @@ class WorkerFunctionError(InternalError):
         return f"worker function {self.function!r} raised {self.exc_type}: {self.exc_message}"
 
 
+class _CallErrorOptions(TypedDict, total=False):
+    status: int | None
+    headers: Mapping[str, str] | None
+    details: Mapping[str, JSON] | None
+
+
 class WorkerCallError(PipecometError, TypeError):
     """
     The call cannot be made as asked: its argument or result cannot be
@@ -77,5 +92,5 @@ class WorkerCallError(PipecometError, TypeError):
     status = 500
     code = "worker_call_error"
 
-    def __init__(self, message: str, *, code: str, **kw: Any) -> None:
+    def __init__(self, message: str, *, code: str, **kw: Unpack[_CallErrorOptions]) -> None:
         PipecometError.__init__(self, message, code=code, **kw)

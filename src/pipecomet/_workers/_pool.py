@@ -20,17 +20,18 @@ import enum
 import os
 import signal
 import sys
-from typing import Any, Deque
+from typing import TYPE_CHECKING, Any, Deque, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._codec import PicklingFailed, decode, encode
+from ._codec import Chunk, PicklingFailed, decode, encode
 from ._config import WorkersConfig
 from ._errors import (
     WorkerCallError, WorkerCrashed, WorkerFunctionError, WorkersUnavailable, WorkerTimeout,
@@ -42,6 +43,12 @@ from ._ring import (
 )
 from ._shm import SharedFile, shm_name, sweep_stale
 from ._exits import EXIT_OUT_OF_MEMORY, EXIT_PARENT_GONE, EXIT_SETUP
+
+if TYPE_CHECKING:
+    from .._app import App
+    from .._interfaces import IPipecometReactor
+    from .._json import JSON
+    from .main import WorkerHello
 
 __all__ = ["WorkerPool", "WorkerProtocol", "WorkerState", "PoolState", "install"]
 
@@ -116,7 +123,7 @@ def _signal_name(sig: int) -> str:
 class _Call:
     __slots__ = ("id", "function", "chunks", "length", "timeout", "created", "deferred", "worker")
 
-    def __init__(self, call_id: int, function: str, chunks: list[Any], length: int,
+    def __init__(self, call_id: int, function: str, chunks: list[Chunk], length: int,
                  timeout: float, created: float) -> None:
         self.id = call_id
         self.function = function
@@ -138,7 +145,7 @@ class _Slot:
         self.index = index
         self.epoch = 0
         self.worker: WorkerProtocol | None = None
-        self.restart_timer: Any = None
+        self.restart_timer: IDelayedCall | None = None
         self.crash_times: Deque[float] = collections.deque()
         self.consecutive_crashes = 0
         self.broken_until = 0.0
@@ -160,17 +167,19 @@ class WorkerProtocol(ProcessProtocol):
         self.slot = slot
         self.epoch = epoch
         self.shm = shm
-        self.view = shm.view
-        self.requests = RingProducer(*shm.layout.request_ring(shm.view))
-        self.responses = RingConsumer(*shm.layout.response_ring(shm.view))
+        view = shm.view
+        assert view is not None  # a file just created
+        self.view: memoryview | None = view
+        self.requests = RingProducer(*shm.layout.request_ring(view))
+        self.responses = RingConsumer(*shm.layout.response_ring(view))
         self.state = WorkerState.STARTING
         self.calls: dict[int, _Call] = {}
         self.backlog: Deque[tuple[OutgoingMessage, _Call | None]] = collections.deque()
         self.pid: int | None = None
-        self.info: dict[str, Any] = {}
+        self.info: WorkerHello = {}
         self.head_since = 0.0
-        self.deadline_timer: Any = None
-        self.start_timer: Any = None
+        self.deadline_timer: IDelayedCall | None = None
+        self.start_timer: IDelayedCall | None = None
         self.stop_reason = ""
         self.bell_fd = -1
         self.completed = 0
@@ -356,7 +365,7 @@ class WorkerProtocol(ProcessProtocol):
                 responses.release()
             self._completed(call, kind, value)
 
-    def _hello(self, info: dict[str, Any]) -> None:
+    def _hello(self, info: WorkerHello) -> None:
         if self.start_timer is not None and self.start_timer.active():
             self.start_timer.cancel()
         self.start_timer = None
@@ -366,7 +375,7 @@ class WorkerProtocol(ProcessProtocol):
             self.slot.ever_ready = True
             self.pool.worker_ready(self)
 
-    def _completed(self, call: _Call, kind: int, value: Any) -> None:
+    def _completed(self, call: _Call, kind: int, value: object) -> None:
         pool = self.pool
         slot = self.slot
         call.worker = None
@@ -551,7 +560,7 @@ class WorkerPool(Service):
 
     name = "workers"
 
-    def __init__(self, config: WorkersConfig, reactor: Any = None) -> None:
+    def __init__(self, config: WorkersConfig, reactor: IPipecometReactor | None = None) -> None:
         if not config.module:
             raise ValueError("workers.module: name the module the workers import")
         self.config = config
@@ -559,12 +568,12 @@ class WorkerPool(Service):
         self.state = PoolState.STOPPED
         self.slots = [_Slot(i) for i in range(config.size)]
         self._queue: Deque[_Call] = collections.deque()
-        self._queue_timer: Any = None
+        self._queue_timer: IDelayedCall | None = None
         self._next_id = 1
         self._known: frozenset[str] | None = None
         self._token = os.urandom(4).hex()
         self._stopped: Deferred | None = None
-        self._stop_timer: Any = None
+        self._stop_timer: IDelayedCall | None = None
         self._ready_waiters: list[Deferred] = []
         self.completed = 0
         self.rejected = 0
@@ -576,11 +585,11 @@ class WorkerPool(Service):
         self._bells: list[WorkerProtocol] = []
 
     @property
-    def reactor(self) -> Any:
+    def reactor(self) -> IPipecometReactor:
         if self._reactor is None:
             from twisted.internet import reactor
 
-            self._reactor = reactor
+            self._reactor = cast("IPipecometReactor", reactor)
         return self._reactor
 
     # -- service
@@ -844,7 +853,8 @@ class WorkerPool(Service):
 
     # -- calls
 
-    def call(self, function: str, payload: Any = None, timeout: float | None = None) -> Deferred:
+    def call(self, function: str, payload: object = None,
+             timeout: float | None = None) -> Deferred[Any]:
         """
         Run worker function ``function`` on ``payload`` in a worker process.
 
@@ -966,7 +976,7 @@ class WorkerPool(Service):
         if not call.deferred.called:
             call.deferred.errback(Failure(error))
 
-    def call_failed(self, worker: WorkerProtocol, call: _Call, kind: int, value: Any) -> None:
+    def call_failed(self, worker: WorkerProtocol, call: _Call, kind: int, value: object) -> None:
         slot = worker.slot
         if kind == KIND_ERROR and isinstance(value, dict):
             raised = WorkerFunctionError(call.function, value.get("type", "?"),
@@ -1045,7 +1055,7 @@ class WorkerPool(Service):
         }
 
 
-def install(app: Any, config: WorkersConfig) -> None:
+def install(app: App, config: WorkersConfig) -> None:
     """
     Build the pool from ``[workers]`` when it names a module: set
     ``app.runtime.workers``, show its figures on the status page, and start

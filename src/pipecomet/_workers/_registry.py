@@ -5,22 +5,35 @@ workers import (``[workers] module``).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar, overload
 
-__all__ = ["worker_function", "registered", "REGISTRY"]
+__all__ = ["worker_function", "registered", "REGISTRY", "WorkerFunction"]
+
+#: ``func(payload) -> value``.  Any: the payload is whatever the process
+#: pipe computed, the value whatever the function gives the pipe after it.
+WorkerFunction = Callable[[Any], Any]
+_F = TypeVar("_F", bound=WorkerFunction)
 
 #: name → function, filled when the workers module is imported.
-REGISTRY: dict[str, Callable[[Any], Any]] = {}
+REGISTRY: dict[str, WorkerFunction] = {}
 
 
-def worker_function(func: Callable[[Any], Any] | None = None, *, name: str = "") -> Any:
+@overload
+def worker_function(func: _F, *, name: str = "") -> _F: ...
+
+
+@overload
+def worker_function(func: None = None, *, name: str = "") -> Callable[[_F], _F]: ...
+
+
+def worker_function(func: _F | None = None, *, name: str = "") -> _F | Callable[[_F], _F]:
     """
     Register ``func(payload) -> value`` to be run in worker processes under
     ``name`` (the function's own name by default).  Usable bare or as
     ``@worker_function(name="resize")``.
     """
 
-    def register(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def register(f: _F) -> _F:
         key = name or f.__name__
         other = REGISTRY.get(key)
         if other is not None and other is not f and (
@@ -34,5 +47,5 @@ def worker_function(func: Callable[[Any], Any] | None = None, *, name: str = "")
     return register(func) if func is not None else register
 
 
-def registered() -> dict[str, Callable[[Any], Any]]:
+def registered() -> dict[str, WorkerFunction]:
     return dict(REGISTRY)

@@ -9,10 +9,14 @@ same classes drive both sides, so the ring tests exercise the real code.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import sys
 import threading
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from ._codec import Chunk
 
 __all__ = [
     "MAGIC",
@@ -120,12 +124,12 @@ class Layout:
         self.response_data = self.response_control + CONTROL_SIZE
         self.size = self.response_data + capacity
 
-    def write_header(self, buf: Any, epoch: int, slot: int, server_pid: int) -> None:
+    def write_header(self, buf: memoryview | mmap.mmap, epoch: int, slot: int, server_pid: int) -> None:
         _FILE_HEADER.pack_into(buf, 0, MAGIC, VERSION, FILE_HEADER_SIZE, self.capacity, epoch, slot)
         U64.pack_into(buf, OFF_SERVER_PID, server_pid)
 
     @classmethod
-    def read_header(cls, buf: Any) -> tuple[Layout, int, int, int]:
+    def read_header(cls, buf: memoryview | mmap.mmap) -> tuple[Layout, int, int, int]:
         """
         ``(layout, epoch, slot, server_pid)``; ValueError when the file is
         not one of ours.
@@ -135,31 +139,26 @@ class Layout:
             raise ValueError(f"not a pipecomet worker file (magic {magic!r}, version {version})")
         return cls(capacity), epoch, slot, U64.unpack_from(buf, OFF_SERVER_PID)[0]
 
-    def request_ring(self, buf: Any) -> tuple[Any, int, int, int]:
+    def request_ring(self, buf: memoryview) -> tuple[memoryview, int, int, int]:
         return buf, self.request_control, self.request_data, self.capacity
 
-    def response_ring(self, buf: Any) -> tuple[Any, int, int, int]:
+    def response_ring(self, buf: memoryview) -> tuple[memoryview, int, int, int]:
         return buf, self.response_control, self.response_data, self.capacity
 
 
 class _RingSide:
     # The control words are read while the other process writes them, so
-    # each is accessed through a one-item memoryview cast to its native
-    # type: an item store or load is one aligned 8- (or 4-) byte move, which
-    # is atomic on x86-64 and aarch64.  ``struct.pack_into`` would not do:
+    # each is accessed through a one-item memoryview cast to its native type
+    # (an item store or load is one aligned 8- or 4-byte move, which is
+    # atomic on x86-64 and aarch64).  ``struct.pack_into`` would not do:
     # it zero-fills the field before writing it, and a reader in between
     # sees 0.
-    __slots__ = ("buf", "cap", "base", "off_tail", "off_head", "off_parked", "off_waiting",
-                 "_tail", "_head", "_parked", "_waiting")
+    __slots__ = ("buf", "cap", "base", "_tail", "_head", "_parked", "_waiting")
 
-    def __init__(self, buf: Any, control: int, data: int, capacity: int) -> None:
+    def __init__(self, buf: memoryview, control: int, data: int, capacity: int) -> None:
         self.buf = buf
         self.cap = capacity
         self.base = data
-        self.off_tail = control
-        self.off_head = control + 64
-        self.off_parked = control + 128
-        self.off_waiting = control + 192
         self._tail = buf[control:control + 8].cast("Q")
         self._head = buf[control + 64:control + 72].cast("Q")
         self._parked = buf[control + 128:control + 132].cast("I")
@@ -169,16 +168,8 @@ class _RingSide:
     # producer says it waits for room (``producer_waiting``).  Whoever sees a
     # flag set after publishing clears it and rings the doorbell once.
 
-    @property
-    def consumer_parked(self) -> bool:
-        return self._parked[0] != 0
-
     def set_consumer_parked(self, value: bool) -> None:
         self._parked[0] = 1 if value else 0
-
-    @property
-    def producer_waiting(self) -> bool:
-        return self._waiting[0] != 0
 
     def set_producer_waiting(self, value: bool) -> None:
         self._waiting[0] = 1 if value else 0
@@ -220,7 +211,7 @@ class OutgoingMessage:
 
     __slots__ = ("kind", "call_id", "epoch", "chunks", "length", "sent", "started", "_ci", "_co")
 
-    def __init__(self, kind: int, call_id: int, epoch: int, chunks: Sequence[Any], length: int) -> None:
+    def __init__(self, kind: int, call_id: int, epoch: int, chunks: Sequence[Chunk], length: int) -> None:
         self.kind = kind
         self.call_id = call_id
         self.epoch = epoch
@@ -244,14 +235,14 @@ class RingProducer(_RingSide):
 
     __slots__ = ("tail",)
 
-    def __init__(self, buf: Any, control: int, data: int, capacity: int) -> None:
+    def __init__(self, buf: memoryview, control: int, data: int, capacity: int) -> None:
         super().__init__(buf, control, data, capacity)
         self.tail = self._tail[0]
 
     def free(self) -> int:
         return self.cap - (self.tail - self._head[0])
 
-    def _put(self, pos: int, data: Any) -> None:
+    def _put(self, pos: int, data: Chunk) -> None:
         n = len(data)
         cap = self.cap
         off = pos % cap
@@ -266,7 +257,7 @@ class RingProducer(_RingSide):
             buf[start:start + first] = data[:first]
             buf[self.base:self.base + n - first] = data[first:]
 
-    def write_small(self, kind: int, call_id: int, epoch: int, chunks: Sequence[Any],
+    def write_small(self, kind: int, call_id: int, epoch: int, chunks: Sequence[Chunk],
                     length: int) -> bool:
         """
         Write a whole message as one frame if it fits without wrapping;
@@ -378,7 +369,7 @@ class RingConsumer(_RingSide):
 
     __slots__ = ("head", "_pending", "_partial", "_partial_fill", "_partial_key")
 
-    def __init__(self, buf: Any, control: int, data: int, capacity: int) -> None:
+    def __init__(self, buf: memoryview, control: int, data: int, capacity: int) -> None:
         super().__init__(buf, control, data, capacity)
         self.head = self._head[0]
         self._pending = 0          # record size to release
@@ -386,13 +377,10 @@ class RingConsumer(_RingSide):
         self._partial_fill = 0
         self._partial_key: tuple[int, int, int] = (0, 0, 0)
 
-    def available(self) -> int:
-        return self._tail[0] - self.head
-
     def has_data(self) -> bool:
         return self._tail[0] != self.head
 
-    def _view(self, pos: int, n: int) -> list[Any]:
+    def _view(self, pos: int, n: int) -> list[memoryview]:
         cap = self.cap
         off = pos % cap
         start = self.base + off
@@ -412,7 +400,7 @@ class RingConsumer(_RingSide):
             self._pending = 0
             self._head[0] = self.head
 
-    def next_message(self) -> tuple[int, int, int, list[Any]] | None:
+    def next_message(self) -> tuple[int, int, int, list[memoryview]] | None:
         """
         ``(kind, call_id, epoch, segments)`` of the next complete message,
         or None when the ring holds no complete one.  ``segments`` are one

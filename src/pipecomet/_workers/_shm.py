@@ -13,8 +13,6 @@ import mmap
 import os
 import re
 from pathlib import Path
-from typing import Any
-
 from ._ring import Layout
 
 __all__ = ["SharedFile", "shm_name", "sweep_stale", "PREFIX"]
@@ -63,14 +61,15 @@ class SharedFile:
     """
     One worker's mapped file.
 
-    :ivar view: a memoryview of the whole mapping (the rings work on it).
+    :ivar view: a memoryview of the whole mapping (the rings work on it);
+        None once closed.
     """
 
     def __init__(self, path: str, mapping: mmap.mmap, layout: Layout) -> None:
         self.path = path
         self.mapping: mmap.mmap | None = mapping
         self.layout = layout
-        self.view: Any = memoryview(mapping)
+        self.view: memoryview | None = memoryview(mapping)
 
     @classmethod
     def create(cls, path: str, capacity: int, epoch: int, slot: int, server_pid: int) -> SharedFile:
@@ -91,7 +90,7 @@ class SharedFile:
         finally:
             os.close(fd)
         f = cls(path, mapping, layout)
-        layout.write_header(f.view, epoch, slot, server_pid)
+        layout.write_header(mapping, epoch, slot, server_pid)
         return f
 
     @classmethod

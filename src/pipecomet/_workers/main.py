@@ -19,11 +19,11 @@ import sys
 import time
 import traceback
 from time import perf_counter
-from typing import Any, Callable
+from typing import TypedDict
 
-from ._codec import PicklingFailed, decode, encode
+from ._codec import Chunk, PicklingFailed, decode, encode
 from ._exits import EXIT_OUT_OF_MEMORY, EXIT_PARENT_GONE, EXIT_SETUP
-from ._registry import REGISTRY
+from ._registry import REGISTRY, WorkerFunction
 from ._ring import (
     KIND_CALL, KIND_ERROR, KIND_FAILURE, KIND_HELLO, KIND_RESULT, KIND_STOP, OFF_BASELINE_RSS,
     OFF_CALLS_DONE, OFF_CURRENT_CALL, OFF_RSS, OFF_WORKER_PID, U32, U64, OutgoingMessage,
@@ -40,6 +40,18 @@ RSS_EVERY_CALLS = 64
 RSS_EVERY_SECONDS = 0.25
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class WorkerHello(TypedDict, total=False):
+    """
+    What a worker says once it is ready (the server keeps it as ``info``).
+    """
+
+    pid: int
+    functions: list[str]
+    module: str
+    baseline_rss: int
+    python: str
 
 
 def rss_bytes() -> int:
@@ -81,20 +93,22 @@ def _raise_oom_score(adj: int) -> None:
 
 class Worker:
     def __init__(self, shm: SharedFile, epoch: int, bell_in: int, bell_out: int,
-                 functions: dict[str, Callable[[Any], Any]], spin: float = 0.0) -> None:
+                 functions: dict[str, WorkerFunction], spin: float = 0.0) -> None:
         self.shm = shm
         self.spin = spin
         self.epoch = epoch
-        self.view = shm.view
-        self.requests = RingConsumer(*shm.layout.request_ring(shm.view))
-        self.responses = RingProducer(*shm.layout.response_ring(shm.view))
+        view = shm.view
+        assert view is not None  # a file just opened
+        self.view = view
+        self.requests = RingConsumer(*shm.layout.request_ring(view))
+        self.responses = RingProducer(*shm.layout.response_ring(view))
         self.bell_in = bell_in
         self.bell_out = bell_out
         self.functions = functions
         self.calls_done = 0
         # Written on every call: one-item native views, cheaper than struct.
-        self._current = shm.view[OFF_CURRENT_CALL:OFF_CURRENT_CALL + 8].cast("Q")
-        self._done = shm.view[OFF_CALLS_DONE:OFF_CALLS_DONE + 8].cast("Q")
+        self._current = view[OFF_CURRENT_CALL:OFF_CURRENT_CALL + 8].cast("Q")
+        self._done = view[OFF_CALLS_DONE:OFF_CALLS_DONE + 8].cast("Q")
         self._rss_calls = 0
         self._rss_time = time.monotonic()
 
@@ -133,7 +147,7 @@ class Worker:
 
     # -- rings
 
-    def next_request(self) -> tuple[int, int, int, list[Any]]:
+    def next_request(self) -> tuple[int, int, int, list[memoryview]]:
         requests = self.requests
         while True:
             msg = requests.next_message()
@@ -159,7 +173,7 @@ class Worker:
             self._sleep()
             requests.set_consumer_parked(False)
 
-    def send(self, kind: int, call_id: int, chunks: list[Any], length: int) -> None:
+    def send(self, kind: int, call_id: int, chunks: list[Chunk], length: int) -> None:
         responses = self.responses
         if responses.write_small(kind, call_id, self.epoch, chunks, length):
             fence()
@@ -196,8 +210,9 @@ class Worker:
         U64.pack_into(self.view, OFF_BASELINE_RSS, baseline)
         U64.pack_into(self.view, OFF_RSS, baseline)
         U32.pack_into(self.view, OFF_WORKER_PID, os.getpid())
-        info = {"pid": os.getpid(), "functions": sorted(self.functions), "module": module,
-                "baseline_rss": baseline, "python": sys.version.split()[0]}
+        info: WorkerHello = {"pid": os.getpid(), "functions": sorted(self.functions),
+                             "module": module, "baseline_rss": baseline,
+                             "python": sys.version.split()[0]}
         chunks, n = encode(info)
         self.send(KIND_HELLO, 0, chunks, n)
 

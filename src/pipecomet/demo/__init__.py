@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
-
 import tomllib
 
 from pipecomet import App, Config
 from pipecomet.config import register_section
+from pipecomet.interfaces import IPipecometReactor
 
 from ._config import DemoConfig
 
@@ -48,7 +47,7 @@ DEMO_ROUTE_MODULES = [
 ]
 
 
-def demo_defaults() -> dict[str, Any]:
+def demo_defaults() -> dict[str, object]:
     """
     The demo's default tables, read from ``demo.toml``.
     """
@@ -56,7 +55,7 @@ def demo_defaults() -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def make_app(config: Config | None = None, reactor: Any = None) -> App:
+def make_app(config: Config | None = None, reactor: IPipecometReactor | None = None) -> App:
     """
     Build the demo gateway: ``config`` laid over the demo's defaults
     (:func:`demo_defaults`), so it names only what it changes.

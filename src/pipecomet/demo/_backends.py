@@ -16,7 +16,7 @@ services, streamed as NDJSON or SSE when asked), ``/backend/users/...``
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -26,6 +26,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.http import Request
+from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
 from pipecomet import BadRequest, Config, Parallel, Pipe, PipeContext, PipeInput, PipeResult, call, proxy
@@ -59,7 +60,7 @@ class DemoService(Resource):
         self.service = service
         self.instance = instance
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: IRequest) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         parts = request.path.decode("utf-8", "replace").strip("/").split("/")
         if len(parts) == 2 and parts[0] == self.service and parts[1].isdigit():
@@ -69,7 +70,7 @@ class DemoService(Resource):
                 return json.dumps({"error": f"no {self.service[:-1]} {n}"}).encode()
             if self.service == "users":
                 name = _NAMES[n % len(_NAMES)]
-                body: Any = {"id": n, "name": name, "email": f"{name}{n}@example.com"}
+                body: object = {"id": n, "name": name, "email": f"{name}{n}@example.com"}
             else:
                 body = [{"order": n * 100 + i, "user": n, "total": round(9.5 * (i + 1), 2)}
                         for i in range(n % 3 + 1)]
@@ -132,7 +133,7 @@ class _DemoBackends(Service):
             log.info("demo backend {service}: {n} instances on {addresses}", service=name,
                      n=count, addresses=", ".join(e.address for e in endpoints))
 
-    def stopService(self) -> Deferred[list[Any]]:
+    def stopService(self) -> Deferred[list[object]]:
         super().stopService()
         ports, self.ports = self.ports, []
         return gatherResults([maybeDeferred(p.stopListening) for p in ports])
@@ -163,7 +164,7 @@ def user_id(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> int:
     return int(raw)
 
 
-def install_routes(app: Any) -> None:
+def install_routes(app: App) -> None:
     auth = [*auth_pipes(app), Pipe(user_id)]
     app.route("/api/user.get", [*auth, call("users", "GET", "/users/{id}", name="user")])
     app.route("/api/profile.get", [

@@ -19,12 +19,21 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
-
 from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from pipecomet import Answer, BadRequest, Condition, Forbidden, Pipe
+from pipecomet import (
+    Answer,
+    App,
+    BadRequest,
+    Condition,
+    Forbidden,
+    Pipe,
+    PipeContext,
+    PipeInput,
+    PipeResult,
+)
 
 __all__ = ["install_routes", "TickerService", "PAGE"]
 
@@ -69,11 +78,11 @@ es.onmessage = onData;
 """
 
 
-def _topics(inp: Any, ctx: Any, res: Any) -> list[str]:
+def _topics(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> list[str]:
     return inp.path_params["topic"].split(",")
 
 
-def _authorize(inp: Any, ctx: Any, res: Any) -> None:
+def _authorize(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> None:
     """
     Subscribe authorization, as an ordinary pipe before the condition pipe.
     """
@@ -88,7 +97,7 @@ def _authorize(inp: Any, ctx: Any, res: Any) -> None:
     return None
 
 
-def _page(inp: Any, ctx: Any, res: Any) -> Answer:
+def _page(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Answer:
     return Answer(PAGE, content_type="text/html; charset=utf-8",
                   headers={"cache-control": "no-cache"})
 
@@ -96,7 +105,7 @@ def _page(inp: Any, ctx: Any, res: Any) -> Answer:
 _job_ids = itertools.count(1)
 
 
-def _start_job(inp: Any, ctx: Any, res: Any) -> str:
+def _start_job(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> str:
     """
     Start an async job; its result comes back later through a fire of
     ``job:<id>`` (as a backend's callback would).
@@ -109,6 +118,8 @@ def _start_job(inp: Any, ctx: Any, res: Any) -> str:
         raise BadRequest("seconds must be between 0 and 30", code="bad_seconds")
     job = f"job:{next(_job_ids)}"
     keeper = ctx.runtime.events
+    if keeper is None:
+        raise RuntimeError("the demo's jobs need the event keeper ([comet])")
     ctx.runtime.reactor.callLater(seconds, keeper.fire, job,
                                   {"job": job, "result": "done", "took": seconds})
     return job
@@ -122,11 +133,11 @@ class TickerService(Service):
     Publishes ``{"n", "price"}`` on ``ticker`` every ``period`` seconds.
     """
 
-    def __init__(self, app: Any, period: float = 1.0) -> None:
+    def __init__(self, app: App, period: float = 1.0) -> None:
         self.app = app
         self.period = period
         self.n = 0
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -136,6 +147,8 @@ class TickerService(Service):
         self._call = self.app.reactor.callLater(self.period, self._tick)
         self.n += 1
         hub = self.app.runtime.comet
+        if hub is None:
+            raise RuntimeError("the demo's ticker needs the comet hub ([comet])")
         price = round(100 + 10 * math.sin(self.n / 10), 2)
         d = hub.publish("ticker", {"n": self.n, "price": price}, event="ticker")
         # With a networked bus a tick can fail (bus down): the next one tries again.
@@ -148,7 +161,7 @@ class TickerService(Service):
         self._call = None
 
 
-def install_routes(app: Any) -> None:
+def install_routes(app: App) -> None:
     app.route("/comet/<topic>", [Pipe(_authorize, name="authorize"),
                                  Condition(_topics, mode="many", name="subscribe")],
               responders=("sse", "json", "ndjson", "longpoll"))

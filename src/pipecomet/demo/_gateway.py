@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Callable
+from typing import Callable, Mapping
 from xml.sax.saxutils import escape
 
 from twisted.internet.defer import Deferred
 
 from pipecomet import (
     Answer,
+    App,
     BadRequest,
     Forbidden,
     Parallel,
@@ -29,6 +30,7 @@ from pipecomet import (
     Unauthorized,
 )
 
+from ._config import AppKey
 from ._json import dumps
 
 __all__ = ["install_routes", "auth_pipes", "TokenBucket", "RateLimiter"]
@@ -70,7 +72,7 @@ class RateLimiter:
     :param clock: the reactor's ``seconds``.
     """
 
-    def __init__(self, keys: Callable[[], dict[str, Any]], clock: Callable[[], float]) -> None:
+    def __init__(self, keys: Callable[[], Mapping[str, AppKey]], clock: Callable[[], float]) -> None:
         self._keys = keys
         self._clock = clock
         self._buckets: dict[str, TokenBucket] = {}
@@ -90,8 +92,9 @@ class RateLimiter:
 # -- the steps ---------------------------------------------------------------
 
 
-def _keys(ctx: PipeContext) -> dict[str, Any]:
-    return ctx.runtime.config.demo.keys
+def _keys(ctx: PipeContext) -> Mapping[str, AppKey]:
+    keys: Mapping[str, AppKey] = ctx.runtime.config.demo.keys
+    return keys
 
 
 def app_key(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> str:
@@ -109,7 +112,7 @@ def app_key(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> str:
 _FORMATS = ("json", "xml")
 
 
-def validate(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, Any]:
+def validate(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, object]:
     """
     Check the common parameters: ``format`` and (for time.get) ``tz``.
     """
@@ -130,7 +133,7 @@ def validate(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, Any
     return {"format": fmt, "tz": offset}
 
 
-def _api_time(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, Any]:
+def _api_time(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, object]:
     now = ctx.runtime.reactor.seconds()
     offset = res["validate"]["tz"]
     local = time.gmtime(now + offset * 3600)
@@ -140,10 +143,10 @@ def _api_time(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, An
     }
 
 
-_APIS: dict[str, Callable[[PipeInput, PipeContext, PipeResult], Any]] = {"time.get": _api_time}
+_APIS: dict[str, Callable[[PipeInput, PipeContext, PipeResult], object]] = {"time.get": _api_time}
 
 
-def route_api(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
+def route_api(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> object:
     """
     Routing: the API name from the path picks the backend step.
     """
@@ -154,7 +157,7 @@ def route_api(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
     return handler(inp, ctx, res)
 
 
-def to_xml(value: Any, tag: str = "response") -> str:
+def to_xml(value: object, tag: str = "response") -> str:
     """
     A small, predictable JSON-to-XML mapping for the ``format=xml`` answer.
     """
@@ -191,7 +194,7 @@ def echo(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
     query = inp.query_all
     d = inp.form()
 
-    def done(form: dict[str, list[str]]) -> dict[str, Any]:
+    def done(form: Mapping[str, object]) -> dict[str, object]:
         return {"method": inp.method, "query": query, "form": form}
 
     return d.addCallback(done)
@@ -200,7 +203,7 @@ def echo(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
 # -- search: parallel branches ------------------------------------------------
 
 
-def _delayed(name: str, delay: float, make: Callable[[str], Any]) -> Pipe:
+def _delayed(name: str, delay: float, make: Callable[[str], object]) -> Pipe:
     def branch(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
         q = res["search_query"]
         d: Deferred = Deferred(lambda d: call.cancel())
@@ -220,7 +223,7 @@ def search_query(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> str:
     return q
 
 
-def search_summary(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, Any]:
+def search_summary(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, object]:
     return {"query": res["search_query"], "branches": ["web", "news", "images"]}
 
 
@@ -228,10 +231,10 @@ def search_summary(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[st
 SEARCH_LATENCIES = {"web": 0.05, "news": 0.4, "images": 1.2}
 
 
-_LIMITERS: "weakref.WeakKeyDictionary[Any, RateLimiter]" = weakref.WeakKeyDictionary()
+_LIMITERS: "weakref.WeakKeyDictionary[App, RateLimiter]" = weakref.WeakKeyDictionary()
 
 
-def auth_pipes(app: Any) -> list[Pipe]:
+def auth_pipes(app: App) -> list[Pipe]:
     """
     The steps every ``/api/*`` route of the demo starts with: the app key
     (``app_key`` in the query or ``X-App-Key``), then its rate limit.  One
@@ -249,7 +252,7 @@ def auth_pipes(app: Any) -> list[Pipe]:
     return [Pipe(app_key), Pipe(rate_limit)]
 
 
-def install_routes(app: Any) -> None:
+def install_routes(app: App) -> None:
     auth = auth_pipes(app)
     app.route("/api/<api>", [*auth, Pipe(validate), Pipe(route_api, name="api"), Pipe(render)])
     app.route("/api/echo", [*auth, Pipe(echo)], methods=("GET", "POST"))

@@ -6,14 +6,12 @@ The demo's JSON bodies: compact UTF-8, objects JSON does not know as text
 from __future__ import annotations
 
 import json
-from typing import Any
-
 __all__ = ["dumps"]
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def dumps(value: Any) -> bytes:
+def dumps(value: object) -> bytes:
     """
     ``value`` as compact JSON, UTF-8 encoded.
     """

@@ -11,9 +11,8 @@ known ones a description and a ready-to-click example (append to it).
 from __future__ import annotations
 
 from html import escape
-from typing import Any
-
-from pipecomet import Answer, Pipe, PipeContext, PipeInput, PipeResult
+from typing import TypedDict
+from pipecomet import Answer, App, Pipe, PipeContext, PipeInput, PipeResult
 
 from ._json import dumps
 
@@ -50,7 +49,7 @@ ENDPOINTS: list[tuple[str, str, str, str]] = [
 ]
 
 
-def _declared(app: Any) -> dict[str, tuple[str, ...]]:
+def _declared(app: App) -> dict[str, tuple[str, ...]]:
     """
     Route as declared → its methods: chain routes and plain Klein ones.
     """
@@ -62,13 +61,24 @@ def _declared(app: Any) -> dict[str, tuple[str, ...]]:
     return found
 
 
-def endpoints(app: Any) -> list[dict[str, Any]]:
+class Listed(TypedDict):
+    """
+    One endpoint the landing page lists.
+    """
+
+    path: str
+    method: str
+    href: str | None
+    about: str
+
+
+def endpoints(app: App) -> list[Listed]:
     """
     What the landing page lists: the described endpoints the app has, in
     :data:`ENDPOINTS` order, then every other route.
     """
     declared = _declared(app)
-    out: list[dict[str, Any]] = []
+    out: list[Listed] = []
     described = set()
     for route, method, href, about in ENDPOINTS:
         if route in declared:
@@ -88,7 +98,7 @@ def _wants_json(inp: PipeInput) -> bool:
     return "application/json" in accept and "text/html" not in accept
 
 
-def _page(app: Any, items: list[dict[str, Any]]) -> str:
+def _page(app: App, items: list[Listed]) -> str:
     rows = []
     for item in items:
         label = escape(item["path"])
@@ -114,7 +124,7 @@ def _page(app: Any, items: list[dict[str, Any]]) -> str:
     )
 
 
-def install_routes(app: Any) -> None:
+def install_routes(app: App) -> None:
     def landing(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Answer:
         items = endpoints(app)
         if _wants_json(inp):

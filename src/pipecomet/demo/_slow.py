@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Callable
 
-from pipecomet import BadRequest, Pipe, PipeContext, PipeInput, PipeResult
+from pipecomet import App, BadRequest, Pipe, PipeContext, PipeInput, PipeResult
 from ._gateway import auth_pipes
 
 __all__ = ["install_routes", "SLOW_SECONDS", "FAST_SECONDS"]
@@ -30,7 +30,7 @@ SLOW_SECONDS = 2.0
 FAST_SECONDS = 0.001
 
 
-def _received(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
+def _received(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> float | None:
     # ``?ms=`` lets a curl user try other backend latencies, bounded so the
     # demo cannot be told to hold a thread for long.
     raw = inp.query.get("ms")
@@ -47,8 +47,9 @@ def _received(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
     return ms / 1000.0
 
 
-def _blocking_backend(default: float) -> Any:
-    def call_backend(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, Any]:
+def _blocking_backend(default: float) -> Callable[[PipeInput, PipeContext, PipeResult],
+                                                  dict[str, object]]:
+    def call_backend(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, object]:
         seconds = res["received"] if res["received"] is not None else default
         started = time.monotonic()
         time.sleep(seconds)  # stands for a blocking client call
@@ -58,15 +59,15 @@ def _blocking_backend(default: float) -> Any:
     return call_backend
 
 
-def _shape(category: str) -> Any:
-    def respond(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, Any]:
+def _shape(category: str) -> Callable[[PipeInput, PipeContext, PipeResult], dict[str, object]]:
+    def respond(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, object]:
         return {"category": category, **res["backend"],
                 "answered_on": threading.current_thread().name}
 
     return respond
 
 
-def install_routes(app: Any) -> None:
+def install_routes(app: App) -> None:
     for path, category, seconds in (("/api/slow.get", "slow", SLOW_SECONDS),
                                     ("/api/fast.get", "fast", FAST_SECONDS)):
         app.route(path, [

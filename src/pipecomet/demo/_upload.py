@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
 from twisted.python.failure import Failure
 
-from pipecomet import BadRequest, Forbidden, Pipe, PipeContext, PipeInput, PipeResult
+from pipecomet import App, BadRequest, Forbidden, Pipe, PipeContext, PipeInput, PipeResult
 from ._gateway import RateLimiter
 
 __all__ = ["install_routes"]
@@ -31,7 +31,7 @@ def upload_key(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
     The ``app_key`` field, checked the moment it is complete.
     """
 
-    def check(key: Any) -> str:
+    def check(key: object) -> str:
         if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise BadRequest("app_key must be 1-64 letters, digits, '_', '-' or '.'",
                              code="invalid_parameter", details={"param": "app_key"})
@@ -60,7 +60,8 @@ def receive(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Deferred:
     source = inp.body_source
     files = source.files() if hasattr(source, "files") else succeed({})
 
-    def done(parts: list[Any]) -> dict[str, Any]:
+    # Any: gatherResults gives the form and the files as one list.
+    def done(parts: list[Any]) -> dict[str, object]:
         form, uploads = parts
         fields = {k: v for k, v in form.items() if k != "app_key"}
         return {
@@ -82,7 +83,7 @@ def _first_error(f: Failure) -> Failure:
     return f.value.subFailure if isinstance(f.value, FirstError) else f
 
 
-def install_routes(app: Any) -> None:
+def install_routes(app: App) -> None:
     limiter = RateLimiter(lambda: app.config.demo.keys, lambda: app.reactor.seconds())
 
     def upload_rate(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> bool:

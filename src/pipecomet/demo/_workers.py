@@ -15,9 +15,19 @@ goes on with its result.  ``GET /_pipecomet/status`` shows the pool.
 from __future__ import annotations
 
 import pickle
-from typing import Any
 
-from pipecomet import Answer, BadRequest, Pipe, PipeContext, PipeInput, PipeResult, process_pipe
+from twisted.internet.defer import Deferred
+
+from pipecomet import (
+    Answer,
+    App,
+    BadRequest,
+    Pipe,
+    PipeContext,
+    PipeInput,
+    PipeResult,
+    process_pipe,
+)
 from pipecomet.errors import PayloadTooLarge
 from ._gateway import auth_pipes
 
@@ -49,11 +59,12 @@ def _burn_ms(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> float:
     return _number(inp, "ms", 10.0, 0.0, MAX_BURN_MS)
 
 
-def _burn_answer(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, Any]:
+def _burn_answer(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> dict[str, object]:
     return {"burned": res["cpu_burn"]}
 
 
-def _resize_job(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
+def _resize_job(inp: PipeInput, ctx: PipeContext,
+                res: PipeResult) -> Deferred[dict[str, object]]:
     width = int(_number(inp, "width", 128, 1, MAX_SIDE))
     height = int(_number(inp, "height", 128, 1, MAX_SIDE))
     fmt = inp.query.get("format", "png").lower()
@@ -61,7 +72,7 @@ def _resize_job(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
         raise BadRequest(f"format must be one of {', '.join(sorted(FORMATS))}",
                          code="invalid_parameter", details={"param": "format"})
 
-    def with_body(body: bytes) -> dict[str, Any]:
+    def with_body(body: bytes) -> dict[str, object]:
         if not body:
             raise BadRequest("send the image as the request body", code="missing_body")
         # Out of band: the image bytes go into the ring without a pickle copy.
@@ -86,7 +97,7 @@ def _resize_answer(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Answer:
     })
 
 
-def install_routes(app: Any) -> None:
+def install_routes(app: App) -> None:
     app.route("/api/cpu.burn", [
         *auth_pipes(app),
         Pipe(_burn_ms, name="ms"),

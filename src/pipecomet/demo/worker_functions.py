@@ -15,15 +15,29 @@ import os
 import pickle
 import threading
 import time
-from typing import Any
+from typing import TypedDict, TypeVar
 
 from pipecomet import worker_function
 
-__all__ = ["cpu_burn", "image_resize", "echo"]
+__all__ = ["cpu_burn", "image_resize", "echo", "ResizeJob"]
+
+_T = TypeVar("_T")
+
+
+class ResizeJob(TypedDict, total=False):
+    """
+    What the ``/api/image/resize`` pipe sends :func:`image_resize`.
+    """
+
+    image: bytes | bytearray
+    width: int
+    height: int
+    format: str
+    max_pixels: int
 
 
 @worker_function
-def cpu_burn(ms: Any) -> dict[str, Any]:
+def cpu_burn(ms: float | str) -> dict[str, object]:
     """
     Keep one core busy for ``ms`` milliseconds of CPU time.
     """
@@ -41,7 +55,7 @@ def cpu_burn(ms: Any) -> dict[str, Any]:
 
 
 @worker_function
-def image_resize(job: dict[str, Any]) -> dict[str, Any]:
+def image_resize(job: ResizeJob) -> dict[str, object]:
     """
     Resize the image in ``job["image"]`` (any format Pillow reads) to fit
     ``job["width"]`` × ``job["height"]``, keeping its aspect ratio, and
@@ -57,8 +71,9 @@ def image_resize(job: dict[str, Any]) -> dict[str, Any]:
     max_pixels = int(job.get("max_pixels") or Image.MAX_IMAGE_PIXELS or 0)
     # The messages are the client's: no exception text (Pillow's carry
     # object reprs and addresses).
-    not_an_image = {"error": "not_an_image",
-                    "message": "the body is not an image in a format the server reads"}
+    not_an_image: dict[str, object] = {
+        "error": "not_an_image",
+        "message": "the body is not an image in a format the server reads"}
     try:
         # open() reads only the header: the size is known before a pixel
         # is decoded, so a decompression bomb is refused at no cost.
@@ -89,23 +104,23 @@ def image_resize(job: dict[str, Any]) -> dict[str, Any]:
             "source_height": source[1], "pid": os.getpid()}
 
 
-def _too_large(max_pixels: int) -> dict[str, Any]:
+def _too_large(max_pixels: int) -> dict[str, object]:
     return {"error": "image_too_large", "limit": max_pixels,
             "message": f"the image has more than {max_pixels} pixels"}
 
 
 @worker_function
-def echo(value: Any) -> Any:
+def echo(value: _T) -> _T:
     return value
 
 
 @worker_function
-def pid(_: Any = None) -> int:
+def pid(_: object = None) -> int:
     return os.getpid()
 
 
 @worker_function
-def sleep(seconds: Any) -> int:
+def sleep(seconds: float | str) -> int:
     """
     Sleep, then return the worker's pid (a call to kill in the middle of).
     """
@@ -114,17 +129,17 @@ def sleep(seconds: Any) -> int:
 
 
 @worker_function
-def fail(message: Any) -> None:
+def fail(message: object) -> None:
     raise ValueError(str(message))
 
 
 @worker_function
-def exit_now(code: Any) -> None:
+def exit_now(code: int | str) -> None:
     os._exit(int(code))
 
 
 @worker_function
-def allocate_without_bound(step_mb: Any = 64) -> None:
+def allocate_without_bound(step_mb: int | str = 64) -> None:
     """
     A memory bomb: allocate until something stops it.
     """
@@ -135,11 +150,11 @@ def allocate_without_bound(step_mb: Any = 64) -> None:
 
 
 @worker_function
-def spin_forever(_: Any = None) -> None:
+def spin_forever(_: object = None) -> None:
     while True:
         pass
 
 
 @worker_function
-def unpicklable_result(_: Any = None) -> Any:
+def unpicklable_result(_: object = None) -> object:
     return threading.Lock()
