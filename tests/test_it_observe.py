@@ -8,7 +8,6 @@ the DevTools protocol while the test sends traffic.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .support import twistd_server
-from .test_it_browser import chromium_page, wait_for
+from .chromium import chromium_page, screenshot, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -165,11 +164,16 @@ def test_text_access_log_on_stdout_by_default():
 
 
 def test_dashboard_in_headless_chromium(tmp_path: Path):
-    with twistd_server() as (port, _proc), chromium_page(
+    with twistd_server() as (port, proc), chromium_page(
             f"http://127.0.0.1:{port}/_pipecomet/dashboard", "/_pipecomet/dashboard",
-            "--window-size=1600,1000", "--hide-scrollbars") as tools:
+            "--window-size=1440,900", "--hide-scrollbars") as tools:
         wait_for(lambda: tools.evaluate("window.pipecometDashboard.snapshots.length") >= 1,
                  "a first snapshot")
+        # The header names the serving process (twistd's own pid) and its uptime.
+        shown = tools.evaluate("document.getElementById('proc').textContent")
+        assert shown.startswith(f"pid {proc.pid} on "), shown
+        assert " · pipecomet " in shown and " · Twisted " in shown
+        assert tools.evaluate("document.getElementById('uptime').textContent").startswith("up ")
         before = json.loads(tools.evaluate("JSON.stringify(window.pipecometDashboard.charts)"))
         canvas_before = tools.evaluate(
             "document.getElementById('chart-requests').toDataURL()")
@@ -210,9 +214,8 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
         # The page's own stream is not counted as a request in flight.
         status = json.loads(get(port, "/_pipecomet/status")[2])
         assert status["comet"]["connections"] == 0
-        shot = tools.call("Page.captureScreenshot", format="png")
-        path = tmp_path / "dashboard.png"
-        path.write_bytes(base64.b64decode(shot["data"]))
+        path = screenshot(tools, tmp_path / "dashboard.png", width=1440)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 10_000
         keep = os.environ.get("PIPECOMET_DASHBOARD_SCREENSHOT")
         if keep:
