@@ -194,7 +194,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
         def changed() -> Any:
             charts = json.loads(tools.evaluate(
                 "JSON.stringify(window.pipecometDashboard.charts)"))
-            if (charts["requests"]["max"] > 0
+            if (charts["requests"]["max"] > before["requests"]["max"]
                     and "invalid_app_key" in charts["errors"]["series"]
                     and charts["workers"]["max"] > 0):
                 return charts
@@ -211,6 +211,18 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
         assert tools.evaluate(
             "document.getElementById('chart-requests').toDataURL()") != canvas_before
         assert tools.evaluate("document.getElementById('tile-rps').textContent") != "–"
+        # The pointer over a chart: the legend shows that second (a real
+        # mouse event at the canvas's middle, through DevTools).
+        box = json.loads(tools.evaluate(
+            "JSON.stringify(document.getElementById('chart-requests').getBoundingClientRect())"))
+        tools.call("Input.dispatchMouseEvent", type="mouseMoved",
+                   x=box["x"] + box["width"] / 2, y=box["y"] + box["height"] / 2)
+        hovered = wait_for(lambda: tools.evaluate(
+            "window.pipecometDashboard.charts.requests.hover"), "the hovered second")
+        snaps = json.loads(tools.evaluate(
+            "JSON.stringify(window.pipecometDashboard.snapshots.map(s => s.t))"))
+        assert hovered in snaps
+        tools.call("Input.dispatchMouseEvent", type="mouseMoved", x=1, y=1)
         # The page's own stream is not counted as a request in flight.
         status = json.loads(get(port, "/_pipecomet/status")[2])
         assert status["comet"]["connections"] == 0

@@ -69,14 +69,25 @@
     this.zero = !!opts.zero;
     this.log = !!opts.log;
     this.hideIdle = !!opts.hideIdle;
+    this.stack = !!opts.stack;   // stacked areas: the top edge is the sum
+    this.average = opts.average || 0;  // a moving average over that many snapshots
+    this.integer = !!opts.integer;     // counts: no tick between whole numbers
+    this.hover = null;           // the pointer's x over the canvas, or null
     this.empty = opts.empty || "not configured in this app";
     this.label = opts.label || fmt;
     this.value = opts.value || fmt;
     this.styleOf = opts.style || null;
     this.colors = {};
     this.next = 0;
+    var self = this;
+    this.canvas.addEventListener("mousemove", function (e) {
+      self.hover = e.offsetX; self.draw(state.snapshots);
+    });
+    this.canvas.addEventListener("mouseleave", function () {
+      self.hover = null; self.draw(state.snapshots);
+    });
     state.charts[id.replace("chart-", "")] = this.info =
-      { points: 0, max: 0, series: [], drawn: [], last: {} };
+      { points: 0, max: 0, series: [], drawn: [], last: {}, hover: null };
   }
 
   Chart.prototype.color = function (name) {
@@ -103,6 +114,7 @@
   }
 
   Chart.prototype.draw = function (snaps) {
+    var self = this, zero = this.zero;
     var c = this.canvas, dpr = window.devicePixelRatio || 1;
     var w = c.clientWidth, h = c.clientHeight;
     if (c.width !== Math.round(w * dpr) || c.height !== Math.round(h * dpr)) {
@@ -115,6 +127,18 @@
     rows.forEach(function (r) {
       Object.keys(r || {}).forEach(function (k) { if (!seen[k]) { seen[k] = 1; all.push(k); } });
     });
+    if (this.average > 1) {
+      var n = this.average, raw = rows;
+      rows = raw.map(function (r, j) {
+        var out = {}, from = Math.max(0, j - n + 1);
+        all.forEach(function (k) {
+          var t = 0;
+          for (var i = from; i <= j; i++) t += (raw[i] && raw[i][k]) || 0;
+          out[k] = Math.round(1000 * t / (j - from + 1)) / 1000;
+        });
+        return out;
+      });
+    }
     var names = all, idle = [];
     if (this.hideIdle) {
       names = all.filter(function (k) {
@@ -122,11 +146,18 @@
       });
       idle = all.filter(function (k) { return names.indexOf(k) < 0; });
     }
-    var max = 0;
+    var max = 0, stack = this.stack;
     rows.forEach(function (r) {
-      names.forEach(function (k) { var v = r && r[k]; if (v > max) max = v; });
+      var total = 0;
+      names.forEach(function (k) {
+        var v = r && r[k];
+        if (stack) { total += v > 0 ? v : 0; v = total; }
+        if (v > max) max = v;
+      });
     });
-    var step = niceMax(max / 4), top = step * Math.max(1, Math.ceil(max / step - 1e-9));
+    var step = niceMax(max / 4);
+    if (this.integer) step = Math.max(1, Math.round(step));
+    var top = step * Math.max(1, Math.ceil(max / step - 1e-9));
     var ticks = Math.round(top / step);
     var lo = 0, hi = 1, log = this.log;
     if (log) {
@@ -144,11 +175,24 @@
       var l = Math.log10(Math.max(v, Math.pow(10, lo)));
       return T + ph - (ph * (l - lo)) / (hi - lo);
     }
-    var self = this, zero = this.zero;
     // Legend first (name and latest value): it may take more than one row.
     g.font = "11px system-ui, sans-serif";
     g.textAlign = "left"; g.textBaseline = "middle";
     var last = rows.length ? rows[rows.length - 1] : null;
+    var L = 50, R = 10, B = 18, pw = w - L - R;
+    var win = span(snaps);
+    var now = snaps.length ? snaps[snaps.length - 1].t : 0;
+    function xOf(s) { return L + pw - (pw * (now - s.t)) / win; }
+    // Under the pointer: that second's values in the legend.
+    var at = null, shown = last;
+    if (this.hover !== null && snaps.length) {
+      var best = Infinity;
+      snaps.forEach(function (s, j) {
+        var d = Math.abs(xOf(s) - self.hover);
+        if (d < best) { best = d; at = j; }
+      });
+      shown = rows[at];
+    }
     var lx = 4, ly = 8, items = [];
     function place(width) {
       if (lx + width > w - 4 && lx > 4) { lx = 4; ly += 15; }
@@ -156,8 +200,12 @@
       lx += width + 12;
       return at;
     }
+    if (at !== null) {
+      var when = new Date(snaps[at].t * 1000).toLocaleTimeString([], { hour12: false });
+      items.push([null, when].concat(place(g.measureText(when).width - 6)));
+    }
     names.forEach(function (name) {
-      var lv = last ? last[name] : null;
+      var lv = shown ? shown[name] : null;
       var label = name + "  " + self.value(zero && (lv === null || lv === undefined) ? 0 : lv);
       var at = place(g.measureText(label).width + 18);
       items.push([name, label, at[0], at[1]]);
@@ -167,9 +215,7 @@
       var text = "idle: " + idle.join(", ");
       note = [text].concat(place(g.measureText(text).width));
     }
-    var L = 50, R = 10, T = ly + 14, B = 18, pw = w - L - R, ph = h - T - B;
-    var win = span(snaps);
-    var now = snaps.length ? snaps[snaps.length - 1].t : 0;
+    var T = ly + 14, ph = h - T - B;
     g.strokeStyle = GRID; g.fillStyle = MUTED; g.lineWidth = 1;
     g.textAlign = "right";
     for (var i = 0; i <= ticks; i++) {
@@ -191,8 +237,26 @@
     }
     g.save();
     g.beginPath(); g.rect(L, T - 2, pw, ph + 4); g.clip();
+    var base = snaps.map(function () { return 0; });
     names.forEach(function (name) {
       var st = self.style(name);
+      if (stack) {
+        var tops = snaps.map(function (s, j) {
+          var v = rows[j] && rows[j][name];
+          return base[j] + (v > 0 ? v : 0);
+        });
+        g.beginPath();
+        snaps.forEach(function (s, j) { g[j ? "lineTo" : "moveTo"](xOf(s), yOf(tops[j])); });
+        for (var j = snaps.length - 1; j >= 0; j--) g.lineTo(xOf(snaps[j]), yOf(base[j]));
+        g.closePath();
+        g.globalAlpha = 0.6; g.fillStyle = st.color; g.fill(); g.globalAlpha = 1;
+        g.strokeStyle = st.color; g.lineWidth = 1; g.setLineDash([]);
+        g.beginPath();
+        snaps.forEach(function (s, j) { g[j ? "lineTo" : "moveTo"](xOf(s), yOf(tops[j])); });
+        g.stroke();
+        base = tops;
+        return;
+      }
       g.strokeStyle = st.color; g.lineWidth = 1.6; g.lineJoin = "round"; g.setLineDash(st.dash);
       g.beginPath();
       var started = false;
@@ -200,16 +264,21 @@
         var v = rows[j] && rows[j][name];
         if ((v === null || v === undefined) && zero) v = 0;
         if (v === null || v === undefined) { started = false; return; }
-        var x = L + pw - (pw * (now - s.t)) / win;
-        var y = yOf(v);
+        var x = xOf(s), y = yOf(v);
         if (!started) { g.moveTo(x, y); started = true; } else { g.lineTo(x, y); }
       });
       g.stroke();
     });
+    if (at !== null) {
+      var hx = Math.round(xOf(snaps[at])) + 0.5;
+      g.setLineDash([]); g.strokeStyle = MUTED; g.lineWidth = 1;
+      g.beginPath(); g.moveTo(hx, T); g.lineTo(hx, T + ph); g.stroke();
+    }
     g.restore();
     g.setLineDash([]);
     g.textAlign = "left"; g.textBaseline = "middle"; g.font = "11px system-ui, sans-serif";
     items.forEach(function (it) {
+      if (it[0] === null) { g.fillStyle = MUTED; g.fillText(it[1], it[2], it[3]); return; }
       var st = self.style(it[0]);
       g.strokeStyle = st.color; g.lineWidth = 2.5; g.setLineDash(st.dash.length ? [3, 2] : []);
       g.beginPath(); g.moveTo(it[2], it[3]); g.lineTo(it[2] + 12, it[3]); g.stroke();
@@ -222,6 +291,7 @@
     this.info.series = all;
     this.info.drawn = names;
     this.info.last = last || {};
+    this.info.hover = at !== null ? snaps[at].t : null;
   };
 
   function sum(obj) {
@@ -253,7 +323,7 @@
     }, { log: true, label: durationLabel, value: durationLabel,
          empty: "no requests answered in the window" }),
     new Chart("chart-errors", function (s) { return s.errors_rps || {}; },
-              { zero: true, empty: "no error responses in the window" }),
+              { zero: true, stack: true, average: 5, empty: "no error responses in the window" }),
     new Chart("chart-quota", function (s) {
       var out = {};
       Object.keys(s.quota || {}).forEach(function (c) {
@@ -262,7 +332,8 @@
         if (s.quota[c].zombies) out[c + " zombies"] = s.quota[c].zombies;
       });
       return out;
-    }, { hideIdle: true, style: paired("queued"), empty: "no thread-pipe jobs in the window" }),
+    }, { hideIdle: true, integer: true, style: paired("queued"),
+         empty: "no thread-pipe jobs in the window" }),
     new Chart("chart-workers", function (s) {
       return s.workers ? { "calls/s": s.workers.calls_rps, busy: s.workers.busy,
                            "in flight": s.workers.in_flight, queued: s.workers.queued } : {};
@@ -277,7 +348,7 @@
     }, { hideIdle: true, style: paired("errors"), empty: "no backend calls in the window" }),
     new Chart("chart-comet", function (s) {
       return s.comet ? s.comet.connections : {};
-    }, { empty: "comet is not served by this app" }),
+    }, { integer: true, empty: "comet is not served by this app" }),
     new Chart("chart-messages", function (s) {
       return s.comet ? { published: s.comet.published_rps, delivered: s.comet.delivered_rps } : {};
     }, { empty: "comet is not served by this app" }),
