@@ -231,9 +231,18 @@
     }
     if (!names.length) {
       g.fillStyle = MUTED; g.textBaseline = "middle"; g.font = "13px system-ui, sans-serif";
-      var why = !snaps.length ? "waiting for the first snapshot\u2026"
-        : all.length ? this.empty + " (" + all.join(", ") + " idle)" : this.empty;
-      g.fillText(why, L + pw / 2, T + ph / 2);
+      g.fillText(snaps.length ? this.empty : "waiting for the first snapshot\u2026",
+                 L + pw / 2, T + ph / 2 - (all.length ? 9 : 0));
+      if (snaps.length && all.length) {
+        // What is there but idle: a category or a service once each.
+        var idleNames = [];
+        all.forEach(function (k) {
+          var b = k.replace(/ (running|queued|zombies|calls|errors)$/, "");
+          if (idleNames.indexOf(b) < 0) idleNames.push(b);
+        });
+        g.font = "11px system-ui, sans-serif";
+        g.fillText("idle: " + idleNames.join(", "), L + pw / 2, T + ph / 2 + 10);
+      }
     }
     g.save();
     g.beginPath(); g.rect(L, T - 2, pw, ph + 4); g.clip();
