@@ -8,7 +8,6 @@ the DevTools protocol while the test sends traffic.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .support import twistd_server
-from .test_it_browser import chromium_page, wait_for
+from .chromium import chromium_page, screenshot, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -165,11 +164,16 @@ def test_text_access_log_on_stdout_by_default():
 
 
 def test_dashboard_in_headless_chromium(tmp_path: Path):
-    with twistd_server() as (port, _proc), chromium_page(
+    with twistd_server() as (port, proc), chromium_page(
             f"http://127.0.0.1:{port}/_pipecomet/dashboard", "/_pipecomet/dashboard",
-            "--window-size=1600,1000", "--hide-scrollbars") as tools:
+            "--window-size=1440,900", "--hide-scrollbars") as tools:
         wait_for(lambda: tools.evaluate("window.pipecometDashboard.snapshots.length") >= 1,
                  "a first snapshot")
+        # The header names the serving process (twistd's own pid) and its uptime.
+        shown = tools.evaluate("document.getElementById('proc').textContent")
+        assert shown.startswith(f"pid {proc.pid} on "), shown
+        assert " · pipecomet " in shown and " · Twisted " in shown
+        assert tools.evaluate("document.getElementById('uptime').textContent").startswith("up ")
         before = json.loads(tools.evaluate("JSON.stringify(window.pipecometDashboard.charts)"))
         canvas_before = tools.evaluate(
             "document.getElementById('chart-requests').toDataURL()")
@@ -190,7 +194,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
         def changed() -> Any:
             charts = json.loads(tools.evaluate(
                 "JSON.stringify(window.pipecometDashboard.charts)"))
-            if (charts["requests"]["max"] > 0
+            if (charts["requests"]["max"] > before["requests"]["max"]
                     and "invalid_app_key" in charts["errors"]["series"]
                     and charts["workers"]["max"] > 0):
                 return charts
@@ -207,12 +211,23 @@ def test_dashboard_in_headless_chromium(tmp_path: Path):
         assert tools.evaluate(
             "document.getElementById('chart-requests').toDataURL()") != canvas_before
         assert tools.evaluate("document.getElementById('tile-rps').textContent") != "–"
+        # The pointer over a chart: the legend shows that second (a real
+        # mouse event at the canvas's middle, through DevTools).
+        box = json.loads(tools.evaluate(
+            "JSON.stringify(document.getElementById('chart-requests').getBoundingClientRect())"))
+        tools.call("Input.dispatchMouseEvent", type="mouseMoved",
+                   x=box["x"] + box["width"] / 2, y=box["y"] + box["height"] / 2)
+        hovered = wait_for(lambda: tools.evaluate(
+            "window.pipecometDashboard.charts.requests.hover"), "the hovered second")
+        snaps = json.loads(tools.evaluate(
+            "JSON.stringify(window.pipecometDashboard.snapshots.map(s => s.t))"))
+        assert hovered in snaps
+        tools.call("Input.dispatchMouseEvent", type="mouseMoved", x=1, y=1)
         # The page's own stream is not counted as a request in flight.
         status = json.loads(get(port, "/_pipecomet/status")[2])
         assert status["comet"]["connections"] == 0
-        shot = tools.call("Page.captureScreenshot", format="png")
-        path = tmp_path / "dashboard.png"
-        path.write_bytes(base64.b64decode(shot["data"]))
+        path = screenshot(tools, tmp_path / "dashboard.png", width=1440)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert path.stat().st_size > 10_000
         keep = os.environ.get("PIPECOMET_DASHBOARD_SCREENSHOT")
         if keep:

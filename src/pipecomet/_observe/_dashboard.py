@@ -13,9 +13,14 @@ figures (see ``RequestObserver.unobserved``).
 from __future__ import annotations
 
 import json
+import os
+import platform
+import socket
 from collections import deque
 from importlib import resources
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import twisted
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -25,6 +30,11 @@ from twisted.internet.task import LoopingCall
 from .._chain import Answer, Stream
 from .._errors import NotFound, ServiceUnavailable
 from ._metrics import BUCKETS, HTTPStats, LagProbe, _endpoint_table, quantile
+
+if TYPE_CHECKING:
+    from twisted.web.http import Request
+
+    from .._responders import Responder
 
 __all__ = ["Dashboard", "DashboardStream", "DashboardService", "ASSETS", "asset"]
 
@@ -49,7 +59,17 @@ def asset(name: str) -> bytes:
 _encoder = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
-def dumps(value: Any) -> bytes:
+class InFlight(Protocol):
+    """
+    What the dashboard reads of the app's
+    :class:`~pipecomet._observe._requests.RequestObserver`.
+    """
+
+    @property
+    def in_flight(self) -> int: ...
+
+
+def dumps(value: object) -> bytes:
     # (not pipecomet._responders.dumps: _responders imports this package)
     return _encoder.encode(value).encode("utf-8")
 
@@ -58,7 +78,7 @@ def _rate(now: float, before: float, dt: float) -> float:
     return round(max(0.0, now - before) / dt, 3) if dt > 0 else 0.0
 
 
-def _count(value: Any) -> float:
+def _count(value: object) -> float:
     """
     A number, or the sum of a dict of numbers (errors by kind).
     """
@@ -83,7 +103,8 @@ class Dashboard:
     """
 
     def __init__(self, reactor: IReactorTime, *, stats: HTTPStats, lag: LagProbe | None,
-                 status: Callable[[], dict[str, Any]], observer: Any, interval: float = 1.0,
+                 status: Callable[[], dict[str, Any]], observer: InFlight,
+                 interval: float = 1.0,
                  history: int = 300, max_viewers: int = 32, app_name: str = "") -> None:
         self.reactor = reactor
         self.app_name = app_name
@@ -100,11 +121,24 @@ class Dashboard:
         #: percentiles are read over LATENCY_WINDOW of them, so that one
         #: slow request does not make every other second's p99.
         self._windows: deque[list[int]] = deque(maxlen=LATENCY_WINDOW)
+        #: When the snapshots started (the server's start, for the page's uptime).
+        self.started: float | None = None
         self._call = LoopingCall(self.tick)
         self._call.clock = reactor
 
+    def process(self) -> dict[str, object]:
+        """
+        What the page's header says of the serving process.
+        """
+        from .. import __version__
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "version": __version__,
+                "twisted": twisted.__version__, "python": platform.python_version(),
+                "started": self.started}
+
     def start(self) -> None:
         if not self._call.running:
+            self.started = round(self.reactor.seconds(), 3)
             self._prev = self._totals()
             self._call.start(self.interval, now=False)
 
@@ -240,10 +274,10 @@ class DashboardStream(Stream):
 
     def __init__(self, dashboard: Dashboard) -> None:
         self.dashboard = dashboard
-        self.request: Any = None
-        self._done: Deferred = Deferred()
+        self.request: Request | None = None
+        self._done: Deferred[None] = Deferred()
 
-    def serve(self, responder: Any) -> None:
+    def serve(self, responder: Responder) -> None:
         request = self.request = responder.request
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream")
@@ -256,7 +290,8 @@ class DashboardStream(Stream):
         self.dashboard.viewers.add(self)
         dash = self.dashboard
         request.write(b"retry: 2000\nevent: history\ndata: " + dumps({
-            "app": dash.app_name, "interval": dash.interval, "snapshots": list(dash.history)}) + b"\n\n")
+            "app": dash.app_name, "interval": dash.interval, "process": dash.process(),
+            "snapshots": list(dash.history)}) + b"\n\n")
 
     def write(self, frame: bytes) -> None:
         request = self.request
@@ -281,7 +316,7 @@ class DashboardStream(Stream):
         if not self._done.called:
             self._done.callback(None)
 
-    def when_done(self) -> Deferred:
+    def when_done(self) -> Deferred[None]:
         return self._done
 
 
@@ -314,7 +349,7 @@ class DashboardService(Service):
         if self._drain is not None and not self._drain.running:
             self._drain.start(1.0, now=False)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> None:
         super().stopService()
         if self.lag is not None:
             self.lag.stop()
