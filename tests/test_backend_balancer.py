@@ -18,6 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pipecomet._backend._balancer import Balancer, RetryBudget
 from pipecomet._backend._config import BalancerConfig
+from pipecomet._quota import Distribution
+
+#: An endpoint's latency histogram before any answer.
+NO_LATENCY = Distribution().to_json()
 from pipecomet._backend._discovery import Endpoint
 
 
@@ -260,6 +264,20 @@ class BalancerFigureTests(SynchronousTestCase):
         self.assertAlmostEqual(s.ewma, before, places=12)
         self.assertEqual(b.status()["endpoints"][0]["latency_ewma_ms"], round(before * 1000, 3))
 
+    def test_every_successful_answer_time_goes_into_the_latency_histogram(self) -> None:
+        clock = Clock()
+        b = exact(2, clock)
+        s = b.active[0]
+        for seconds in (0.002, 0.002, 0.3):
+            b.record_success(s, seconds)
+        b.record_failure(s)  # a failure has no answer time
+        latency = b.status()["endpoints"][0]["latency"]
+        self.assertEqual((latency["count"], latency["sum"], latency["max"]), (3, 0.304, 0.3))
+        self.assertEqual((latency["buckets"]["0.001"], latency["buckets"]["0.0025"],
+                          latency["buckets"]["0.25"], latency["buckets"]["0.5"],
+                          latency["buckets"]["+Inf"]), (0, 2, 2, 3, 3))
+        self.assertEqual(b.status()["endpoints"][1]["latency"]["count"], 0)
+
     def test_a_failure_doubles_the_average_or_makes_it_a_second(self) -> None:
         clock = Clock()
         clock.advance(5.0)
@@ -319,11 +337,11 @@ class BalancerFigureTests(SynchronousTestCase):
         self.assertEqual(b.status(), {
             "endpoints": [
                 {"id": "10.0.0.1:1000", "address": "10.0.0.1:1000", "outstanding": 0,
-                 "latency_ewma_ms": 1000.0, "calls": 0, "errors": 1,
+                 "latency_ewma_ms": 1000.0, "latency": NO_LATENCY, "calls": 0, "errors": 1,
                  "consecutive_failures": 1, "ejected": True, "ejected_for": 1.766,
                  "ejections": 1, "draining": False},
                 {"id": "10.0.0.1:1001", "address": "10.0.0.1:1001", "outstanding": 0,
-                 "latency_ewma_ms": 0.0, "calls": 0, "errors": 0,
+                 "latency_ewma_ms": 0.0, "latency": NO_LATENCY, "calls": 0, "errors": 0,
                  "consecutive_failures": 0, "ejected": False, "ejected_for": 0,
                  "ejections": 0, "draining": False}],
             "draining": [], "ejected": 1, "panic": False, "panics": 0,

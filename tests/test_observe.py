@@ -306,6 +306,7 @@ class MetricsTests(SynchronousTestCase):
             self.assertEqual(m[f"pipecomet_backend_pool_busy{{{where}}}"], 0)
             self.assertEqual(m[f"pipecomet_backend_pool_waiting{{{where}}}"], 0)
             self.assertEqual(m[f"pipecomet_backend_ejected{{{where}}}"], 0)
+            self.assertEqual(m[f"pipecomet_backend_latency_seconds_count{{{where}}}"], 0)
         self.assertEqual(m['pipecomet_backend_service_calls_total{service="users"}'], 0)
         self.assertEqual(m['pipecomet_backend_service_failures_total{kind="backend_error",'
                            'service="users"}'], 0)

@@ -20,6 +20,7 @@ import math
 import random
 from typing import TYPE_CHECKING, Callable, Generic, Iterable, TypeVar
 
+from .._quota import Distribution
 from ._config import BalancerConfig
 from ._discovery import Endpoint
 
@@ -39,7 +40,8 @@ class EndpointState(Generic[_Pool]):
     """
 
     __slots__ = ("endpoint", "pool", "outstanding", "ewma", "ewma_stamp", "failures",
-                 "ejected_until", "ejections", "calls", "errors", "draining", "ejected")
+                 "ejected_until", "ejections", "calls", "errors", "draining", "ejected",
+                 "latency")
 
     def __init__(self, endpoint: Endpoint, pool: _Pool) -> None:
         self.endpoint = endpoint
@@ -47,6 +49,9 @@ class EndpointState(Generic[_Pool]):
         self.outstanding = 0
         self.ewma = 0.0
         self.ewma_stamp = 0.0
+        #: Answer times of its successful calls (a fixed-bucket histogram:
+        #: ``pipecomet_backend_latency_seconds``).
+        self.latency = Distribution()
         self.failures = 0
         self.ejected = False
         self.ejected_until = 0.0
@@ -65,6 +70,7 @@ class EndpointState(Generic[_Pool]):
             "address": self.endpoint.address,
             "outstanding": self.outstanding,
             "latency_ewma_ms": round(self.ewma * 1000, 3),
+            "latency": self.latency.to_json(),
             "calls": self.calls,
             "errors": self.errors,
             "consecutive_failures": self.failures,
@@ -195,6 +201,7 @@ class Balancer(Generic[_Pool]):
     # -- outcomes
 
     def record_success(self, state: EndpointState[_Pool], latency: float) -> None:
+        state.latency.observe(latency)
         state.failures = 0
         if state.ejections and not state.ejected:
             state.ejections = 0
