@@ -18,7 +18,7 @@ import platform
 import socket
 from collections import deque
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol, cast
 
 import twisted
 
@@ -34,6 +34,7 @@ from ._metrics import BUCKETS, HTTPStats, LagProbe, _endpoint_table, quantile
 if TYPE_CHECKING:
     from twisted.web.http import Request
 
+    from .._comet import IStreamSink
     from .._responders import Responder
 
 __all__ = ["Dashboard", "DashboardStream", "DashboardService", "ASSETS", "asset"]
@@ -277,8 +278,10 @@ class DashboardStream(Stream):
         self.request: Request | None = None
         self._done: Deferred[None] = Deferred()
 
-    def serve(self, responder: Responder) -> None:
-        request = self.request = responder.request
+    def serve(self, responder: IStreamSink) -> None:
+        # The built-in route's stream is served by pipecomet's own
+        # responders, which all write to a twisted.web request.
+        request = self.request = cast("Responder", responder).request
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"cache-control", b"no-cache")
