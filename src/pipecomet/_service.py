@@ -301,9 +301,6 @@ def _supervisor_service(options: Options, app: App, port: str, count: int) -> IS
 def _serving_process_service(options: Options, app: App, port: str) -> IService:
     from ._supervisor import ServingProcess
 
-    reactor = app.reactor
-
-    root = MultiService()
-    app.service.setServiceParent(root)
-    ServingProcess(reactor, app, options).setServiceParent(root)
-    return root
+    # Stopped as one process is: the listener drains its connections first
+    # (the app's parts still serve them), then the parts stop.
+    return _Serving(app, ServingProcess(app.reactor, app, options))

@@ -40,6 +40,7 @@ from twisted.application.service import Service
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IListeningPort,
     IProcessProtocol,
@@ -687,6 +688,71 @@ class ChildControl(Protocol):
         return out
 
 
+class _ProtocolMaker(TypingProtocol):
+    """
+    What :class:`ConnectionTracker` asks of the factory it wraps (the
+    app's ``Site``).
+    """
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None: ...
+
+    def doStart(self) -> None: ...
+
+    def doStop(self) -> None: ...
+
+
+class ConnectionTracker(ServerFactory):
+    """
+    The site's factory, keeping the connections it made so that a stopping
+    serving process can drain them and wait for them to close.
+
+    Connections are kept in a list pruned of the closed ones whenever it
+    has doubled since the last pruning (amortized: a closed connection is
+    let go of within as many accepts as there were open ones).
+
+    :param site: the factory that makes the protocols (the app's site).
+    """
+
+    def __init__(self, site: _ProtocolMaker) -> None:
+        self.site = site
+        self._connections: list[Protocol] = []
+        self._prune_at = 1024
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        protocol = self.site.buildProtocol(addr)
+        if protocol is not None:
+            self._connections.append(protocol)
+            if len(self._connections) >= self._prune_at:
+                self._connections = self.open_connections()
+                self._prune_at = max(1024, 2 * len(self._connections))
+        return protocol
+
+    def open_connections(self) -> list[Protocol]:
+        """
+        The connections not closed yet (a transport's ``disconnected``,
+        which Twisted's ``FileDescriptor`` documents for its consumers).
+        """
+        return [p for p in self._connections
+                if p.transport is None or not getattr(p.transport, "disconnected", False)]
+
+    def drain(self) -> None:
+        """
+        Drain every open connection that can be (pipecomet's protocol;
+        twisted.web's ``HTTPChannel``, with ``[server] protocol =
+        "twisted"``, cannot: its connections are closed with the process).
+        """
+        for p in self.open_connections():
+            drain = getattr(p, "drain", None)
+            if callable(drain):
+                drain()
+
+
 class ServingProcess(Service):
     """
     A serving process's listener: adopts the inherited socket (or binds its
@@ -703,15 +769,16 @@ class ServingProcess(Service):
         self.port: IListeningPort | None = None
         self.control: ChildControl | None = None
         self.balancer: AcceptBalancer | None = None
+        self.connections: ConnectionTracker | None = None
 
     def startService(self) -> None:
         super().startService()
         from twisted.internet.stdio import StandardIO
 
         opts = self.options
-        # Twisted types adoptStreamPort's factory as ServerFactory of its
-        # default protocol type; Site's is HTTP's channel (invariant).
-        site: ServerFactory[Any] = self.app.site()
+        # Every connection is kept track of, to be drained on stop.
+        self.connections = ConnectionTracker(self.app.site())
+        site = self.connections
         if opts["listen-fd"] is not None:
             fd = int(opts["listen-fd"])
             probe = socket.socket(fileno=fd)
@@ -753,15 +820,44 @@ class ServingProcess(Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
-        from twisted.internet.task import deferLater
-
         if self.control is not None:
             self.control.stopping = True
         if self.balancer is not None:
             self.balancer.stop()
         d = maybeDeferred(self.port.stopListening) if self.port is not None else succeed(None)
-        grace = self.app.config.server.drain_grace
-        return d.addCallback(lambda _: deferLater(self.reactor, grace, lambda: None))
+        return d.addCallback(lambda _: self._drain())
+
+    def _drain(self) -> Deferred[None]:
+        """
+        Not accepting any more: held comet clients are told to reconnect
+        (elsewhere) now, every open connection answers what it has with
+        ``Connection: close`` (``drain``), and the process waits until
+        they have all closed, for at most ``[server] drain_grace`` seconds.
+        """
+        hub = self.app.runtime.comet
+        if hub is not None:
+            hub.stop()  # again when the app's parts stop: a no-op then
+        tracker = self.connections
+        if tracker is None:
+            return succeed(None)
+        tracker.drain()
+        deadline = self.reactor.seconds() + self.app.config.server.drain_grace
+        done: Deferred[None] = Deferred()
+
+        def check() -> None:
+            left = tracker.open_connections()
+            if not left:
+                done.callback(None)
+            elif self.reactor.seconds() >= deadline:
+                log.info("drain grace over: {n} connections still open (closed with the "
+                         "process)", n=len(left))
+                done.callback(None)
+            else:
+                # Stopping only: a short poll of the connections left.
+                self.reactor.callLater(0.02, check)
+
+        check()
+        return done
 
 
 class _Pausable(TypingProtocol):
