@@ -642,7 +642,9 @@ class HTTP11Protocol(Protocol):
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         m = self._active
-        persistent = self._persistent and self.phase is not Phase.CLOSING and not self._draining
+        persistent = self._persistent and self.phase is not Phase.CLOSING
+        if self._draining and not self._queue:
+            persistent = False  # the last request in hand: its answer closes
         if persistent and m is not None and not m.complete:
             req = m.request
             if m.length is None or req is None or req.received < m.length:
@@ -806,13 +808,14 @@ class HTTP11Protocol(Protocol):
 
     def drain(self) -> None:
         """
-        The server is stopping and no longer accepts: every response whose
-        head is written from now on says ``Connection: close`` and the
-        connection closes after it, so the client sends its next request
-        on a new connection (to another process).  A connection with
-        nothing in flight stays open: a request may already be on its
-        way, and closing under it would fail it; the server closes what is
-        left when its grace period ends.
+        The server is stopping and no longer accepts.  The next response
+        written with no other request in hand behind it (pipelined ones
+        are answered first) says ``Connection: close``, and the connection
+        closes after it: the client sends its next request on a new
+        connection, to another process.  A connection with nothing in
+        flight stays open: a request may already be on its way, and a
+        close under it would fail it; what is left is closed when the
+        server's grace period ends.
         """
         self._draining = True
 
