@@ -191,24 +191,94 @@ def spread(values: list[float]) -> dict[str, float]:
             "rounds": len(values)}
 
 
-def throughput(directory: Path, seconds: int, rounds: int,
-               url: str) -> dict[str, dict[int, list[float]]]:
+def cpu_route_n(target_ms: float = 1.0) -> tuple[int, float]:
     """
-    req/s of each route with 1 and 2 processes, in alternating rounds.
+    The ``n`` that gives the CPU-bound route about ``target_ms`` of CPU
+    time per request on this machine, and the CPU ms it measured
+    (process CPU time, so other load on the machine changes it little;
+    the smallest of 15 batches).
     """
-    out: dict[str, dict[int, list[float]]] = {"/cpu": {1: [], 2: []}, "/hello": {1: [], 2: []}}
+    sys.path.insert(0, str(ROOT))
+    from tests.scale_app import _cpu
+
+    class Inp:
+        query = {"n": "1000"}
+
+    def per_call(n: int) -> float:
+        Inp.query = {"n": str(n)}
+        best = float("inf")
+        for _ in range(15):
+            t = time.process_time()
+            for _ in range(50):
+                _cpu(Inp, None, None)
+            best = min(best, (time.process_time() - t) / 50 * 1000)
+        return best
+
+    n = max(100, round(1000 * target_ms / per_call(1000)))
+    n = max(100, round(n * target_ms / per_call(n)))  # once more: not quite linear
+    return n, per_call(n)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """
+    User + system CPU seconds of ``pids`` (from /proc; 0 for a gone one).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+def _server_pids(port: int) -> list[int]:
+    """
+    The serving processes of a ``--processes N`` server.
+    """
+    return [c["pid"] for c in status(port)["processes"]["set"]]
+
+
+def throughput(directory: Path, seconds: int, rounds: int, url: str,
+               cpu_n: int) -> dict[str, Any]:
+    """
+    req/s of each route with 1 and 2 processes, in alternating rounds, and
+    for each run the cores the server processes and wrk used (their CPU
+    seconds / the run's seconds) and the server's CPU ms per request.
+    """
+    paths = {"/cpu": f"/cpu?n={cpu_n}", "/hello": "/hello"}
+    out: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
+    cores: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
+    wrk_cores: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
+    per_req: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
     with ExitStack() as stack:
         # The app has comet routes: two processes need the Redis bus.
-        ports = {1: stack.enter_context(server(directory, 1, None)),
+        one: list[int] = []
+        ports = {1: stack.enter_context(server(directory, 1, None, pids=one)),
                  2: stack.enter_context(server(directory, 2, url))}
-        for path in out:
+        pids = {1: one, 2: _server_pids(ports[2])}  # one: the process itself
+        for path in paths.values():
             for n in (1, 2):
                 wrk(ports[n], path, 2, 32)  # warm-up
         for _ in range(rounds):
-            for path in out:
+            for name, path in paths.items():
                 for n in (1, 2):
-                    out[path][n].append(wrk(ports[n], path, seconds, 32))
-    return out
+                    before, kids, t0 = _cpu_seconds(pids[n]), os.times(), time.monotonic()
+                    out[name][n].append(wrk(ports[n], path, seconds, 32))
+                    took = time.monotonic() - t0
+                    after = os.times()
+                    used = _cpu_seconds(pids[n]) - before
+                    cores[name][n].append(round(used / took, 2))
+                    per_req[name][n].append(round(1000 * used / max(1.0, out[name][n][-1] * took),
+                                                  3))
+                    wrk_cores[name][n].append(round(
+                        (after.children_user + after.children_system
+                         - kids.children_user - kids.children_system) / took, 2))
+    return {"req_s": out, "server_cores": cores, "wrk_cores": wrk_cores,
+            "server_cpu_ms_per_request": per_req}
 
 
 # -- (c) accept balance
@@ -427,10 +497,12 @@ def main() -> None:
     notes = []
     load_before = loadavg()
     started = time.monotonic()
+    cpu_n, cpu_ms = cpu_route_n()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         with redis_server(d) as url:
-            tp = throughput(d, seconds, rounds, url)
+            thr = throughput(d, seconds, rounds, url, cpu_n)
+            tp = thr["req_s"]
             with server(d, 1, None) as port:
                 mem = fanout(port, subs, publishes, burst)
             with server(d, 2, url) as port:
@@ -451,6 +523,13 @@ def main() -> None:
     notes.append("2 cores hold the serving processes, wrk (1 thread, 32 connections), Redis and "
                  "the Python client of the SSE runs: 2 processes can at best double the CPU the "
                  "server gets, never more, and only when nothing else wants the cores")
+    notes.append(f"CPU-bound route: /cpu?n={cpu_n}, {cpu_ms:.2f} ms of CPU per call measured "
+                 "in-process before the run (n chosen for about 1 ms on this machine)")
+    notes.append("server cores = the server processes' CPU seconds during a run / its seconds "
+                 "(2 processes can use at most 2.0); wrk cores likewise for wrk: where the "
+                 "server got less than 2 cores with 2 processes, the machine, not the design, "
+                 "set the ratio; server CPU ms/request is the steadier figure: the same with 1 "
+                 "and 2 processes means 2 free cores serve twice the requests")
     notes.append("throughput: the 1-process and 2-process servers run side by side and the "
                  f"rounds alternate ({rounds} rounds of {seconds} s per route and server); "
                  "ratio = median of the per-round ratios")
@@ -466,10 +545,19 @@ def main() -> None:
         title="Scale-out: --processes and the Redis bus",
         command="make bench-scale",
         tables=[
-            {"title": "Throughput (req/s, wrk; median (min-max) of the rounds)",
-             "columns": ["route", "1 process", "2 processes", "ratio 2/1 (median of rounds)"],
+            {"title": "Throughput (req/s, wrk; median (min-max) of the rounds; cores used, "
+                       "median)",
+             "columns": ["route", "1 process", "2 processes", "ratio 2/1 (median of rounds)",
+                         "server cores 1 / 2 processes", "wrk cores 1 / 2 processes",
+                         "server CPU ms/request 1 / 2 processes"],
              "rows": [[p, cell(spread(tp[p][1])), cell(spread(tp[p][2])),
-                       round(statistics.median(ratios_per_round[p]), 2)]
+                       round(statistics.median(ratios_per_round[p]), 2),
+                       " / ".join(f"{statistics.median(thr['server_cores'][p][n]):.2f}"
+                                  for n in (1, 2)),
+                       " / ".join(f"{statistics.median(thr['wrk_cores'][p][n]):.2f}"
+                                  for n in (1, 2)),
+                       " / ".join(f"{statistics.median(thr['server_cpu_ms_per_request'][p][n]):.3f}"
+                                  for n in (1, 2))]
                       for p in ("/cpu", "/hello")]},
             {"title": f"{subs:,} SSE subscribers: publish → last subscriber",
              "columns": ["setup", "p50 ms", "max ms", "fan-out msg/s",
@@ -504,6 +592,9 @@ def main() -> None:
                   "target": "<= 1.2x", "value": round(lat_ratio, 2), "met": lat_ratio <= 1.2}],
         notes=notes,
         raw={"wrk": tool_version(["wrk", "--version"]), "throughput": tp,
+             "server_cores": thr["server_cores"], "wrk_cores": thr["wrk_cores"],
+             "server_cpu_ms_per_request": thr["server_cpu_ms_per_request"],
+             "cpu_route": {"n": cpu_n, "cpu_ms_per_call": cpu_ms},
              "ratios_per_round": ratios_per_round, "memory": mem, "redis": red,
              "balance": bal, "subscribers": subs, "held": held, "seconds": seconds,
              "rounds": rounds},
