@@ -154,8 +154,8 @@ class _Timers(TypingProtocol):
 
     def seconds(self) -> float: ...
 
-    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
-                  **kw: Any) -> IDelayedCall: ...
+    def callLater(self, delay: float, callable: Callable[..., object], *args: object,
+                  **kw: object) -> IDelayedCall: ...
 
 
 class SupervisorReactor(_Timers, TypingProtocol):
@@ -338,7 +338,7 @@ class Supervisor(Service):
         self._respawn.clear()
         ends = [self._stop_child(c) for c in list(self.children.values())]
 
-        def closed(_: Any) -> None:
+        def closed(_: object) -> None:
             if self.socket is not None:
                 self.socket.close()
                 self.socket = None
@@ -400,7 +400,7 @@ class Supervisor(Service):
             pass
         timer = self.reactor.callLater(self.stop_timeout, self._kill, child)
 
-        def done(_: Any) -> None:
+        def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
 
@@ -456,7 +456,7 @@ class Supervisor(Service):
 
         d = ensureDeferred(run())
 
-        def finished(result: Any) -> Any:
+        def finished(result: None | Failure) -> None | Failure:
             self._reloading = None
             return result
 
@@ -756,8 +756,12 @@ class ConnectionTracker(ServerFactory):
 class ServingProcess(Service):
     """
     A serving process's listener: adopts the inherited socket (or binds its
-    own with SO_REUSEPORT), talks to the supervisor, and on stop goes on
-    serving what it accepted for ``[server] drain_grace`` seconds.
+    own with SO_REUSEPORT) and talks to the supervisor.  On stop it stops
+    accepting, tells held comet clients to reconnect, and drains its
+    connections (each answers what it has in hand, the last answer with
+    ``Connection: close``; idle ones are not closed under a request that
+    may be on its way), waiting for them to close for at most ``[server]
+    drain_grace`` seconds; the app's parts stop after that.
     """
 
     name = "serving-process"
