@@ -53,6 +53,7 @@ from ._common import ROOT, free_port, loadavg, tool_version, write_result
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 APP = "tests.scale_app:make_app"
 TOKEN = "bench-token"
+LISTEN = ("inherit", "reuseport")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -191,32 +192,25 @@ def spread(values: list[float]) -> dict[str, float]:
             "rounds": len(values)}
 
 
-def cpu_route_n(target_ms: float = 1.0) -> tuple[int, float]:
+def cpu_route_ms(n: int) -> float:
     """
-    The ``n`` that gives the CPU-bound route about ``target_ms`` of CPU
-    time per request on this machine, and the CPU ms it measured
-    (process CPU time, so other load on the machine changes it little;
-    the smallest of 15 batches).
+    The CPU ms one call of the CPU-bound route's work takes with ``n``
+    (process CPU time, the smallest of 15 batches of 50 calls; other load
+    on the machine changes it less than wall time).
     """
     sys.path.insert(0, str(ROOT))
     from tests.scale_app import _cpu
 
     class Inp:
-        query = {"n": "1000"}
+        query = {"n": str(n)}
 
-    def per_call(n: int) -> float:
-        Inp.query = {"n": str(n)}
-        best = float("inf")
-        for _ in range(15):
-            t = time.process_time()
-            for _ in range(50):
-                _cpu(Inp, None, None)
-            best = min(best, (time.process_time() - t) / 50 * 1000)
-        return best
-
-    n = max(100, round(1000 * target_ms / per_call(1000)))
-    n = max(100, round(n * target_ms / per_call(n)))  # once more: not quite linear
-    return n, per_call(n)
+    best = float("inf")
+    for _ in range(15):
+        t = time.process_time()
+        for _ in range(50):
+            _cpu(Inp, None, None)
+        best = min(best, (time.process_time() - t) / 50 * 1000)
+    return best
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -247,13 +241,15 @@ def throughput(directory: Path, seconds: int, rounds: int, url: str,
     """
     req/s of each route with 1 and 2 processes, in alternating rounds, and
     for each run the cores the server processes and wrk used (their CPU
-    seconds / the run's seconds) and the server's CPU ms per request.
+    seconds / the run's seconds; with 2 processes also each one's) and the
+    server's CPU ms per request.
     """
     paths = {"/cpu": f"/cpu?n={cpu_n}", "/hello": "/hello"}
     out: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
     cores: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
     wrk_cores: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
     per_req: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
+    split: dict[str, list[list[float]]] = {p: [] for p in paths}
     with ExitStack() as stack:
         # The app has comet routes: two processes need the Redis bus.
         one: list[int] = []
@@ -266,11 +262,16 @@ def throughput(directory: Path, seconds: int, rounds: int, url: str,
         for _ in range(rounds):
             for name, path in paths.items():
                 for n in (1, 2):
-                    before, kids, t0 = _cpu_seconds(pids[n]), os.times(), time.monotonic()
+                    each = [_cpu_seconds([pid]) for pid in pids[n]]
+                    kids, t0 = os.times(), time.monotonic()
                     out[name][n].append(wrk(ports[n], path, seconds, 32))
                     took = time.monotonic() - t0
                     after = os.times()
-                    used = _cpu_seconds(pids[n]) - before
+                    each = [_cpu_seconds([pid]) - b for pid, b in zip(pids[n], each)]
+                    used = sum(each)
+                    if n == 2:
+                        # One process idle (no connection of wrk's) would show here.
+                        split[name].append([round(u / took, 2) for u in each])
                     cores[name][n].append(round(used / took, 2))
                     per_req[name][n].append(round(1000 * used / max(1.0, out[name][n][-1] * took),
                                                   3))
@@ -278,7 +279,7 @@ def throughput(directory: Path, seconds: int, rounds: int, url: str,
                         (after.children_user + after.children_system
                          - kids.children_user - kids.children_system) / took, 2))
     return {"req_s": out, "server_cores": cores, "wrk_cores": wrk_cores,
-            "server_cpu_ms_per_request": per_req}
+            "server_cpu_ms_per_request": per_req, "cores_per_process_2": split}
 
 
 # -- (c) accept balance
@@ -342,29 +343,54 @@ def balance(directory: Path, url: str, listen: str, seconds: int, held: int) -> 
         finally:
             clients.close()
         # SIGHUP (one at a time) under wrk: what its clients see.
-        reload_s = max(20, seconds)
-        proc = subprocess.Popen(_wrk_cmd(port, "/hello", reload_s, 32), stdout=subprocess.PIPE,
-                                text=True)
-        time.sleep(2)
-        os.kill(supervisor[0], signal.SIGHUP)
-        out, _ = proc.communicate(timeout=reload_s + 60)
-        replaced_during_wrk = not {c["pid"] for c in status(port)["processes"]["set"]} & set(pids)
-        end = time.monotonic() + 60
-        while True:
-            after_reload = status(port)["processes"]
-            replaced = not {c["pid"] for c in after_reload["set"]} & set(pids)
-            if replaced or time.monotonic() > end:
-                break
-            time.sleep(0.5)
+        reload = reload_under_wrk(port, supervisor[0], pids, max(20, seconds))
     return {"listen": listen, "pids": pids, "wrk_req_s": rate,
-            "reload": {"seconds": reload_s, "req_s": _wrk_rate(out), **_wrk_errors(out),
-                       "reloads": after_reload["reloads"], "all_replaced": replaced,
-                       "replaced_within_wrk_run": replaced_during_wrk},
+            "reload": reload,
             "wrk_connections": [conns.get(p, 0) for p in pids],
             "wrk_requests": [requests[p] for p in pids],
             "held": [per_process.get(p, 0) for p in pids],
             "held_tcp": [held_tcp.get(p, 0) for p in pids],
             "held_open_seconds": opened_s}
+
+
+def reload_under_wrk(port: int, supervisor: int, pids: list[int], seconds: int) -> dict[str, Any]:
+    """
+    SIGHUP to ``supervisor`` 2 s into a ``seconds`` wrk run on ``/hello``
+    (32 keep-alive connections): wrk's errors, and whether every serving
+    process (``pids``) was replaced within the run.
+    """
+    proc = subprocess.Popen(_wrk_cmd(port, "/hello", seconds, 32), stdout=subprocess.PIPE,
+                            text=True)
+    time.sleep(2)
+    os.kill(supervisor, signal.SIGHUP)
+    out, _ = proc.communicate(timeout=seconds + 60)
+    replaced_during_wrk = not {c["pid"] for c in status(port)["processes"]["set"]} & set(pids)
+    end = time.monotonic() + 60
+    while True:
+        after_reload = status(port)["processes"]
+        replaced = not {c["pid"] for c in after_reload["set"]} & set(pids)
+        if replaced or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    return {"seconds": seconds, "req_s": _wrk_rate(out), **_wrk_errors(out),
+            "reloads": after_reload["reloads"], "all_replaced": replaced,
+            "replaced_within_wrk_run": replaced_during_wrk}
+
+
+def reload_only() -> None:
+    """
+    ``python -m bench.scale reload``: only the SIGHUP-under-wrk runs, in
+    both listen modes, printed (no JSON written).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with redis_server(d) as url:
+            for mode in LISTEN:
+                supervisor: list[int] = []
+                with server(d, 2, url, listen=mode, pids=supervisor) as port:
+                    pids = sorted(c["pid"] for c in status(port)["processes"]["set"])
+                    print(mode, json.dumps(reload_under_wrk(port, supervisor[0], pids, 20)),
+                          "load", loadavg(), flush=True)
 
 
 # -- (b) fan-out
@@ -497,7 +523,10 @@ def main() -> None:
     notes = []
     load_before = loadavg()
     started = time.monotonic()
-    cpu_n, cpu_ms = cpu_route_n()
+    # The CPU-bound route's work: fixed (not calibrated per run, so runs
+    # compare), about 1 ms of CPU on this machine when it is quiet.
+    cpu_n = _env_int("SCALE_CPU_N", 14_000)
+    cpu_ms = cpu_route_ms(cpu_n)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         with redis_server(d) as url:
@@ -507,8 +536,7 @@ def main() -> None:
                 mem = fanout(port, subs, publishes, burst)
             with server(d, 2, url) as port:
                 red = fanout(port, subs, publishes, burst)
-            bal = {mode: balance(d, url, mode, seconds, held)
-                   for mode in ("inherit", "reuseport")}
+            bal = {mode: balance(d, url, mode, seconds, held) for mode in LISTEN}
     took = time.monotonic() - started
     ratios_per_round = {p: [b / a for a, b in zip(tp[p][1], tp[p][2])] for p in tp}
     cpu_ratio = statistics.median(ratios_per_round["/cpu"])
@@ -523,8 +551,9 @@ def main() -> None:
     notes.append("2 cores hold the serving processes, wrk (1 thread, 32 connections), Redis and "
                  "the Python client of the SSE runs: 2 processes can at best double the CPU the "
                  "server gets, never more, and only when nothing else wants the cores")
-    notes.append(f"CPU-bound route: /cpu?n={cpu_n}, {cpu_ms:.2f} ms of CPU per call measured "
-                 "in-process before the run (n chosen for about 1 ms on this machine)")
+    notes.append(f"CPU-bound route: /cpu?n={cpu_n} (SCALE_CPU_N), {cpu_ms:.2f} ms of CPU per "
+                 "call of its work, measured in-process before the run (about 1 ms on this "
+                 "machine when quiet; more CPU time per call when the cores are shared)")
     notes.append("server cores = the server processes' CPU seconds during a run / its seconds "
                  "(2 processes can use at most 2.0); wrk cores likewise for wrk: where the "
                  "server got less than 2 cores with 2 processes, the machine, not the design, "
@@ -594,6 +623,7 @@ def main() -> None:
         raw={"wrk": tool_version(["wrk", "--version"]), "throughput": tp,
              "server_cores": thr["server_cores"], "wrk_cores": thr["wrk_cores"],
              "server_cpu_ms_per_request": thr["server_cpu_ms_per_request"],
+             "cores_per_process_2": thr["cores_per_process_2"],
              "cpu_route": {"n": cpu_n, "cpu_ms_per_call": cpu_ms},
              "ratios_per_round": ratios_per_round, "memory": mem, "redis": red,
              "balance": bal, "subscribers": subs, "held": held, "seconds": seconds,
@@ -602,4 +632,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["reload"]:
+        reload_only()
+    else:
+        main()

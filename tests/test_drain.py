@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pipecomet import App
 from pipecomet._config import Config
-from pipecomet._supervisor import ConnectionTracker, ServingProcess
+from pipecomet._supervisor import ConnectionBalancer, ConnectionTracker, ServingProcess
 
 from .test_http import Server, get, responses
 
@@ -179,3 +179,73 @@ class ServingProcessDrainTests(SynchronousTestCase):
     def test_nothing_open_stops_at_once(self) -> None:
         sp, _, _ = self.serving(5.0)
         self.successResultOf(sp._drain())
+
+
+class Control:
+    """
+    What a ConnectionBalancer asks of ChildControl: report its count, know
+    the others'.
+    """
+
+    def __init__(self) -> None:
+        self.reported: list[int] = []
+        self.conns_elsewhere: dict[str, int] = {}
+
+    def report_conns(self, conns: int) -> None:
+        self.reported.append(conns)
+
+
+class Hub:
+    connections = 0
+
+
+class ConnectionBalancerTests(SynchronousTestCase):
+    def setup(self, n: int) -> tuple[ConnectionBalancer, list[Any], Control, Clock]:
+        clock, control = Clock(), Control()
+        tracker = ConnectionTracker(FakeSite())
+        conns = [connect(tracker) for _ in range(n)]
+        b = ConnectionBalancer(clock, tracker, None, control)  # type: ignore[arg-type]
+        b.start()
+        return b, conns, control, clock
+
+    def test_a_burst_on_one_process_is_moved_by_draining_half_the_excess(self) -> None:
+        b, conns, control, clock = self.setup(32)
+        clock.advance(b.interval)
+        self.assertEqual(control.reported, [32])
+        self.assertEqual(sum(p.drained for p, _ in conns), 0)  # the others not known yet
+        control.conns_elsewhere = {"1": 0}
+        clock.advance(b.interval)
+        # mean 16, excess 16: half of it told to close after its next answer
+        self.assertEqual(sum(p.drained for p, _ in conns), 8)
+        # Those close; their clients come back to the other process.
+        for p, t in conns:
+            if p.drained:
+                lose(t)
+        control.conns_elsewhere = {"1": 8}
+        clock.advance(b.interval)
+        self.assertEqual(control.reported[-1], 24)
+        self.assertEqual(sum(p.drained for p, _ in conns), 8 + 4)  # mean 16, 24 held: 4 more
+        self.assertEqual(b.moved, 12)
+
+    def test_a_fair_share_is_left_alone(self) -> None:
+        b, conns, control, clock = self.setup(18)
+        control.conns_elsewhere = {"1": 14}
+        clock.advance(b.interval * 4)
+        self.assertEqual(sum(p.drained for p, _ in conns), 0)
+
+    def test_held_comet_streams_are_not_counted(self) -> None:
+        b, conns, control, clock = self.setup(30)
+        hub = Hub()
+        hub.connections = 28
+        b.hub = hub  # type: ignore[assignment]
+        control.conns_elsewhere = {"1": 2}
+        clock.advance(b.interval)
+        self.assertEqual(control.reported, [2])
+        self.assertEqual(sum(p.drained for p, _ in conns), 0)
+
+    def test_stop(self) -> None:
+        b, conns, control, clock = self.setup(32)
+        control.conns_elsewhere = {"1": 0}
+        b.stop()
+        clock.advance(b.interval * 4)
+        self.assertEqual((control.reported, sum(p.drained for p, _ in conns)), ([], 0))

@@ -191,6 +191,7 @@ class _Child(ProcessProtocol):
         self.when_ready: Deferred = Deferred()
         self.stopping = False
         self.held = 0
+        self.conns = 0
         self._buf = b""
 
     def connectionMade(self) -> None:
@@ -216,6 +217,9 @@ class _Child(ProcessProtocol):
             elif msg.get("op") == "held":
                 self.held = int(msg.get("held", 0))
                 self.supervisor._send_held()
+            elif msg.get("op") == "conns":
+                self.conns = int(msg.get("conns", 0))
+                self.supervisor._send_conns()
             elif msg.get("op") == "scrape":
                 self.supervisor._scrape(self, msg)
             elif msg.get("op") == "families":
@@ -497,6 +501,12 @@ class Supervisor(Service):
         for child in list(self.children.values()):
             child.send(msg)
 
+    def _send_conns(self) -> None:
+        msg = {"op": "conns", "conns": {str(c.index): c.conns for c in self.children.values()
+                                        if c.ready}}
+        for child in list(self.children.values()):
+            child.send(msg)
+
     def _send_set(self) -> None:
         self._broadcast = self.reactor.callLater(self.status_interval, self._send_set)
         msg = {"op": "set", "set": self.describe()}
@@ -588,7 +598,10 @@ class ChildControl(Protocol):
         self.interval = interval
         self.set: dict[str, Any] = {}
         self.held_elsewhere: dict[str, int] = {}
+        #: the other processes' short-lived (not comet) connections
+        self.conns_elsewhere: dict[str, int] = {}
         self.balancer: AcceptBalancer | None = None
+        self.rebalancer: ConnectionBalancer | None = None
         self.stopping = False
         #: this process's metric families, for the supervisor's scrapes
         #: (set when the app serves metrics)
@@ -628,6 +641,10 @@ class ChildControl(Protocol):
                 held = msg.get("held", {})
                 held.pop(str(self.index), None)
                 self.held_elsewhere = held
+            elif msg.get("op") == "conns":
+                conns = msg.get("conns", {})
+                conns.pop(str(self.index), None)
+                self.conns_elsewhere = conns
             elif msg.get("op") == "collect":
                 families = self.families() if self.families is not None else []
                 self._write({"op": "families", "id": msg.get("id"), "families": families})
@@ -664,6 +681,9 @@ class ChildControl(Protocol):
     def report_held(self, held: int) -> None:
         self._write({"op": "held", "held": held})
 
+    def report_conns(self, conns: int) -> None:
+        self._write({"op": "conns", "conns": conns})
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -685,6 +705,9 @@ class ChildControl(Protocol):
         if self.balancer is not None:
             out["answered_by"]["accept_paused"] = self.balancer.paused
             out["answered_by"]["accept_pauses"] = self.balancer.pauses
+        if self.rebalancer is not None:
+            out["answered_by"]["connections"] = self.rebalancer.reported
+            out["answered_by"]["connections_moved"] = self.rebalancer.moved
         return out
 
 
@@ -729,17 +752,19 @@ class ConnectionTracker(ServerFactory):
         if protocol is not None:
             self._connections.append(protocol)
             if len(self._connections) >= self._prune_at:
-                self._connections = self.open_connections()
-                self._prune_at = max(1024, 2 * len(self._connections))
+                self.open_connections()
         return protocol
 
     def open_connections(self) -> list[Protocol]:
         """
         The connections not closed yet (a transport's ``disconnected``,
-        which Twisted's ``FileDescriptor`` documents for its consumers).
+        which Twisted's ``FileDescriptor`` documents for its consumers);
+        the closed ones are let go of.
         """
-        return [p for p in self._connections
-                if p.transport is None or not getattr(p.transport, "disconnected", False)]
+        self._connections = [p for p in self._connections if p.transport is None
+                             or not getattr(p.transport, "disconnected", False)]
+        self._prune_at = max(1024, 2 * len(self._connections))
+        return list(self._connections)
 
     def drain(self) -> None:
         """
@@ -774,6 +799,7 @@ class ServingProcess(Service):
         self.control: ChildControl | None = None
         self.balancer: AcceptBalancer | None = None
         self.connections: ConnectionTracker | None = None
+        self.rebalancer: ConnectionBalancer | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -820,6 +846,11 @@ class ServingProcess(Service):
             self.balancer = AcceptBalancer(self.reactor, self.port, hub, self.control)
             self.balancer.start()
             self.control.balancer = self.balancer
+        if self.control.total > 1 and opts["listen-fd"] is not None:
+            self.rebalancer = ConnectionBalancer(self.reactor, self.connections, hub,
+                                                 self.control)
+            self.rebalancer.start()
+            self.control.rebalancer = self.rebalancer
         log.info("serving process {index} (pid {pid}) ready", index=index, pid=os.getpid())
 
     def stopService(self) -> Deferred:
@@ -828,6 +859,8 @@ class ServingProcess(Service):
             self.control.stopping = True
         if self.balancer is not None:
             self.balancer.stop()
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
         d = maybeDeferred(self.port.stopListening) if self.port is not None else succeed(None)
         return d.addCallback(lambda _: self._drain())
 
@@ -936,3 +969,79 @@ class AcceptBalancer:
         if self.paused:
             self.paused = False
             self.port.startReading()
+
+
+class ConnectionBalancer:
+    """
+    Moves keep-alive connections off a serving process that holds more
+    than its share, with one inherited socket.
+
+    A burst of connections opened at once (wrk's 32, a proxy's pool) is
+    accepted by whichever process wakes first, in one batch: measured, 32
+    of 32 on one process while the other idled.  Keep-alive connections
+    never move by themselves, so every ``interval`` seconds each process
+    counts its open connections that are not held comet streams, reports
+    the count (through the supervisor) and, while it holds more than
+    ``ratio`` × the mean plus ``slack``, drains half its excess: those
+    connections answer their next request with ``Connection: close``
+    (no request fails) and their clients reconnect through the shared
+    queue, where an idle process, waiting in the reactor, takes them
+    before a busy one.
+
+    :param tracker: this process's connections.
+    :param hub: the comet hub, whose held streams are not counted (the
+        :class:`AcceptBalancer` evens those out), or None.
+    """
+
+    def __init__(self, reactor: IReactorTime, tracker: ConnectionTracker,
+                 hub: CometHub | None, control: ChildControl, interval: float = 0.25,
+                 ratio: float = 1.25, slack: int = 2) -> None:
+        self.reactor = reactor
+        self.tracker = tracker
+        self.hub = hub
+        self.control = control
+        self.interval = interval
+        self.ratio = ratio
+        self.slack = slack
+        self.reported = -1
+        self.moved = 0
+        self._drained: set[int] = set()
+        self._call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._check)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._check)
+        open_ = self.tracker.open_connections()
+        ids = {id(p) for p in open_}
+        self._drained &= ids
+        held = self.hub.connections if self.hub is not None else 0
+        # Connections already told to close are on their way out.
+        own = max(0, len(open_) - held - len(self._drained))
+        if own != self.reported:
+            self.reported = own
+            self.control.report_conns(own)
+        others = self.control.conns_elsewhere
+        if not others:
+            return
+        mean = (own + sum(others.values())) / (len(others) + 1)
+        if own <= mean * self.ratio + self.slack:
+            return
+        excess = max(1, int((own - mean) / 2))
+        # The newest first: the oldest are likelier to be held streams.
+        for p in reversed(open_):
+            if excess == 0:
+                break
+            drain = getattr(p, "drain", None)
+            if id(p) in self._drained or not callable(drain):
+                continue
+            drain()
+            self._drained.add(id(p))
+            self.moved += 1
+            excess -= 1
