@@ -559,6 +559,14 @@ def main() -> None:
                  "server got less than 2 cores with 2 processes, the machine, not the design, "
                  "set the ratio; server CPU ms/request is the steadier figure: the same with 1 "
                  "and 2 processes means 2 free cores serve twice the requests")
+    try:
+        autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+    except OSError:
+        autogroup = "?"
+    if autogroup == "1":
+        notes.append("kernel.sched_autogroup_enabled = 1: the scheduler shares CPU between "
+                      "sessions, and a supervisor with its serving processes is one session, "
+                      "so on a busy machine 2 processes get the share of 1 (see server cores)")
     notes.append("throughput: the 1-process and 2-process servers run side by side and the "
                  f"rounds alternate ({rounds} rounds of {seconds} s per route and server); "
                  "ratio = median of the per-round ratios")
