@@ -53,6 +53,7 @@ from ._common import ROOT, free_port, loadavg, tool_version, write_result
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 APP = "tests.scale_app:make_app"
 TOKEN = "bench-token"
+LISTEN = ("inherit", "reuseport")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -191,24 +192,94 @@ def spread(values: list[float]) -> dict[str, float]:
             "rounds": len(values)}
 
 
-def throughput(directory: Path, seconds: int, rounds: int,
-               url: str) -> dict[str, dict[int, list[float]]]:
+def cpu_route_ms(n: int) -> float:
     """
-    req/s of each route with 1 and 2 processes, in alternating rounds.
+    The CPU ms one call of the CPU-bound route's work takes with ``n``
+    (process CPU time, the smallest of 15 batches of 50 calls; other load
+    on the machine changes it less than wall time).
     """
-    out: dict[str, dict[int, list[float]]] = {"/cpu": {1: [], 2: []}, "/hello": {1: [], 2: []}}
+    sys.path.insert(0, str(ROOT))
+    from tests.scale_app import _cpu
+
+    class Inp:
+        query = {"n": str(n)}
+
+    best = float("inf")
+    for _ in range(15):
+        t = time.process_time()
+        for _ in range(50):
+            _cpu(Inp, None, None)
+        best = min(best, (time.process_time() - t) / 50 * 1000)
+    return best
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """
+    User + system CPU seconds of ``pids`` (from /proc; 0 for a gone one).
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+def _server_pids(port: int) -> list[int]:
+    """
+    The serving processes of a ``--processes N`` server.
+    """
+    return [c["pid"] for c in status(port)["processes"]["set"]]
+
+
+def throughput(directory: Path, seconds: int, rounds: int, url: str,
+               cpu_n: int) -> dict[str, Any]:
+    """
+    req/s of each route with 1 and 2 processes, in alternating rounds, and
+    for each run the cores the server processes and wrk used (their CPU
+    seconds / the run's seconds; with 2 processes also each one's) and the
+    server's CPU ms per request.
+    """
+    paths = {"/cpu": f"/cpu?n={cpu_n}", "/hello": "/hello"}
+    out: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
+    cores: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
+    wrk_cores: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
+    per_req: dict[str, Any] = {p: {1: [], 2: []} for p in paths}
+    split: dict[str, list[list[float]]] = {p: [] for p in paths}
     with ExitStack() as stack:
         # The app has comet routes: two processes need the Redis bus.
-        ports = {1: stack.enter_context(server(directory, 1, None)),
+        one: list[int] = []
+        ports = {1: stack.enter_context(server(directory, 1, None, pids=one)),
                  2: stack.enter_context(server(directory, 2, url))}
-        for path in out:
+        pids = {1: one, 2: _server_pids(ports[2])}  # one: the process itself
+        for path in paths.values():
             for n in (1, 2):
                 wrk(ports[n], path, 2, 32)  # warm-up
         for _ in range(rounds):
-            for path in out:
+            for name, path in paths.items():
                 for n in (1, 2):
-                    out[path][n].append(wrk(ports[n], path, seconds, 32))
-    return out
+                    each = [_cpu_seconds([pid]) for pid in pids[n]]
+                    kids, t0 = os.times(), time.monotonic()
+                    out[name][n].append(wrk(ports[n], path, seconds, 32))
+                    took = time.monotonic() - t0
+                    after = os.times()
+                    each = [_cpu_seconds([pid]) - b for pid, b in zip(pids[n], each)]
+                    used = sum(each)
+                    if n == 2:
+                        # One process idle (no connection of wrk's) would show here.
+                        split[name].append([round(u / took, 2) for u in each])
+                    cores[name][n].append(round(used / took, 2))
+                    per_req[name][n].append(round(1000 * used / max(1.0, out[name][n][-1] * took),
+                                                  3))
+                    wrk_cores[name][n].append(round(
+                        (after.children_user + after.children_system
+                         - kids.children_user - kids.children_system) / took, 2))
+    return {"req_s": out, "server_cores": cores, "wrk_cores": wrk_cores,
+            "server_cpu_ms_per_request": per_req, "cores_per_process_2": split}
 
 
 # -- (c) accept balance
@@ -272,29 +343,54 @@ def balance(directory: Path, url: str, listen: str, seconds: int, held: int) -> 
         finally:
             clients.close()
         # SIGHUP (one at a time) under wrk: what its clients see.
-        reload_s = max(20, seconds)
-        proc = subprocess.Popen(_wrk_cmd(port, "/hello", reload_s, 32), stdout=subprocess.PIPE,
-                                text=True)
-        time.sleep(2)
-        os.kill(supervisor[0], signal.SIGHUP)
-        out, _ = proc.communicate(timeout=reload_s + 60)
-        replaced_during_wrk = not {c["pid"] for c in status(port)["processes"]["set"]} & set(pids)
-        end = time.monotonic() + 60
-        while True:
-            after_reload = status(port)["processes"]
-            replaced = not {c["pid"] for c in after_reload["set"]} & set(pids)
-            if replaced or time.monotonic() > end:
-                break
-            time.sleep(0.5)
+        reload = reload_under_wrk(port, supervisor[0], pids, max(20, seconds))
     return {"listen": listen, "pids": pids, "wrk_req_s": rate,
-            "reload": {"seconds": reload_s, "req_s": _wrk_rate(out), **_wrk_errors(out),
-                       "reloads": after_reload["reloads"], "all_replaced": replaced,
-                       "replaced_within_wrk_run": replaced_during_wrk},
+            "reload": reload,
             "wrk_connections": [conns.get(p, 0) for p in pids],
             "wrk_requests": [requests[p] for p in pids],
             "held": [per_process.get(p, 0) for p in pids],
             "held_tcp": [held_tcp.get(p, 0) for p in pids],
             "held_open_seconds": opened_s}
+
+
+def reload_under_wrk(port: int, supervisor: int, pids: list[int], seconds: int) -> dict[str, Any]:
+    """
+    SIGHUP to ``supervisor`` 2 s into a ``seconds`` wrk run on ``/hello``
+    (32 keep-alive connections): wrk's errors, and whether every serving
+    process (``pids``) was replaced within the run.
+    """
+    proc = subprocess.Popen(_wrk_cmd(port, "/hello", seconds, 32), stdout=subprocess.PIPE,
+                            text=True)
+    time.sleep(2)
+    os.kill(supervisor, signal.SIGHUP)
+    out, _ = proc.communicate(timeout=seconds + 60)
+    replaced_during_wrk = not {c["pid"] for c in status(port)["processes"]["set"]} & set(pids)
+    end = time.monotonic() + 60
+    while True:
+        after_reload = status(port)["processes"]
+        replaced = not {c["pid"] for c in after_reload["set"]} & set(pids)
+        if replaced or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    return {"seconds": seconds, "req_s": _wrk_rate(out), **_wrk_errors(out),
+            "reloads": after_reload["reloads"], "all_replaced": replaced,
+            "replaced_within_wrk_run": replaced_during_wrk}
+
+
+def reload_only() -> None:
+    """
+    ``python -m bench.scale reload``: only the SIGHUP-under-wrk runs, in
+    both listen modes, printed (no JSON written).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with redis_server(d) as url:
+            for mode in LISTEN:
+                supervisor: list[int] = []
+                with server(d, 2, url, listen=mode, pids=supervisor) as port:
+                    pids = sorted(c["pid"] for c in status(port)["processes"]["set"])
+                    print(mode, json.dumps(reload_under_wrk(port, supervisor[0], pids, 20)),
+                          "load", loadavg(), flush=True)
 
 
 # -- (b) fan-out
@@ -427,16 +523,20 @@ def main() -> None:
     notes = []
     load_before = loadavg()
     started = time.monotonic()
+    # The CPU-bound route's work: fixed (not calibrated per run, so runs
+    # compare), about 1 ms of CPU on this machine when it is quiet.
+    cpu_n = _env_int("SCALE_CPU_N", 14_000)
+    cpu_ms = cpu_route_ms(cpu_n)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         with redis_server(d) as url:
-            tp = throughput(d, seconds, rounds, url)
+            thr = throughput(d, seconds, rounds, url, cpu_n)
+            tp = thr["req_s"]
             with server(d, 1, None) as port:
                 mem = fanout(port, subs, publishes, burst)
             with server(d, 2, url) as port:
                 red = fanout(port, subs, publishes, burst)
-            bal = {mode: balance(d, url, mode, seconds, held)
-                   for mode in ("inherit", "reuseport")}
+            bal = {mode: balance(d, url, mode, seconds, held) for mode in LISTEN}
     took = time.monotonic() - started
     ratios_per_round = {p: [b / a for a, b in zip(tp[p][1], tp[p][2])] for p in tp}
     cpu_ratio = statistics.median(ratios_per_round["/cpu"])
@@ -451,6 +551,22 @@ def main() -> None:
     notes.append("2 cores hold the serving processes, wrk (1 thread, 32 connections), Redis and "
                  "the Python client of the SSE runs: 2 processes can at best double the CPU the "
                  "server gets, never more, and only when nothing else wants the cores")
+    notes.append(f"CPU-bound route: /cpu?n={cpu_n} (SCALE_CPU_N), {cpu_ms:.2f} ms of CPU per "
+                 "call of its work, measured in-process before the run (about 1 ms on this "
+                 "machine when quiet; more CPU time per call when the cores are shared)")
+    notes.append("server cores = the server processes' CPU seconds during a run / its seconds "
+                 "(2 processes can use at most 2.0); wrk cores likewise for wrk: where the "
+                 "server got less than 2 cores with 2 processes, the machine, not the design, "
+                 "set the ratio; server CPU ms/request is the steadier figure: the same with 1 "
+                 "and 2 processes means 2 free cores serve twice the requests")
+    try:
+        autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+    except OSError:
+        autogroup = "?"
+    if autogroup == "1":
+        notes.append("kernel.sched_autogroup_enabled = 1: the scheduler shares CPU between "
+                      "sessions, and a supervisor with its serving processes is one session, "
+                      "so on a busy machine 2 processes get the share of 1 (see server cores)")
     notes.append("throughput: the 1-process and 2-process servers run side by side and the "
                  f"rounds alternate ({rounds} rounds of {seconds} s per route and server); "
                  "ratio = median of the per-round ratios")
@@ -466,10 +582,19 @@ def main() -> None:
         title="Scale-out: --processes and the Redis bus",
         command="make bench-scale",
         tables=[
-            {"title": "Throughput (req/s, wrk; median (min-max) of the rounds)",
-             "columns": ["route", "1 process", "2 processes", "ratio 2/1 (median of rounds)"],
+            {"title": "Throughput (req/s, wrk; median (min-max) of the rounds; cores used, "
+                       "median)",
+             "columns": ["route", "1 process", "2 processes", "ratio 2/1 (median of rounds)",
+                         "server cores 1 / 2 processes", "wrk cores 1 / 2 processes",
+                         "server CPU ms/request 1 / 2 processes"],
              "rows": [[p, cell(spread(tp[p][1])), cell(spread(tp[p][2])),
-                       round(statistics.median(ratios_per_round[p]), 2)]
+                       round(statistics.median(ratios_per_round[p]), 2),
+                       " / ".join(f"{statistics.median(thr['server_cores'][p][n]):.2f}"
+                                  for n in (1, 2)),
+                       " / ".join(f"{statistics.median(thr['wrk_cores'][p][n]):.2f}"
+                                  for n in (1, 2)),
+                       " / ".join(f"{statistics.median(thr['server_cpu_ms_per_request'][p][n]):.3f}"
+                                  for n in (1, 2))]
                       for p in ("/cpu", "/hello")]},
             {"title": f"{subs:,} SSE subscribers: publish → last subscriber",
              "columns": ["setup", "p50 ms", "max ms", "fan-out msg/s",
@@ -504,6 +629,10 @@ def main() -> None:
                   "target": "<= 1.2x", "value": round(lat_ratio, 2), "met": lat_ratio <= 1.2}],
         notes=notes,
         raw={"wrk": tool_version(["wrk", "--version"]), "throughput": tp,
+             "server_cores": thr["server_cores"], "wrk_cores": thr["wrk_cores"],
+             "server_cpu_ms_per_request": thr["server_cpu_ms_per_request"],
+             "cores_per_process_2": thr["cores_per_process_2"],
+             "cpu_route": {"n": cpu_n, "cpu_ms_per_call": cpu_ms},
              "ratios_per_round": ratios_per_round, "memory": mem, "redis": red,
              "balance": bal, "subscribers": subs, "held": held, "seconds": seconds,
              "rounds": rounds},
@@ -511,4 +640,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["reload"]:
+        reload_only()
+    else:
+        main()

@@ -440,6 +440,93 @@ def test_sighup_restarts_one_at_a_time_with_no_failed_request(tmp_path: Path,
         assert failed == [], f"{len(failed)} of {len(results)} failed: {failed[:5]}"
 
 
+class KeepAliveClient(threading.Thread):
+    """
+    A real HTTP/1.1 client (``http.client``) that sends requests back to
+    back on one keep-alive connection, as wrk does, for at most
+    ``limit`` requests or until told to stop.  A response that says
+    ``Connection: close`` is followed by a new connection (not a
+    failure); anything else is counted as a failure: a non-2xx answer, a
+    reset, a connection closed without an answer (wrk's read error), a
+    timeout.  No request is retried.
+    """
+
+    def __init__(self, port: int, stop: threading.Event, limit: int = 20000) -> None:
+        super().__init__(daemon=True)
+        self.port, self.stop, self.limit = port, stop, limit
+        self.ok = 0
+        self.reconnects = 0
+        self.failures: list[str] = []
+        self.pids: set[int] = set()
+
+    def run(self) -> None:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        for _ in range(self.limit):
+            if self.stop.is_set():
+                break
+            try:
+                conn.request("GET", "/pid")
+                resp = conn.getresponse()
+                body = resp.read()
+                if 200 <= resp.status < 300:
+                    self.ok += 1
+                    self.pids.add(json.loads(body)["pid"])
+                else:
+                    self.failures.append(f"status {resp.status}")
+                if resp.will_close:
+                    self.reconnects += 1  # http.client opens a new one for the next request
+            except (OSError, http.client.HTTPException) as e:
+                self.failures.append(repr(e))
+                conn.close()
+        conn.close()
+
+
+def test_sighup_under_keep_alive_load_fails_no_request(tmp_path: Path, redis_server: RedisServer):
+    """
+    The reload as wrk sees it: clients that keep their connections and
+    send the next request as soon as the answer is in.  A draining process
+    answers what it has with ``Connection: close`` and never closes a
+    connection a request may be on its way to: zero failures.
+    """
+    cfg = write_config(tmp_path, redis_server.url)
+    with twistd_server(["--app", APP, "--config", cfg, "--processes", "2"]) as (port, proc):
+        before = ready_set(port)
+        old_pids = {c["pid"] for c in before["set"]}
+        stop = threading.Event()
+        clients = [KeepAliveClient(port, stop) for _ in range(8)]
+        for c in clients:
+            c.start()
+        wait_for(lambda: all(c.ok for c in clients), 30, "every client answered")
+        proc.send_signal(signal.SIGHUP)
+
+        def reloaded() -> Any:
+            s = status(port)["processes"]
+            pids = {c["pid"] for c in s["set"] if c["ready"]}
+            return s if len(pids) == 2 and not pids & old_pids else None
+
+        after = wait_for(reloaded, 90, "both processes replaced")
+        # Every client has been moved off the old processes (it got a
+        # Connection: close there and reconnected), and has been answered
+        # by a new one since.
+        new_pids = {c["pid"] for c in after["set"]}
+        wait_for(lambda: all(c.pids & new_pids for c in clients), 30,
+                 "every client answered by a new process")
+        time.sleep(0.5)
+        stop.set()
+        for c in clients:
+            c.join(30)
+        assert after["reloads"] == 1 and after["deaths"] == 0
+        answered = sum(c.ok for c in clients)
+        moved = sum(c.reconnects for c in clients)
+        failed = [f for c in clients for f in c.failures]
+        assert answered > 100
+        assert failed == [], (f"{len(failed)} failed of {answered + len(failed)} requests "
+                              f"({moved} reconnects after Connection: close): {failed[:5]}")
+        assert moved >= len(clients), "the draining processes never said Connection: close"
+
+
 def test_sigterm_gives_held_clients_the_farewell(tmp_path: Path, redis_server: RedisServer):
     cfg = write_config(tmp_path, redis_server.url)
     with twistd_server(["--app", APP, "--config", cfg, "--processes", "2"]) as (port, proc):

@@ -69,8 +69,10 @@ class ServerConfig:
     :ivar processes_listen: ``"inherit"`` (one socket bound by the
         supervisor, adopted by every serving process; measured best) or
         ``"reuseport"`` (each binds its own with SO_REUSEPORT).
-    :ivar drain_grace: seconds a stopping serving process goes on serving
-        the connections it accepted after it stopped listening.
+    :ivar drain_grace: at most this many seconds a stopping serving
+        process (``--processes``) goes on serving the connections it
+        accepted after it stopped listening, each closed after an answer
+        with ``Connection: close``; it stops sooner when all have closed.
     """
 
     port: str = attrs.field(default="tcp:8080", validator=attrs.validators.instance_of(str))

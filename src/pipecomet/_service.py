@@ -76,7 +76,7 @@ class Options(usage.Options):
         raise SystemExit(0)
 
 
-def load_app(spec: str) -> Any:
+def load_app(spec: str) -> object:
     """
     Import ``module:attr``; errors say what was not found.
     """
@@ -112,7 +112,7 @@ def default_app_spec() -> str:
                       "entry point named 'default' is installed")
 
 
-def build_app(options: Options) -> Any:
+def build_app(options: Options) -> App:
     """
     Read the config file (its tables only: an app factory lays them over
     its own defaults), apply the options that override it, import the app
@@ -194,7 +194,7 @@ class _Serving(MultiService):
 
         check()
         return done
-def _processes(options: Options, app: Any) -> int:
+def _processes(options: Options, app: App) -> int:
     """
     How many serving processes: ``--processes`` over ``[server] processes``;
     more than one with comet routes needs a bus between them.
@@ -222,7 +222,7 @@ def _processes(options: Options, app: Any) -> int:
     return count
 
 
-def _has_comet_routes(app: Any) -> bool:
+def _has_comet_routes(app: App) -> bool:
     for route in app.routes:
         for p in route.chain.walk():
             if getattr(inspect.unwrap(p.func), "mode", None) == "many":
@@ -230,7 +230,7 @@ def _has_comet_routes(app: Any) -> bool:
     return False
 
 
-def _probe_bus(app: Any) -> None:
+def _probe_bus(app: App) -> None:
     """
     With ``[bus] kind = "redis"`` and ``on_unavailable = "fail"``, a start
     with Redis unreachable fails at once, naming it.  (Run before the
@@ -301,9 +301,6 @@ def _supervisor_service(options: Options, app: App, port: str, count: int) -> IS
 def _serving_process_service(options: Options, app: App, port: str) -> IService:
     from ._supervisor import ServingProcess
 
-    reactor = app.reactor
-
-    root = MultiService()
-    app.service.setServiceParent(root)
-    ServingProcess(reactor, app, options).setServiceParent(root)
-    return root
+    # Stopped as one process is: the listener drains its connections first
+    # (the app's parts still serve them), then the parts stop.
+    return _Serving(app, ServingProcess(app.reactor, app, options))

@@ -40,6 +40,7 @@ from twisted.application.service import Service
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IListeningPort,
     IProcessProtocol,
@@ -153,8 +154,8 @@ class _Timers(TypingProtocol):
 
     def seconds(self) -> float: ...
 
-    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any,
-                  **kw: Any) -> IDelayedCall: ...
+    def callLater(self, delay: float, callable: Callable[..., object], *args: object,
+                  **kw: object) -> IDelayedCall: ...
 
 
 class SupervisorReactor(_Timers, TypingProtocol):
@@ -190,6 +191,7 @@ class _Child(ProcessProtocol):
         self.when_ready: Deferred = Deferred()
         self.stopping = False
         self.held = 0
+        self.conns = 0
         self._buf = b""
 
     def connectionMade(self) -> None:
@@ -215,6 +217,9 @@ class _Child(ProcessProtocol):
             elif msg.get("op") == "held":
                 self.held = int(msg.get("held", 0))
                 self.supervisor._send_held()
+            elif msg.get("op") == "conns":
+                self.conns = int(msg.get("conns", 0))
+                self.supervisor._send_conns()
             elif msg.get("op") == "scrape":
                 self.supervisor._scrape(self, msg)
             elif msg.get("op") == "families":
@@ -337,7 +342,7 @@ class Supervisor(Service):
         self._respawn.clear()
         ends = [self._stop_child(c) for c in list(self.children.values())]
 
-        def closed(_: Any) -> None:
+        def closed(_: object) -> None:
             if self.socket is not None:
                 self.socket.close()
                 self.socket = None
@@ -399,7 +404,7 @@ class Supervisor(Service):
             pass
         timer = self.reactor.callLater(self.stop_timeout, self._kill, child)
 
-        def done(_: Any) -> None:
+        def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
 
@@ -455,7 +460,7 @@ class Supervisor(Service):
 
         d = ensureDeferred(run())
 
-        def finished(result: Any) -> Any:
+        def finished(result: None | Failure) -> None | Failure:
             self._reloading = None
             return result
 
@@ -493,6 +498,12 @@ class Supervisor(Service):
     def _send_held(self) -> None:
         msg = {"op": "held", "held": {str(c.index): c.held for c in self.children.values()
                                       if c.ready}}
+        for child in list(self.children.values()):
+            child.send(msg)
+
+    def _send_conns(self) -> None:
+        msg = {"op": "conns", "conns": {str(c.index): c.conns for c in self.children.values()
+                                        if c.ready}}
         for child in list(self.children.values()):
             child.send(msg)
 
@@ -587,7 +598,10 @@ class ChildControl(Protocol):
         self.interval = interval
         self.set: dict[str, Any] = {}
         self.held_elsewhere: dict[str, int] = {}
+        #: the other processes' short-lived (not comet) connections
+        self.conns_elsewhere: dict[str, int] = {}
         self.balancer: AcceptBalancer | None = None
+        self.rebalancer: ConnectionBalancer | None = None
         self.stopping = False
         #: this process's metric families, for the supervisor's scrapes
         #: (set when the app serves metrics)
@@ -627,6 +641,10 @@ class ChildControl(Protocol):
                 held = msg.get("held", {})
                 held.pop(str(self.index), None)
                 self.held_elsewhere = held
+            elif msg.get("op") == "conns":
+                conns = msg.get("conns", {})
+                conns.pop(str(self.index), None)
+                self.conns_elsewhere = conns
             elif msg.get("op") == "collect":
                 families = self.families() if self.families is not None else []
                 self._write({"op": "families", "id": msg.get("id"), "families": families})
@@ -663,6 +681,9 @@ class ChildControl(Protocol):
     def report_held(self, held: int) -> None:
         self._write({"op": "held", "held": held})
 
+    def report_conns(self, conns: int) -> None:
+        self._write({"op": "conns", "conns": conns})
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -684,14 +705,88 @@ class ChildControl(Protocol):
         if self.balancer is not None:
             out["answered_by"]["accept_paused"] = self.balancer.paused
             out["answered_by"]["accept_pauses"] = self.balancer.pauses
+        if self.rebalancer is not None:
+            out["answered_by"]["connections"] = self.rebalancer.reported
+            out["answered_by"]["connections_moved"] = self.rebalancer.moved
         return out
+
+
+class _ProtocolMaker(TypingProtocol):
+    """
+    What :class:`ConnectionTracker` asks of the factory it wraps (the
+    app's ``Site``).
+    """
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None: ...
+
+    def doStart(self) -> None: ...
+
+    def doStop(self) -> None: ...
+
+
+class ConnectionTracker(ServerFactory):
+    """
+    The site's factory, keeping the connections it made so that a stopping
+    serving process can drain them and wait for them to close.
+
+    Connections are kept in a list pruned of the closed ones whenever it
+    has doubled since the last pruning (amortized: a closed connection is
+    let go of within as many accepts as there were open ones).
+
+    :param site: the factory that makes the protocols (the app's site).
+    """
+
+    def __init__(self, site: _ProtocolMaker) -> None:
+        self.site = site
+        self._connections: list[Protocol] = []
+        self._prune_at = 1024
+
+    def doStart(self) -> None:
+        self.site.doStart()
+
+    def doStop(self) -> None:
+        self.site.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        protocol = self.site.buildProtocol(addr)
+        if protocol is not None:
+            self._connections.append(protocol)
+            if len(self._connections) >= self._prune_at:
+                self.open_connections()
+        return protocol
+
+    def open_connections(self) -> list[Protocol]:
+        """
+        The connections not closed yet (a transport's ``disconnected``,
+        which Twisted's ``FileDescriptor`` documents for its consumers);
+        the closed ones are let go of.
+        """
+        self._connections = [p for p in self._connections if p.transport is None
+                             or not getattr(p.transport, "disconnected", False)]
+        self._prune_at = max(1024, 2 * len(self._connections))
+        return list(self._connections)
+
+    def drain(self) -> None:
+        """
+        Drain every open connection that can be (pipecomet's protocol;
+        twisted.web's ``HTTPChannel``, with ``[server] protocol =
+        "twisted"``, cannot: its connections are closed with the process).
+        """
+        for p in self.open_connections():
+            drain = getattr(p, "drain", None)
+            if callable(drain):
+                drain()
 
 
 class ServingProcess(Service):
     """
     A serving process's listener: adopts the inherited socket (or binds its
-    own with SO_REUSEPORT), talks to the supervisor, and on stop goes on
-    serving what it accepted for ``[server] drain_grace`` seconds.
+    own with SO_REUSEPORT) and talks to the supervisor.  On stop it stops
+    accepting, tells held comet clients to reconnect, and drains its
+    connections (each answers what it has in hand, the last answer with
+    ``Connection: close``; idle ones are not closed under a request that
+    may be on its way), waiting for them to close for at most ``[server]
+    drain_grace`` seconds; the app's parts stop after that.
     """
 
     name = "serving-process"
@@ -703,15 +798,17 @@ class ServingProcess(Service):
         self.port: IListeningPort | None = None
         self.control: ChildControl | None = None
         self.balancer: AcceptBalancer | None = None
+        self.connections: ConnectionTracker | None = None
+        self.rebalancer: ConnectionBalancer | None = None
 
     def startService(self) -> None:
         super().startService()
         from twisted.internet.stdio import StandardIO
 
         opts = self.options
-        # Twisted types adoptStreamPort's factory as ServerFactory of its
-        # default protocol type; Site's is HTTP's channel (invariant).
-        site: ServerFactory[Any] = self.app.site()
+        # Every connection is kept track of, to be drained on stop.
+        self.connections = ConnectionTracker(self.app.site())
+        site = self.connections
         if opts["listen-fd"] is not None:
             fd = int(opts["listen-fd"])
             probe = socket.socket(fileno=fd)
@@ -749,19 +846,55 @@ class ServingProcess(Service):
             self.balancer = AcceptBalancer(self.reactor, self.port, hub, self.control)
             self.balancer.start()
             self.control.balancer = self.balancer
+        if self.control.total > 1 and opts["listen-fd"] is not None:
+            self.rebalancer = ConnectionBalancer(self.reactor, self.connections, hub,
+                                                 self.control)
+            self.rebalancer.start()
+            self.control.rebalancer = self.rebalancer
         log.info("serving process {index} (pid {pid}) ready", index=index, pid=os.getpid())
 
     def stopService(self) -> Deferred:
         super().stopService()
-        from twisted.internet.task import deferLater
-
         if self.control is not None:
             self.control.stopping = True
         if self.balancer is not None:
             self.balancer.stop()
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
         d = maybeDeferred(self.port.stopListening) if self.port is not None else succeed(None)
-        grace = self.app.config.server.drain_grace
-        return d.addCallback(lambda _: deferLater(self.reactor, grace, lambda: None))
+        return d.addCallback(lambda _: self._drain())
+
+    def _drain(self) -> Deferred[None]:
+        """
+        Not accepting any more: held comet clients are told to reconnect
+        (elsewhere) now, every open connection answers what it has with
+        ``Connection: close`` (``drain``), and the process waits until
+        they have all closed, for at most ``[server] drain_grace`` seconds.
+        """
+        hub = self.app.runtime.comet
+        if hub is not None:
+            hub.stop()  # again when the app's parts stop: a no-op then
+        tracker = self.connections
+        if tracker is None:
+            return succeed(None)
+        tracker.drain()
+        deadline = self.reactor.seconds() + self.app.config.server.drain_grace
+        done: Deferred[None] = Deferred()
+
+        def check() -> None:
+            left = tracker.open_connections()
+            if not left:
+                done.callback(None)
+            elif self.reactor.seconds() >= deadline:
+                log.info("drain grace over: {n} connections still open (closed with the "
+                         "process)", n=len(left))
+                done.callback(None)
+            else:
+                # Stopping only: a short poll of the connections left.
+                self.reactor.callLater(0.02, check)
+
+        check()
+        return done
 
 
 class _Pausable(TypingProtocol):
@@ -836,3 +969,79 @@ class AcceptBalancer:
         if self.paused:
             self.paused = False
             self.port.startReading()
+
+
+class ConnectionBalancer:
+    """
+    Moves keep-alive connections off a serving process that holds more
+    than its share, with one inherited socket.
+
+    A burst of connections opened at once (wrk's 32, a proxy's pool) is
+    accepted by whichever process wakes first, in one batch: measured, 32
+    of 32 on one process while the other idled.  Keep-alive connections
+    never move by themselves, so every ``interval`` seconds each process
+    counts its open connections that are not held comet streams, reports
+    the count (through the supervisor) and, while it holds more than
+    ``ratio`` × the mean plus ``slack``, drains half its excess: those
+    connections answer their next request with ``Connection: close``
+    (no request fails) and their clients reconnect through the shared
+    queue, where an idle process, waiting in the reactor, takes them
+    before a busy one.
+
+    :param tracker: this process's connections.
+    :param hub: the comet hub, whose held streams are not counted (the
+        :class:`AcceptBalancer` evens those out), or None.
+    """
+
+    def __init__(self, reactor: IReactorTime, tracker: ConnectionTracker,
+                 hub: CometHub | None, control: ChildControl, interval: float = 0.25,
+                 ratio: float = 1.25, slack: int = 2) -> None:
+        self.reactor = reactor
+        self.tracker = tracker
+        self.hub = hub
+        self.control = control
+        self.interval = interval
+        self.ratio = ratio
+        self.slack = slack
+        self.reported = -1
+        self.moved = 0
+        self._drained: set[int] = set()
+        self._call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._check)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._check)
+        open_ = self.tracker.open_connections()
+        ids = {id(p) for p in open_}
+        self._drained &= ids
+        held = self.hub.connections if self.hub is not None else 0
+        # Connections already told to close are on their way out.
+        own = max(0, len(open_) - held - len(self._drained))
+        if own != self.reported:
+            self.reported = own
+            self.control.report_conns(own)
+        others = self.control.conns_elsewhere
+        if not others:
+            return
+        mean = (own + sum(others.values())) / (len(others) + 1)
+        if own <= mean * self.ratio + self.slack:
+            return
+        excess = max(1, int((own - mean) / 2))
+        # The newest first: the oldest are likelier to be held streams.
+        for p in reversed(open_):
+            if excess == 0:
+                break
+            drain = getattr(p, "drain", None)
+            if id(p) in self._drained or not callable(drain):
+                continue
+            drain()
+            self._drained.add(id(p))
+            self.moved += 1
+            excess -= 1

@@ -202,7 +202,7 @@ class HTTP11Protocol(Protocol):
                  "_queued_bytes", "_paused", "_feeding", "_advancing", "_persistent", "_held",
                  "_eof", "_producer", "_streaming", "_head_timer", "_body_timer", "_idle_timer",
                  "_linger_call", "_idle_timeout", "_last", "_begun", "_completed", "_feed_body",
-                 "_head_bytes", "_peer", "_host", "_head", "_chunk_data", "_tail")
+                 "_head_bytes", "_peer", "_host", "_head", "_chunk_data", "_tail", "_draining")
 
     def __init__(self, site: Any) -> None:
         self.site = self.factory = site
@@ -242,6 +242,7 @@ class HTTP11Protocol(Protocol):
         # it hold that line (see _check_chunk).
         self._chunk_data = -1
         self._tail = b""  # the end of the last read, while a chunked body is parsed
+        self._draining = False  # the server is stopping (drain)
 
     # -- the connection
 
@@ -642,6 +643,8 @@ class HTTP11Protocol(Protocol):
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         m = self._active
         persistent = self._persistent and self.phase is not Phase.CLOSING
+        if self._draining and not self._queue:
+            persistent = False  # the last request in hand: its answer closes
         if persistent and m is not None and not m.complete:
             req = m.request
             if m.length is None or req is None or req.received < m.length:
@@ -802,6 +805,19 @@ class HTTP11Protocol(Protocol):
             timer.cancel()
         if self._parsing is None and not self._queue:
             self._parser = None
+
+    def drain(self) -> None:
+        """
+        The server is stopping and no longer accepts.  The next response
+        written with no other request in hand behind it (pipelined ones
+        are answered first) says ``Connection: close``, and the connection
+        closes after it: the client sends its next request on a new
+        connection, to another process.  A connection with nothing in
+        flight stays open: a request may already be on its way, and a
+        close under it would fail it; what is left is closed when the
+        server's grace period ends.
+        """
+        self._draining = True
 
     def setTimeout(self, seconds: float | None) -> None:
         """
