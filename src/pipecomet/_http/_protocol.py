@@ -716,6 +716,7 @@ class HTTP11Protocol(Protocol):
 
     def requestDone(self, request: Any) -> None:
         self._flush()
+        request.done()  # its figures and access log line, before the next is served
         m = self._active
         if m is None or m.request is not request:
             return

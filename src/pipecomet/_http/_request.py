@@ -29,6 +29,7 @@ from .._errors import InternalError, PayloadTooLarge, PipecometError
 from .._interfaces import IBodySource, IChainRequest
 from .._query import parse_query
 from .._lazy._body import BodyState, LazyBody
+from .._observe._requests import DoneHook, RequestRecord
 from .._responders import send_error
 
 __all__ = ["Request"]
@@ -49,12 +50,16 @@ class Request(server.Request):
 
     # Slots keep the attributes of held requests off the instance dict
     # (twisted.web's Request already fills most of its shared key table).
-    __slots__ = ("gone", "pipecomet_body", "_proto", "_msg", "_lazy", "_received", "_run",
-                 "_continue_sent", "_route", "_args", "_postpath")
+    __slots__ = ("gone", "pipecomet_body", "pipecomet_record", "_proto", "_msg", "_lazy",
+                 "_received", "_run", "_continue_sent", "_route", "_args", "_postpath",
+                 "_done_hook")
 
     def __init__(self, proto: Any, msg: Any) -> None:
         self.gone = False
         self.pipecomet_body: LazyBody | None = None
+        #: the observer's record of this request (see ``pipecomet._observe``)
+        self.pipecomet_record: RequestRecord | None = None
+        self._done_hook: DoneHook | None = None
         self._proto = proto
         self._msg = msg
         self._lazy = False
@@ -302,9 +307,39 @@ class Request(server.Request):
         self._run = run
         return True
 
+    def call_when_done(self, hook: DoneHook, record: RequestRecord) -> bool:
+        """
+        Have ``hook(self, record, gone)`` called once when the response
+        ends (``gone`` False) or the client goes first (True): what the
+        request observer takes instead of a ``notifyFinish()`` Deferred
+        kept for the life of each request.  False when the request is over.
+        """
+        if self.finished or self.gone or self._done_hook is not None:
+            return False
+        self._done_hook = hook
+        self.pipecomet_record = record
+        return True
+
+    def done(self) -> None:
+        """
+        The response ended (the protocol calls this from ``requestDone``).
+        """
+        hook = self._done_hook
+        if hook is not None:
+            self._done_hook = None
+            record = self.pipecomet_record
+            assert record is not None  # set with the hook
+            hook(self, record, False)
+
     def connectionLost(self, reason: Any) -> None:
         self.gone = True
         run, self._run = self._run, None
+        hook = self._done_hook
+        if hook is not None and not self.finished:
+            self._done_hook = None
+            record = self.pipecomet_record
+            assert record is not None  # set with the hook
+            hook(self, record, True)
         super().connectionLost(reason)
         body = self.pipecomet_body
         if body is not None:

@@ -1,12 +1,13 @@
 """
-The access log: one line per answered request, text or JSON, kept in a
-buffer on the reactor thread and written in batches by a thread of its own.
+The access log: one line per answered request, text or JSON, kept raw in
+a buffer on the reactor thread, formatted and written in batches by a
+thread of its own.
 
 twisted.web's own access log formats a line and sends it through the log
 observers for every request, which cost 42% of a small chain's throughput;
-here a request costs one formatted string appended to a list, and the
-file or standard output is written once a second (or when the buffer is
-full).  A writer that cannot keep up (a full pipe, a slow disk) never
+here a request costs one tuple appended to a list, and the lines are made
+and written to the file or standard output once a second (or when the
+buffer is full).  A writer that cannot keep up (a full pipe, a slow disk) never
 blocks the reactor: past ``access_max_pending_bytes`` the lines are
 dropped and counted.
 """
@@ -19,14 +20,17 @@ import threading
 import time
 from collections import deque
 from json.encoder import encode_basestring as _json_str
-from typing import Any, Protocol
+from functools import partial
+from typing import Callable, Protocol, Tuple, cast
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
 
 from ._requests import RequestRecord
 
@@ -54,6 +58,12 @@ class AccessWriter(Protocol):
 
     def write(self, data: bytes) -> bool: ...
 
+    def write_later(self, render: Callable[[], bytes], size: int) -> bool:
+        """
+        Write what ``render()`` makes (about ``size`` bytes), calling it
+        where the writing is done.
+        """
+
     def close(self) -> Deferred[None]: ...
 
 
@@ -73,7 +83,10 @@ class MemoryWriter:
         self.chunks.append(data)
         return True
 
-    def close(self) -> Deferred:
+    def write_later(self, render: Callable[[], bytes], size: int) -> bool:
+        return self.write(render())
+
+    def close(self) -> Deferred[None]:
         return succeed(None)
 
     def lines(self) -> list[str]:
@@ -83,7 +96,8 @@ class MemoryWriter:
 class FileWriter:
     """
     Writes batches to a file (appending) or to standard output from one
-    daemon thread, so a slow destination never blocks the reactor.
+    daemon thread, so a slow destination never blocks the reactor; the
+    access log's lines are formatted there too (:meth:`write_later`).
 
     :param path: a file path, or ``"-"`` for standard output.
     :param max_pending: bytes that may wait for the thread; a batch that
@@ -96,7 +110,8 @@ class FileWriter:
         self.max_pending = max_pending
         self.pending_bytes = 0
         self._fd = -1
-        self._queue: deque[bytes | None] = deque()
+        # (bytes or what makes them, bytes reckoned); None: stop
+        self._queue: deque[tuple[bytes | Callable[[], bytes], int] | None] = deque()
         self._cond = threading.Condition()
         self._done: Deferred = Deferred()
         self._thread: threading.Thread | None = None
@@ -128,15 +143,24 @@ class FileWriter:
         self._thread.start()
 
     def write(self, data: bytes) -> bool:
+        return self._put(data, len(data))
+
+    def write_later(self, render: Callable[[], bytes], size: int) -> bool:
+        """
+        Have the thread call ``render()`` and write what it makes (``size``:
+        the bytes reckoned against ``max_pending`` meanwhile).
+        """
+        return self._put(render, size)
+
+    def _put(self, job: bytes | Callable[[], bytes], n: int) -> bool:
         if self._sync:
-            self._write_all(data)
+            self._write_all(job if isinstance(job, bytes) else job())
             return True
-        n = len(data)
         with self._cond:
             if self.pending_bytes + n > self.max_pending:
                 return False
             self.pending_bytes += n
-            self._queue.append(data)
+            self._queue.append((job, n))
             self._cond.notify()
         return True
 
@@ -146,12 +170,18 @@ class FileWriter:
                 with self._cond:
                     while not self._queue:
                         self._cond.wait()
-                    data = self._queue.popleft()
-                if data is None:
+                    item = self._queue.popleft()
+                if item is None:
                     return
+                job, n = item
+                try:
+                    data = job if isinstance(job, bytes) else job()
+                except Exception:
+                    log.failure("formatting access log lines failed")
+                    data = b""
                 self._write_all(data)
                 with self._cond:
-                    self.pending_bytes -= len(data)
+                    self.pending_bytes -= n
         finally:
             try:
                 os.close(self._fd)
@@ -192,22 +222,25 @@ class FileWriter:
 
 class AccessLog:
     """
-    Formats each answered request into the buffer; :meth:`flush` hands the
-    buffer to the writer.
+    Keeps what each answered request's line needs, raw, in the buffer;
+    :meth:`flush` hands the buffer to the writer, which formats the lines
+    (in its thread for :class:`FileWriter`) and writes them at once.
 
     What a line costs was measured (``make bench-http``, ``make
-    bench-accesslog``) and cut down: the text line is made as bytes in one
-    ``%`` format (the request line and headers are bytes already, nothing
-    is decoded and encoded again), the time stamp is made once a second,
-    the client's address, the route and the protocol version are turned
-    into bytes once and kept, and the buffer is one list of bytes joined
-    per batch.
+    bench-accesslog``) and cut down: on the reactor a request costs one
+    tuple of values it already has (no header looked up, nothing
+    formatted or decoded); the lines are made per batch, in one loop,
+    with the time stamp made once a second and the text line as one
+    f-string.
 
-    :param writer: ``write(bytes) -> bool`` (False: refused, lines dropped).
+    :param writer: ``write_later(render, size) -> bool`` (False: refused,
+        lines dropped).
     :param line_format: ``"text"`` (the combined log format, then the
         duration in seconds, the request id, the route and the error) or
         ``"json"`` (one object per line).
-    :param buffer_bytes: flush as soon as the buffer holds this much.
+    :param buffer_bytes: flush as soon as the buffer holds about this much
+        (lines are reckoned at :data:`LINE_BYTES` bytes each until they are
+        formatted).
     """
 
     def __init__(self, writer: AccessWriter, line_format: str = "text",
@@ -215,13 +248,61 @@ class AccessLog:
         self.writer = writer
         self.json = line_format == "json"
         self.buffer_bytes = buffer_bytes
+        self.line_bytes = LINE_BYTES["json" if self.json else "text"]
+        #: entries kept before a flush: ``buffer_bytes`` at ``line_bytes`` a line
+        self.max_entries = max(1, -(-buffer_bytes // self.line_bytes))
         self.lines = 0
         self.dropped = 0
         self.writes = 0
-        self._buffer: list[str] = []
-        self._size = 0
+        self._buffer: list[_Entry] = []
         self._second = -1
         self._stamp = ""
+
+    def record(self, request: IRequest, record: RequestRecord, status: int,
+               duration: float) -> None:
+        """
+        Keep one request's line (called when its response ended).  The
+        entry holds only strings, bytes and numbers: a tuple of those is
+        left alone by the cyclic GC, where one holding the request's
+        objects would be carried into the old generations and traversed
+        by every full collection until it is written.
+        """
+        req = cast(_LoggedRequest, request)
+        headers = req.requestHeaders
+        agent = headers.getRawHeaders(b"user-agent")
+        referer = headers.getRawHeaders(b"referer")
+        addr = req.getClientAddress()
+        buffer = self._buffer
+        buffer.append((record.start, status, duration, req.sentLength, req.uri,
+                       req.clientproto,
+                       addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else "-",
+                       agent[0] if agent else None, referer[0] if referer else None,
+                       record.method, record.request_id, record.route, record.error_code,
+                       record.error_id))
+        self.lines += 1
+        if len(buffer) >= self.max_entries:
+            self.flush()
+
+    def flush(self) -> None:
+        """
+        Hand the buffered lines to the writer, to be formatted and written.
+        """
+        if not self._buffer:
+            return
+        entries, self._buffer = self._buffer, []
+        if self.writer.write_later(partial(self.render, entries),
+                                   len(entries) * self.line_bytes):
+            self.writes += 1
+        else:
+            self.dropped += len(entries)
+
+    def render(self, entries: list[_Entry]) -> bytes:
+        """
+        The lines of ``entries``, as bytes (called by the writer, in its
+        thread when it has one).
+        """
+        lines = self._json_lines(entries) if self.json else self._text_lines(entries)
+        return "".join(lines).encode("utf-8")
 
     def _time(self, now: float) -> str:
         """
@@ -234,93 +315,92 @@ class AccessLog:
             self._stamp = time.strftime(fmt, time.gmtime(second))
         return self._stamp
 
-    def record(self, request: Any, record: RequestRecord, status: int,
-               duration: float) -> None:
-        """
-        Add one request's line (called when its response ended).
-        """
-        end = record.start + duration
-        stamp = self._stamp if int(end) == self._second else self._time(end)
-        addr = request.getClientAddress()
-        host = addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else "-"
-        headers = request.requestHeaders
-        agent = headers.getRawHeaders(b"user-agent")
-        referer = headers.getRawHeaders(b"referer")
-        uri = request.uri
-        if b"token=" in uri:
-            uri = _redact(uri)
-        if self.json:
-            line = self._json_line(request, record, status, duration, end, stamp, host, uri,
-                                   agent, referer)
-        else:
-            version = _VERSIONS.get(request.clientproto)
+    def _text_lines(self, entries: list[_Entry]) -> list[str]:
+        out = []
+        for (start, status, duration, sent, uri, proto, host, agent, referer, method,
+             request_id, route, error_code, error_id) in entries:
+            end = start + duration
+            stamp = self._stamp if int(end) == self._second else self._time(end)
+            if b"token=" in uri:
+                uri = _redact(uri)
+            version = _VERSIONS.get(proto)
             if version is None:
-                version = request.clientproto.decode("ascii", "replace")
-            line = (
-                f'{host} - - [{stamp}] "{record.method} {uri.decode("utf-8", "replace")} '
-                f'{version}" {status} {request.sentLength} '
-                f'"{_header_field(referer) if referer else "-"}" '
-                f'"{_header_field(agent) if agent else "-"}" {duration:.6f} '
-                f'{record.request_id} {record.route}'
-                f'{"" if record.error_code is None else _error_field(record)}\n'
+                version = proto.decode("ascii", "replace")
+            out.append(
+                f'{host} - - [{stamp}] "{method} {uri.decode("utf-8", "replace")} '
+                f'{version}" {status} {sent} '
+                f'"{"-" if referer is None else _header_field(referer)}" '
+                f'"{"-" if agent is None else _header_field(agent)}" {duration:.6f} '
+                f'{request_id} {route}'
+                f'{"" if error_code is None else f" {error_code}:{error_id}"}\n'
             )
-        self._buffer.append(line)
-        self.lines += 1
-        self._size += len(line)
-        if self._size >= self.buffer_bytes:
-            self.flush()
+        return out
 
-    def _json_line(self, request: Any, record: RequestRecord, status: int, duration: float,
-                   end: float, stamp: str, host: str, uri: bytes, agent: list[bytes] | None,
-                   referer: list[bytes] | None) -> str:
-        line = (
-            f'{{"time":"{stamp}.{int((end % 1) * 1e6):06d}Z",'
-            f'"remote":{_json_str(host)},"method":"{record.method}",'
-            f'"uri":{_json_str(uri.decode("utf-8", "replace"))},"status":{status},'
-            f'"bytes":{request.sentLength},"duration":{duration:.6f},'
-            f'"request_id":"{record.request_id}","route":{_json_str(record.route)}'
-        )
-        if agent:
-            line += ',"user_agent":' + _json_str(agent[0].decode("utf-8", "replace"))
-        if referer:
-            line += ',"referer":' + _json_str(referer[0].decode("utf-8", "replace"))
-        if record.error_code is not None:
-            line += (f',"error_code":{_json_str(record.error_code)},'
-                     f'"error_id":{_json_str(record.error_id or "")}')
-        return line + "}\n"
-
-    def flush(self) -> None:
-        """
-        Hand the buffered lines to the writer.
-        """
-        if not self._buffer:
-            return
-        lines, self._buffer = self._buffer, []
-        self._size = 0
-        if self.writer.write("".join(lines).encode("utf-8")):
-            self.writes += 1
-        else:
-            self.dropped += len(lines)
+    def _json_lines(self, entries: list[_Entry]) -> list[str]:
+        out = []
+        for (start, status, duration, sent, uri, _proto, host, agent, referer, method,
+             request_id, route, error_code, error_id) in entries:
+            end = start + duration
+            stamp = self._stamp if int(end) == self._second else self._time(end)
+            if b"token=" in uri:
+                uri = _redact(uri)
+            line = (
+                f'{{"time":"{stamp}.{int((end % 1) * 1e6):06d}Z",'
+                f'"remote":{_json_str(host)},"method":"{method}",'
+                f'"uri":{_json_str(uri.decode("utf-8", "replace"))},"status":{status},'
+                f'"bytes":{sent},"duration":{duration:.6f},'
+                f'"request_id":"{request_id}","route":{_json_str(route)}'
+            )
+            if agent is not None:
+                line += ',"user_agent":' + _json_str(agent.decode("utf-8", "replace"))
+            if referer is not None:
+                line += ',"referer":' + _json_str(referer.decode("utf-8", "replace"))
+            if error_code is not None:
+                line += (f',"error_code":{_json_str(error_code)},'
+                         f'"error_id":{_json_str(error_id or "")}')
+            out.append(line + "}\n")
+        return out
 
     def status(self) -> dict[str, int]:
         return {"lines": self.lines, "dropped": self.dropped, "writes": self.writes,
                 "buffered": len(self._buffer), "pending_bytes": self.writer.pending_bytes}
 
 
+#: What a line is reckoned at before it is formatted (wrk's requests make
+#: text lines of ~150 bytes, JSON lines of ~260).
+LINE_BYTES = {"text": 128, "json": 256}
+
+#: One request's line, raw: (start, status, duration, bytes sent, URI,
+#: protocol version, client host, user agent, referer, method, request id,
+#: route, error code, error id).
+_Entry = Tuple[float, int, float, int, bytes, bytes, str, "bytes | None", "bytes | None", str,
+               str, str, "str | None", "str | None"]
+
+
+class _LoggedRequest(Protocol):
+    """
+    What a line reads of a request beyond ``IRequest``: every request that
+    reaches an app is a ``twisted.web.http.Request``, which has these.
+    """
+
+    sentLength: int
+    uri: bytes
+    clientproto: bytes
+    requestHeaders: Headers
+
+    def getClientAddress(self) -> IAddress: ...
+
+
 #: Protocol versions as text, without decoding them per request.
 _VERSIONS = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}
 
 
-def _header_field(values: list[bytes]) -> str:
+def _header_field(value: bytes) -> str:
     """
-    A header's first value for a quoted field of the text line (a ``"`` in
-    it written ``%22`` so the field stays one field).
+    A header's value for a quoted field of the text line (a ``"`` in it
+    written ``%22`` so the field stays one field).
     """
-    return values[0].decode("utf-8", "replace").replace('"', "%22")
-
-
-def _error_field(record: RequestRecord) -> str:
-    return f" {record.error_code}:{record.error_id}"
+    return value.decode("utf-8", "replace").replace('"', "%22")
 
 
 class AccessLogService(Service):
