@@ -201,6 +201,35 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(m['pipecomet_http_requests_total{method="GET",route="/wait",status="499"}'], 1)
         self.assertEqual(m["pipecomet_http_requests_in_flight"], 1)  # the scrape
 
+    def test_a_pending_request_is_followed_without_a_deferred(self):
+        # pipecomet's own request calls the observer when it ends: no
+        # notifyFinish() Deferred is kept for the life of a held request,
+        # and the record is on the request, not in the module's table.
+        from pipecomet._http import Request
+        from pipecomet._observe import _requests
+
+        seen = []
+        original = Request.call_when_done
+
+        def spy(request, hook, record):
+            seen.append(request)
+            return original(request, hook, record)
+
+        Request.call_when_done = spy  # type: ignore[method-assign]
+        try:
+            call = self.client.get("/wait")
+        finally:
+            Request.call_when_done = original  # type: ignore[method-assign]
+        (request,) = seen
+        self.assertEqual(request.notifications, [])
+        self.assertIsNotNone(request.pipecomet_record)
+        self.assertNotIn(request, _requests._OPEN)
+        self.client.advance(0.3)
+        self.assertTrue(call.done)
+        self.assertIsNone(request.pipecomet_record)
+        m = scrape(self.client)
+        self.assertEqual(m['pipecomet_http_requests_total{method="GET",route="/wait",status="200"}'], 1)
+
     def test_thread_pipes_are_timed_on_their_thread_and_counted_later(self):
         from pipecomet._quota import QuotaPool
         from pipecomet.testing import SynchronousThreadPool

@@ -104,7 +104,7 @@ class _Message:
 
     __slots__ = ("url", "headers", "head_size", "method", "version", "keep_alive",
                  "length", "expect_continue", "chunks", "queued_bytes", "complete",
-                 "request", "error")
+                 "request", "error", "cookies", "request_id", "traceparent")
 
     def __init__(self) -> None:
         self.url = b""
@@ -120,6 +120,10 @@ class _Message:
         self.complete = False
         self.request: Any = None
         self.error: PipecometError | None = None
+        self.cookies = False  # a Cookie header came
+        # The first X-Request-Id and traceparent values (the request observer's).
+        self.request_id: bytes | None = None
+        self.traceparent: bytes | None = None
 
 
 def raw_response(error: PipecometError) -> bytes:
@@ -432,8 +436,16 @@ class HTTP11Protocol(Protocol):
                 length = None
             elif n == 4 and name.lower() == b"host":
                 hosts += 1
-            elif n == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-                m.expect_continue = m.version == b"HTTP/1.1"
+            elif n == 6:
+                low = name.lower()
+                if low == b"cookie":
+                    m.cookies = True
+                elif low == b"expect" and value.lower() == b"100-continue":
+                    m.expect_continue = m.version == b"HTTP/1.1"
+            elif n == 12 and m.request_id is None and name.lower() == b"x-request-id":
+                m.request_id = value
+            elif n == 11 and m.traceparent is None and name.lower() == b"traceparent":
+                m.traceparent = value
         m.length = length
         busy = self._active is not None or bool(self._queue)
         if busy and length is not None and length > self.limits.max_body_bytes:
@@ -572,7 +584,8 @@ class HTTP11Protocol(Protocol):
         if m.error is not None:
             req.reject(m.error)
             return
-        req.parseCookies()
+        if m.cookies:
+            req.parseCookies()  # (received_cookies is {} without a Cookie header)
         req.start(m.length, m.expect_continue)
         if req.finished:
             return

@@ -171,6 +171,15 @@ class Request(server.Request):
             self._continue_sent = True
             self._proto.send_continue(self)
 
+    def incoming_ids(self) -> tuple[bytes | None, bytes | None]:
+        """
+        The first ``X-Request-Id`` and ``traceparent`` values the client
+        sent (None: absent), noted while the headers were parsed, for the
+        request observer.
+        """
+        msg = self._msg
+        return msg.request_id, msg.traceparent
+
     @property
     def received(self) -> int:
         """

@@ -225,14 +225,24 @@ class RequestObserver:
         :return: the request's record (``record.request_id`` is for
             ``ctx.request_id``).
         """
-        raw = request.requestHeaders.getRawHeaders(b"x-request-id")
-        if raw and _VALID_ID.fullmatch(raw[0]) is not None:
-            rid_bytes = raw[0]
+        incoming = getattr(request, "incoming_ids", None)
+        if incoming is not None:
+            # Noted by the protocol as the headers were parsed.
+            rid_raw, parent_raw = incoming()
+        else:
+            raw = request.requestHeaders.getRawHeaders(b"x-request-id")
+            rid_raw = raw[0] if raw else None
+            parent_raw = None
+        rid_bytes: bytes | None
+        if rid_raw is not None and _VALID_ID.fullmatch(rid_raw) is not None:
+            rid_bytes = rid_raw
         else:
             rid_bytes = None
-            parent = request.requestHeaders.getRawHeaders(b"traceparent")
-            if parent:
-                m = _TRACEPARENT.fullmatch(parent[0].strip())
+            if incoming is None:
+                parents = request.requestHeaders.getRawHeaders(b"traceparent")
+                parent_raw = parents[0] if parents else None
+            if parent_raw is not None:
+                m = _TRACEPARENT.fullmatch(parent_raw.strip())
                 if m is not None and m.group(1) != b"0" * 32:
                     # Join the caller's trace: its trace-id is our id.
                     rid_bytes = m.group(1)
