@@ -481,6 +481,21 @@ class AccessLogTests(SynchronousTestCase):
                                 r'"GET /hello\?x=1 HTTP/1\.1" 200 \d+ "-" "ua/1" 0\.000000 rid-1 /hello$')
         self.assertRegex(second, r'" 404 \d+ .* rid-2 <unmatched> not_found:[0-9a-f]{16}$')
 
+    def test_user_agent_and_referer_are_logged(self):
+        # The first value of each, whatever the name's case; a quote in a
+        # text line's field is written %22.
+        app, client, clock, writer, service = self.make()
+        client.get("/hello", headers={"User-Agent": "ua/2", "REFERER": 'http://r/"x"'})
+        service.stopService()
+        (line,) = writer.lines()
+        self.assertIn('" 200 ', line)
+        self.assertIn('"http://r/%22x%22" "ua/2"', line)
+        app, client, clock, writer, service = self.make("json")
+        client.get("/hello", headers={"user-agent": "ua/3", "referer": 'http://r/"y"'})
+        service.stopService()
+        (line,) = [json.loads(x) for x in writer.lines()]
+        self.assertEqual((line["user_agent"], line["referer"]), ("ua/3", 'http://r/"y"'))
+
     def test_json_lines_carry_ids_route_status_duration_and_error(self):
         app, client, clock, writer, service = self.make("json")
         call = client.get("/boom", headers={"x-request-id": "rid-500"})

@@ -104,7 +104,8 @@ class _Message:
 
     __slots__ = ("url", "headers", "head_size", "method", "version", "keep_alive",
                  "length", "expect_continue", "chunks", "queued_bytes", "complete",
-                 "request", "error", "cookies", "request_id", "traceparent")
+                 "request", "error", "cookies", "request_id", "traceparent", "user_agent",
+                 "referer")
 
     def __init__(self) -> None:
         self.url = b""
@@ -124,6 +125,9 @@ class _Message:
         # The first X-Request-Id and traceparent values (the request observer's).
         self.request_id: bytes | None = None
         self.traceparent: bytes | None = None
+        # The first User-Agent and Referer values (the access log's).
+        self.user_agent: bytes | None = None
+        self.referer: bytes | None = None
 
 
 def raw_response(error: PipecometError) -> bytes:
@@ -446,6 +450,10 @@ class HTTP11Protocol(Protocol):
                 m.request_id = value
             elif n == 11 and m.traceparent is None and name.lower() == b"traceparent":
                 m.traceparent = value
+            elif n == 10 and m.user_agent is None and name.lower() == b"user-agent":
+                m.user_agent = value
+            elif n == 7 and m.referer is None and name.lower() == b"referer":
+                m.referer = value
         m.length = length
         busy = self._active is not None or bool(self._queue)
         if busy and length is not None and length > self.limits.max_body_bytes:

@@ -180,6 +180,15 @@ class Request(server.Request):
         msg = self._msg
         return msg.request_id, msg.traceparent
 
+    def log_headers(self) -> tuple[bytes | None, bytes | None]:
+        """
+        The first ``User-Agent`` and ``Referer`` values the client sent
+        (None: absent), noted while the headers were parsed, for the
+        access log.
+        """
+        msg = self._msg
+        return msg.user_agent, msg.referer
+
     @property
     def received(self) -> int:
         """

@@ -268,17 +268,23 @@ class AccessLog:
         by every full collection until it is written.
         """
         req = cast(_LoggedRequest, request)
-        headers = req.requestHeaders
-        agent = headers.getRawHeaders(b"user-agent")
-        referer = headers.getRawHeaders(b"referer")
+        noted = getattr(req, "log_headers", None)
+        if noted is not None:
+            # Noted by pipecomet's protocol as the headers were parsed.
+            agent, referer = noted()
+        else:
+            headers = req.requestHeaders
+            agents = headers.getRawHeaders(b"user-agent")
+            referers = headers.getRawHeaders(b"referer")
+            agent = agents[0] if agents else None
+            referer = referers[0] if referers else None
         addr = req.getClientAddress()
         buffer = self._buffer
         buffer.append((record.start, status, duration, req.sentLength, req.uri,
                        req.clientproto,
                        addr.host if isinstance(addr, (IPv4Address, IPv6Address)) else "-",
-                       agent[0] if agent else None, referer[0] if referer else None,
-                       record.method, record.request_id, record.route, record.error_code,
-                       record.error_id))
+                       agent, referer, record.method, record.request_id, record.route,
+                       record.error_code, record.error_id))
         self.lines += 1
         if len(buffer) >= self.max_entries:
             self.flush()
