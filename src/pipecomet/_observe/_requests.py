@@ -191,6 +191,9 @@ class RequestObserver:
         self.metrics: Metrics | None = None
         self.pipe_times: PipeTimes | None = None
         self._recording = False
+        # One bound method for every request that keeps it (a held request
+        # would otherwise hold a bound-method object of its own).
+        self._done_hook: DoneHook = self._done
 
     def attach(self, reactor: IReactorTime, *, stats: HTTPStats | None = None,
                access: AccessLog | None = None,
@@ -275,7 +278,7 @@ class RequestObserver:
             self._done(request, record, False)
             return
         when_done = getattr(request, "call_when_done", None)
-        if when_done is not None and when_done(self._done, record):
+        if when_done is not None and when_done(self._done_hook, record):
             return
         answered.notifyFinish().addBoth(self._finished, request, record)
 
