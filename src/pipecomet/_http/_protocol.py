@@ -19,13 +19,15 @@ the bare connection with the JSON error body and the connection closed.
 from __future__ import annotations
 
 import enum
-from typing import Any, Iterable, Protocol as TypingProtocol, cast
+from typing import TYPE_CHECKING, Iterable, Protocol as TypingProtocol, Union, cast
 
 import httptools
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IProducer,
+    IPullProducer,
     IPushProducer,
     ISSLTransport,
 )
@@ -33,6 +35,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from .._errors import (
@@ -45,7 +48,14 @@ from .._errors import (
 )
 from .._twcompat import send_now, transport_pending
 
+if TYPE_CHECKING:
+    from ._request import Request
+    from ._site import Site
+
 __all__ = ["HTTP11Protocol", "Phase"]
+
+#: A response's producer: push (paused and resumed with the transport) or pull.
+_Producer = Union[IPushProducer, "IPullProducer"]
 
 log = Logger()
 
@@ -119,7 +129,7 @@ class _Message:
         self.chunks: list[bytes] | None = None
         self.queued_bytes = 0
         self.complete = False
-        self.request: Any = None
+        self.request: Request | None = None
         self.error: PipecometError | None = None
         self.cookies = False  # a Cookie header came
         # The first X-Request-Id and traceparent values (the request observer's).
@@ -212,7 +222,7 @@ class HTTP11Protocol(Protocol):
                  "_linger_call", "_idle_timeout", "_last", "_begun", "_completed", "_feed_body",
                  "_head_bytes", "_peer", "_host", "_head", "_chunk_data", "_tail")
 
-    def __init__(self, site: Any) -> None:
+    def __init__(self, site: Site) -> None:
         self.site = self.factory = site
         self.limits = site.limits
         self.reactor = site.reactor
@@ -222,7 +232,7 @@ class HTTP11Protocol(Protocol):
         self._active: _Message | None = None   # the message being answered
         # Parsed messages (or an error) waiting; a list, not a deque: it is
         # short, and an idle deque holds a 0.5 KiB block per connection.
-        self._queue: list[Any] = []
+        self._queue: list[_Message | PipecometError] = []
         self._queued_bytes = 0
         self._paused = 0
         self._feeding = False
@@ -230,20 +240,20 @@ class HTTP11Protocol(Protocol):
         self._persistent = True
         self._held = False
         self._eof = False
-        self._producer: Any = None
+        self._producer: _Producer | None = None
         self._streaming = True
-        self._head_timer: Any = None
-        self._body_timer: Any = None
-        self._idle_timer: Any = None
-        self._linger_call: Any = None
+        self._head_timer: IDelayedCall | None = None
+        self._body_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._linger_call: IDelayedCall | None = None
         self._idle_timeout: float | None = None
         self._last = 0.0  # when bytes last came in
         self._begun = False  # a message began in the current feed
         self._completed = False  # a message completed in the current feed
         self._feed_body = 0  # body bytes of the current feed before a message began
         self._head_bytes = 0
-        self._peer: Any = None
-        self._host: Any = None
+        self._peer: IAddress | None = None
+        self._host: IAddress | None = None
         self._head: bytes | None = None  # a response head not written yet
         # Body bytes after the chunk-size line parsed last in this read
         # (-1: no chunk open from this read); the bytes of the read before
@@ -267,7 +277,7 @@ class HTTP11Protocol(Protocol):
         self._idle_timeout = self.site.timeOut
         self._arm_idle()
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.phase = Phase.CLOSING
         for name in ("_head_timer", "_body_timer", "_idle_timer", "_linger_call"):
             call = getattr(self, name)
@@ -285,10 +295,10 @@ class HTTP11Protocol(Protocol):
             except Exception:
                 log.failure("stopping the response producer failed")
 
-    def getPeer(self) -> Any:
+    def getPeer(self) -> IAddress | None:
         return self._peer
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IAddress | None:
         return self._host
 
     def isSecure(self) -> bool:
@@ -564,7 +574,7 @@ class HTTP11Protocol(Protocol):
 
     # -- serving messages in order
 
-    def _enqueue(self, m: Any) -> None:
+    def _enqueue(self, m: _Message) -> None:
         self._queue.append(m)
         if len(self._queue) >= self.limits.max_pipelined:
             self._pause(_QUEUE_FULL)
@@ -645,6 +655,7 @@ class HTTP11Protocol(Protocol):
         # request here so both are freed by reference counting, not left
         # to the cyclic GC (a dozen objects a request).
         m.request = None
+        assert req is not None  # a message being finished has its request
         req.release()
         if self._active is m:
             self._active = None
@@ -660,7 +671,7 @@ class HTTP11Protocol(Protocol):
 
     # -- the channel interface twisted.web's Request calls
 
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         m = self._active
         persistent = self._persistent and self.phase is not Phase.CLOSING
         if persistent and m is not None and not m.complete:
@@ -712,7 +723,7 @@ class HTTP11Protocol(Protocol):
             data = head + data
         self._send(data)
 
-    def writeSequence(self, data: Any) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         head = self._head
         if head is not None:
             self._head = None
@@ -735,7 +746,7 @@ class HTTP11Protocol(Protocol):
             self._head = None
             self._send(head)
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: Request) -> None:
         self._flush()
         request.done()  # its figures and access log line, before the next is served
         m = self._active
@@ -753,7 +764,7 @@ class HTTP11Protocol(Protocol):
             return
         self._request_finished(m)
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
+    def registerProducer(self, producer: _Producer, streaming: bool) -> None:
         self._flush()
         if self._producer is not None:
             raise ValueError(f"registering producer {producer} before previous one "
@@ -765,7 +776,7 @@ class HTTP11Protocol(Protocol):
             self._stream.unregisterProducer()
             self._stream.registerProducer(producer, False)
         elif self._paused & _WRITE_BLOCKED:
-            producer.pauseProducing()
+            cast(IPushProducer, producer).pauseProducing()  # streaming: a push producer
 
     def unregisterProducer(self) -> None:
         producer, self._producer = self._producer, None
@@ -779,7 +790,7 @@ class HTTP11Protocol(Protocol):
         self._flush()
         self._close_after_response()
 
-    def send_continue(self, request: Any) -> None:
+    def send_continue(self, request: Request) -> None:
         """
         Send ``100 Continue`` for ``request`` (the one being answered).
         """
@@ -853,7 +864,7 @@ class HTTP11Protocol(Protocol):
     def pauseProducing(self) -> None:
         self._pause(_WRITE_BLOCKED)
         if self._producer is not None and self._streaming:
-            self._producer.pauseProducing()
+            cast(IPushProducer, self._producer).pauseProducing()  # streaming: push
 
     def resumeProducing(self) -> None:
         self._resume(_WRITE_BLOCKED)

@@ -17,10 +17,11 @@ when it has one.  Everything else (plain Klein routes, other resources,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from zope.interface import implementer
 
@@ -31,6 +32,11 @@ from .._query import parse_query
 from .._lazy._body import BodyState, LazyBody
 from .._observe._requests import DoneHook, RequestRecord
 from .._responders import send_error
+
+if TYPE_CHECKING:
+    from .._app import Route
+    from .._chain import ChainRun
+    from ._protocol import HTTP11Protocol, _Message
 
 __all__ = ["Request"]
 
@@ -54,7 +60,7 @@ class Request(server.Request):
                  "_received", "_run", "_continue_sent", "_route", "_args", "_postpath",
                  "_done_hook")
 
-    def __init__(self, proto: Any, msg: Any) -> None:
+    def __init__(self, proto: HTTP11Protocol, msg: _Message) -> None:
         self.gone = False
         self.pipecomet_body: LazyBody | None = None
         #: the observer's record of this request (see ``pipecomet._observe``)
@@ -64,11 +70,11 @@ class Request(server.Request):
         self._msg = msg
         self._lazy = False
         self._received = 0
-        self._run: Any = None
+        self._run: ChainRun | None = None
         self._continue_sent = False
-        self._route: Any = None
-        self._args: Any = None
-        self._postpath: Any = None
+        self._route: tuple[Route, Mapping[str, Any]] | None = None
+        self._args: dict[bytes, list[bytes]] | None = None
+        self._postpath: list[bytes] | None = None
         super().__init__(proto, queued=False)
 
     # -- set up by the protocol
@@ -151,8 +157,9 @@ class Request(server.Request):
             proto.send_continue(self)
 
     def _serve(self) -> None:
-        route, params = self._route
-        self._route = None
+        found, self._route = self._route, None
+        assert found is not None  # set by start()
+        route, params = found
         try:
             run = route.serve(self, params)
         except Exception:
@@ -314,7 +321,7 @@ class Request(server.Request):
         body = self.pipecomet_body
         return body if body is not None else BufferedBody(self)
 
-    def hold_run(self, run: Any) -> bool:
+    def hold_run(self, run: ChainRun) -> bool:
         """
         Cancel ``run`` when the client goes, as a ``notifyFinish()``
         errback would, without a Deferred and its callbacks kept for the
@@ -349,7 +356,7 @@ class Request(server.Request):
             assert record is not None  # set with the hook
             hook(self, record, False)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure | None) -> None:
         self.gone = True
         run, self._run = self._run, None
         hook = self._done_hook

@@ -11,7 +11,7 @@ headers are in.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.web import http, server
 
@@ -21,6 +21,9 @@ from .._routing import Matched
 from ._protocol import HTTP11Protocol
 from ._request import Request
 from ._stats import HTTPStats
+
+if TYPE_CHECKING:
+    from .._app import Route
 
 __all__ = ["Site"]
 
@@ -67,7 +70,7 @@ class Site(server.Site):
             self._date = http.datetimeToString(now)
         return self._date
 
-    def find_route(self, request: Any) -> tuple[Any, Any] | None:
+    def find_route(self, request: Request) -> tuple[Route, Mapping[str, Any]] | None:
         """
         The chain route and path parameters for ``request``, or None when
         it is not a chain route of this site's app.
