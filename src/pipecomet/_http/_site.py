@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.web import http, server
+from twisted.web.resource import IResource
 
 from .._errors import PipecometError
 from .._lazy._config import LimitsConfig
@@ -42,7 +43,7 @@ class Site(server.Site):
     # constructor differs from twisted.web's by design (as H2Stream's).
     requestFactory = Request  # type: ignore[assignment]
 
-    def __init__(self, resource: Any, *, limits: LimitsConfig | None = None,
+    def __init__(self, resource: IResource, *, limits: LimitsConfig | None = None,
                  stats: HTTPStats | None = None, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.limits = limits if limits is not None else LimitsConfig()
