@@ -54,6 +54,8 @@ class Server:
 
         self.app.route("/wait", [Pipe(wait)])
         self.app.route("/n", [Pipe(lambda i, c, r: {"n": i.query.get("n")}, name="n")])
+        self.app.route("/cookie", [Pipe(lambda i, c, r: {
+            "c": (i.request.getCookie(b"c") or b"").decode()}, name="cookie")])
         self.app.configure(Config.from_dict({"limits": limits, "server": {"idle_timeout": 5}}))
         self.site = self.app.site()
 
@@ -69,6 +71,15 @@ class PipeliningTests(SynchronousTestCase):
         server = Server()
         self.assertIsInstance(server.site, Site)
         self.assertIsInstance(server.connect()[0], HTTP11Protocol)
+
+    def test_cookies_are_parsed_when_sent(self):
+        # parseCookies runs only for a request with a Cookie header (any case).
+        server = Server()
+        proto, t = server.connect()
+        proto.dataReceived(b"GET /cookie HTTP/1.1\r\nHost: t\r\ncOOkie: a=1; c=v\r\n\r\n"
+                           + get(b"/cookie"))
+        got = [json.loads(body) for _, _, body in responses(t.value())]
+        self.assertEqual(got, [{"c": "v"}, {"c": ""}])
 
     def test_answers_in_request_order(self):
         server = Server()

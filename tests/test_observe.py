@@ -201,6 +201,35 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(m['pipecomet_http_requests_total{method="GET",route="/wait",status="499"}'], 1)
         self.assertEqual(m["pipecomet_http_requests_in_flight"], 1)  # the scrape
 
+    def test_a_pending_request_is_followed_without_a_deferred(self):
+        # pipecomet's own request calls the observer when it ends: no
+        # notifyFinish() Deferred is kept for the life of a held request,
+        # and the record is on the request, not in the module's table.
+        from pipecomet._http import Request
+        from pipecomet._observe import _requests
+
+        seen = []
+        original = Request.call_when_done
+
+        def spy(request, hook, record):
+            seen.append(request)
+            return original(request, hook, record)
+
+        Request.call_when_done = spy  # type: ignore[method-assign]
+        try:
+            call = self.client.get("/wait")
+        finally:
+            Request.call_when_done = original  # type: ignore[method-assign]
+        (request,) = seen
+        self.assertEqual(request.notifications, [])
+        self.assertIsNotNone(request.pipecomet_record)
+        self.assertNotIn(request, _requests._OPEN)
+        self.client.advance(0.3)
+        self.assertTrue(call.done)
+        self.assertIsNone(request.pipecomet_record)
+        m = scrape(self.client)
+        self.assertEqual(m['pipecomet_http_requests_total{method="GET",route="/wait",status="200"}'], 1)
+
     def test_thread_pipes_are_timed_on_their_thread_and_counted_later(self):
         from pipecomet._quota import QuotaPool
         from pipecomet.testing import SynchronousThreadPool
@@ -452,6 +481,21 @@ class AccessLogTests(SynchronousTestCase):
         self.assertRegex(first, r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
                                 r'"GET /hello\?x=1 HTTP/1\.1" 200 \d+ "-" "ua/1" 0\.000000 rid-1 /hello$')
         self.assertRegex(second, r'" 404 \d+ .* rid-2 <unmatched> not_found:[0-9a-f]{16}$')
+
+    def test_user_agent_and_referer_are_logged(self):
+        # The first value of each, whatever the name's case; a quote in a
+        # text line's field is written %22.
+        app, client, clock, writer, service = self.make()
+        client.get("/hello", headers={"User-Agent": "ua/2", "REFERER": 'http://r/"x"'})
+        service.stopService()
+        (line,) = writer.lines()
+        self.assertIn('" 200 ', line)
+        self.assertIn('"http://r/%22x%22" "ua/2"', line)
+        app, client, clock, writer, service = self.make("json")
+        client.get("/hello", headers={"user-agent": "ua/3", "referer": 'http://r/"y"'})
+        service.stopService()
+        (line,) = [json.loads(x) for x in writer.lines()]
+        self.assertEqual((line["user_agent"], line["referer"]), ("ua/3", 'http://r/"y"'))
 
     def test_json_lines_carry_ids_route_status_duration_and_error(self):
         app, client, clock, writer, service = self.make("json")

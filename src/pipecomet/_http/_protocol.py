@@ -19,13 +19,15 @@ the bare connection with the JSON error body and the connection closed.
 from __future__ import annotations
 
 import enum
-from typing import Any, Iterable, Protocol as TypingProtocol, cast
+from typing import TYPE_CHECKING, Iterable, Protocol as TypingProtocol, Union, cast
 
 import httptools
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IProducer,
+    IPullProducer,
     IPushProducer,
     ISSLTransport,
 )
@@ -33,6 +35,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from .._errors import (
@@ -45,7 +48,14 @@ from .._errors import (
 )
 from .._twcompat import send_now, transport_pending
 
+if TYPE_CHECKING:
+    from ._request import Request
+    from ._site import Site
+
 __all__ = ["HTTP11Protocol", "Phase"]
+
+#: A response's producer: push (paused and resumed with the transport) or pull.
+_Producer = Union[IPushProducer, "IPullProducer"]
 
 log = Logger()
 
@@ -104,7 +114,8 @@ class _Message:
 
     __slots__ = ("url", "headers", "head_size", "method", "version", "keep_alive",
                  "length", "expect_continue", "chunks", "queued_bytes", "complete",
-                 "request", "error")
+                 "request", "error", "cookies", "request_id", "traceparent", "user_agent",
+                 "referer")
 
     def __init__(self) -> None:
         self.url = b""
@@ -118,8 +129,15 @@ class _Message:
         self.chunks: list[bytes] | None = None
         self.queued_bytes = 0
         self.complete = False
-        self.request: Any = None
+        self.request: Request | None = None
         self.error: PipecometError | None = None
+        self.cookies = False  # a Cookie header came
+        # The first X-Request-Id and traceparent values (the request observer's).
+        self.request_id: bytes | None = None
+        self.traceparent: bytes | None = None
+        # The first User-Agent and Referer values (the access log's).
+        self.user_agent: bytes | None = None
+        self.referer: bytes | None = None
 
 
 def raw_response(error: PipecometError) -> bytes:
@@ -204,7 +222,7 @@ class HTTP11Protocol(Protocol):
                  "_linger_call", "_idle_timeout", "_last", "_begun", "_completed", "_feed_body",
                  "_head_bytes", "_peer", "_host", "_head", "_chunk_data", "_tail", "_draining")
 
-    def __init__(self, site: Any) -> None:
+    def __init__(self, site: Site) -> None:
         self.site = self.factory = site
         self.limits = site.limits
         self.reactor = site.reactor
@@ -214,7 +232,7 @@ class HTTP11Protocol(Protocol):
         self._active: _Message | None = None   # the message being answered
         # Parsed messages (or an error) waiting; a list, not a deque: it is
         # short, and an idle deque holds a 0.5 KiB block per connection.
-        self._queue: list[Any] = []
+        self._queue: list[_Message | PipecometError] = []
         self._queued_bytes = 0
         self._paused = 0
         self._feeding = False
@@ -222,20 +240,20 @@ class HTTP11Protocol(Protocol):
         self._persistent = True
         self._held = False
         self._eof = False
-        self._producer: Any = None
+        self._producer: _Producer | None = None
         self._streaming = True
-        self._head_timer: Any = None
-        self._body_timer: Any = None
-        self._idle_timer: Any = None
-        self._linger_call: Any = None
+        self._head_timer: IDelayedCall | None = None
+        self._body_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._linger_call: IDelayedCall | None = None
         self._idle_timeout: float | None = None
         self._last = 0.0  # when bytes last came in
         self._begun = False  # a message began in the current feed
         self._completed = False  # a message completed in the current feed
         self._feed_body = 0  # body bytes of the current feed before a message began
         self._head_bytes = 0
-        self._peer: Any = None
-        self._host: Any = None
+        self._peer: IAddress | None = None
+        self._host: IAddress | None = None
         self._head: bytes | None = None  # a response head not written yet
         # Body bytes after the chunk-size line parsed last in this read
         # (-1: no chunk open from this read); the bytes of the read before
@@ -260,7 +278,7 @@ class HTTP11Protocol(Protocol):
         self._idle_timeout = self.site.timeOut
         self._arm_idle()
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.phase = Phase.CLOSING
         for name in ("_head_timer", "_body_timer", "_idle_timer", "_linger_call"):
             call = getattr(self, name)
@@ -278,10 +296,10 @@ class HTTP11Protocol(Protocol):
             except Exception:
                 log.failure("stopping the response producer failed")
 
-    def getPeer(self) -> Any:
+    def getPeer(self) -> IAddress | None:
         return self._peer
 
-    def getHost(self) -> Any:
+    def getHost(self) -> IAddress | None:
         return self._host
 
     def isSecure(self) -> bool:
@@ -433,8 +451,20 @@ class HTTP11Protocol(Protocol):
                 length = None
             elif n == 4 and name.lower() == b"host":
                 hosts += 1
-            elif n == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-                m.expect_continue = m.version == b"HTTP/1.1"
+            elif n == 6:
+                low = name.lower()
+                if low == b"cookie":
+                    m.cookies = True
+                elif low == b"expect" and value.lower() == b"100-continue":
+                    m.expect_continue = m.version == b"HTTP/1.1"
+            elif n == 12 and m.request_id is None and name.lower() == b"x-request-id":
+                m.request_id = value
+            elif n == 11 and m.traceparent is None and name.lower() == b"traceparent":
+                m.traceparent = value
+            elif n == 10 and m.user_agent is None and name.lower() == b"user-agent":
+                m.user_agent = value
+            elif n == 7 and m.referer is None and name.lower() == b"referer":
+                m.referer = value
         m.length = length
         busy = self._active is not None or bool(self._queue)
         if busy and length is not None and length > self.limits.max_body_bytes:
@@ -545,7 +575,7 @@ class HTTP11Protocol(Protocol):
 
     # -- serving messages in order
 
-    def _enqueue(self, m: Any) -> None:
+    def _enqueue(self, m: _Message) -> None:
         self._queue.append(m)
         if len(self._queue) >= self.limits.max_pipelined:
             self._pause(_QUEUE_FULL)
@@ -573,7 +603,8 @@ class HTTP11Protocol(Protocol):
         if m.error is not None:
             req.reject(m.error)
             return
-        req.parseCookies()
+        if m.cookies:
+            req.parseCookies()  # (received_cookies is {} without a Cookie header)
         req.start(m.length, m.expect_continue)
         if req.finished:
             return
@@ -625,6 +656,7 @@ class HTTP11Protocol(Protocol):
         # request here so both are freed by reference counting, not left
         # to the cyclic GC (a dozen objects a request).
         m.request = None
+        assert req is not None  # a message being finished has its request
         req.release()
         if self._active is m:
             self._active = None
@@ -640,7 +672,7 @@ class HTTP11Protocol(Protocol):
 
     # -- the channel interface twisted.web's Request calls
 
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Headers) -> None:
         m = self._active
         persistent = self._persistent and self.phase is not Phase.CLOSING
         if self._draining and not self._queue:
@@ -694,7 +726,7 @@ class HTTP11Protocol(Protocol):
             data = head + data
         self._send(data)
 
-    def writeSequence(self, data: Any) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         head = self._head
         if head is not None:
             self._head = None
@@ -717,8 +749,9 @@ class HTTP11Protocol(Protocol):
             self._head = None
             self._send(head)
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: Request) -> None:
         self._flush()
+        request.done()  # its figures and access log line, before the next is served
         m = self._active
         if m is None or m.request is not request:
             return
@@ -734,7 +767,7 @@ class HTTP11Protocol(Protocol):
             return
         self._request_finished(m)
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
+    def registerProducer(self, producer: _Producer, streaming: bool) -> None:
         self._flush()
         if self._producer is not None:
             raise ValueError(f"registering producer {producer} before previous one "
@@ -746,7 +779,7 @@ class HTTP11Protocol(Protocol):
             self._stream.unregisterProducer()
             self._stream.registerProducer(producer, False)
         elif self._paused & _WRITE_BLOCKED:
-            producer.pauseProducing()
+            cast(IPushProducer, producer).pauseProducing()  # streaming: a push producer
 
     def unregisterProducer(self) -> None:
         producer, self._producer = self._producer, None
@@ -760,7 +793,7 @@ class HTTP11Protocol(Protocol):
         self._flush()
         self._close_after_response()
 
-    def send_continue(self, request: Any) -> None:
+    def send_continue(self, request: Request) -> None:
         """
         Send ``100 Continue`` for ``request`` (the one being answered).
         """
@@ -847,7 +880,7 @@ class HTTP11Protocol(Protocol):
     def pauseProducing(self) -> None:
         self._pause(_WRITE_BLOCKED)
         if self._producer is not None and self._streaming:
-            self._producer.pauseProducing()
+            cast(IPushProducer, self._producer).pauseProducing()  # streaming: push
 
     def resumeProducing(self) -> None:
         self._resume(_WRITE_BLOCKED)

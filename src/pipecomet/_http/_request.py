@@ -17,10 +17,11 @@ when it has one.  Everything else (plain Klein routes, other resources,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from zope.interface import implementer
 
@@ -29,7 +30,13 @@ from .._errors import InternalError, PayloadTooLarge, PipecometError
 from .._interfaces import IBodySource, IChainRequest
 from .._query import parse_query
 from .._lazy._body import BodyState, LazyBody
+from .._observe._requests import DoneHook, RequestRecord
 from .._responders import send_error
+
+if TYPE_CHECKING:
+    from .._app import Route
+    from .._chain import ChainRun
+    from ._protocol import HTTP11Protocol, _Message
 
 __all__ = ["Request"]
 
@@ -49,21 +56,25 @@ class Request(server.Request):
 
     # Slots keep the attributes of held requests off the instance dict
     # (twisted.web's Request already fills most of its shared key table).
-    __slots__ = ("gone", "pipecomet_body", "_proto", "_msg", "_lazy", "_received", "_run",
-                 "_continue_sent", "_route", "_args", "_postpath")
+    __slots__ = ("gone", "pipecomet_body", "pipecomet_record", "_proto", "_msg", "_lazy",
+                 "_received", "_run", "_continue_sent", "_route", "_args", "_postpath",
+                 "_done_hook")
 
-    def __init__(self, proto: Any, msg: Any) -> None:
+    def __init__(self, proto: HTTP11Protocol, msg: _Message) -> None:
         self.gone = False
         self.pipecomet_body: LazyBody | None = None
+        #: the observer's record of this request (see ``pipecomet._observe``)
+        self.pipecomet_record: RequestRecord | None = None
+        self._done_hook: DoneHook | None = None
         self._proto = proto
         self._msg = msg
         self._lazy = False
         self._received = 0
-        self._run: Any = None
+        self._run: ChainRun | None = None
         self._continue_sent = False
-        self._route: Any = None
-        self._args: Any = None
-        self._postpath: Any = None
+        self._route: tuple[Route, Mapping[str, Any]] | None = None
+        self._args: dict[bytes, list[bytes]] | None = None
+        self._postpath: list[bytes] | None = None
         super().__init__(proto, queued=False)
 
     # -- set up by the protocol
@@ -146,8 +157,9 @@ class Request(server.Request):
             proto.send_continue(self)
 
     def _serve(self) -> None:
-        route, params = self._route
-        self._route = None
+        found, self._route = self._route, None
+        assert found is not None  # set by start()
+        route, params = found
         try:
             run = route.serve(self, params)
         except Exception:
@@ -165,6 +177,24 @@ class Request(server.Request):
                 and not self.gone and self._msg.expect_continue:
             self._continue_sent = True
             self._proto.send_continue(self)
+
+    def incoming_ids(self) -> tuple[bytes | None, bytes | None]:
+        """
+        The first ``X-Request-Id`` and ``traceparent`` values the client
+        sent (None: absent), noted while the headers were parsed, for the
+        request observer.
+        """
+        msg = self._msg
+        return msg.request_id, msg.traceparent
+
+    def log_headers(self) -> tuple[bytes | None, bytes | None]:
+        """
+        The first ``User-Agent`` and ``Referer`` values the client sent
+        (None: absent), noted while the headers were parsed, for the
+        access log.
+        """
+        msg = self._msg
+        return msg.user_agent, msg.referer
 
     @property
     def received(self) -> int:
@@ -291,7 +321,7 @@ class Request(server.Request):
         body = self.pipecomet_body
         return body if body is not None else BufferedBody(self)
 
-    def hold_run(self, run: Any) -> bool:
+    def hold_run(self, run: ChainRun) -> bool:
         """
         Cancel ``run`` when the client goes, as a ``notifyFinish()``
         errback would, without a Deferred and its callbacks kept for the
@@ -302,9 +332,39 @@ class Request(server.Request):
         self._run = run
         return True
 
-    def connectionLost(self, reason: Any) -> None:
+    def call_when_done(self, hook: DoneHook, record: RequestRecord) -> bool:
+        """
+        Have ``hook(self, record, gone)`` called once when the response
+        ends (``gone`` False) or the client goes first (True): what the
+        request observer takes instead of a ``notifyFinish()`` Deferred
+        kept for the life of each request.  False when the request is over.
+        """
+        if self.finished or self.gone or self._done_hook is not None:
+            return False
+        self._done_hook = hook
+        self.pipecomet_record = record
+        return True
+
+    def done(self) -> None:
+        """
+        The response ended (the protocol calls this from ``requestDone``).
+        """
+        hook = self._done_hook
+        if hook is not None:
+            self._done_hook = None
+            record = self.pipecomet_record
+            assert record is not None  # set with the hook
+            hook(self, record, False)
+
+    def connectionLost(self, reason: Failure | None) -> None:
         self.gone = True
         run, self._run = self._run, None
+        hook = self._done_hook
+        if hook is not None and not self.finished:
+            self._done_hook = None
+            record = self.pipecomet_record
+            assert record is not None  # set with the hook
+            hook(self, record, True)
         super().connectionLost(reason)
         body = self.pipecomet_body
         if body is not None:

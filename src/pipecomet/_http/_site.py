@@ -11,9 +11,10 @@ headers are in.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from twisted.web import http, server
+from twisted.web.resource import IResource
 
 from .._errors import PipecometError
 from .._lazy._config import LimitsConfig
@@ -21,6 +22,9 @@ from .._routing import Matched
 from ._protocol import HTTP11Protocol
 from ._request import Request
 from ._stats import HTTPStats
+
+if TYPE_CHECKING:
+    from .._app import Route
 
 __all__ = ["Site"]
 
@@ -39,7 +43,7 @@ class Site(server.Site):
     # constructor differs from twisted.web's by design (as H2Stream's).
     requestFactory = Request  # type: ignore[assignment]
 
-    def __init__(self, resource: Any, *, limits: LimitsConfig | None = None,
+    def __init__(self, resource: IResource, *, limits: LimitsConfig | None = None,
                  stats: HTTPStats | None = None, **kwargs: Any) -> None:
         super().__init__(resource, **kwargs)
         self.limits = limits if limits is not None else LimitsConfig()
@@ -67,7 +71,7 @@ class Site(server.Site):
             self._date = http.datetimeToString(now)
         return self._date
 
-    def find_route(self, request: Any) -> tuple[Any, Any] | None:
+    def find_route(self, request: Request) -> tuple[Route, Mapping[str, Any]] | None:
         """
         The chain route and path parameters for ``request``, or None when
         it is not a chain route of this site's app.

@@ -3,9 +3,12 @@ Per-request observation: the request id, and one record per request handed
 to the metrics and the access log when the response ends.
 
 :class:`RequestObserver` is called by :class:`~pipecomet.PipecometResource`
-once per request (:meth:`RequestObserver.begin`); the response's end reaches
-it through ``request.notifyFinish()``, which every ``IRequest`` offers, so it
-does not depend on how the HTTP layer is built.
+once per request (:meth:`RequestObserver.begin`).  The response's end
+reaches it through the request's ``call_when_done`` when it has one
+(pipecomet's own HTTP protocol: a direct call, no Deferred kept per request
+for its whole life), otherwise through ``request.notifyFinish()``, which
+every ``IRequest`` offers, so it does not depend on how the HTTP layer is
+built.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import itertools
 import os
 import random
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Callable, Protocol, cast
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 
 if TYPE_CHECKING:
     from .._chain import Chain, PipeContext
@@ -54,8 +59,40 @@ _METHODS = {m: m.decode("ascii") for m in (b"GET", b"HEAD", b"POST", b"PUT", b"D
 
 #: The open records by request, so that :func:`note_error` (called where an
 #: error response is sent, which knows only the request) finds its record.
-#: Keys are request objects, which belong to one app each.
-_OPEN: dict[Any, RequestRecord] = {}
+#: Keys are request objects, which belong to one app each.  A request that
+#: has a ``pipecomet_record`` attribute (pipecomet's own) keeps its record
+#: there instead.
+_OPEN: dict[object, RequestRecord] = {}
+
+#: What a request's end hook is called with: (request, record, gone).
+DoneHook = Callable[[IRequest, "RequestRecord", bool], None]
+
+
+class _Answered(Protocol):
+    """
+    What the observer reads of a request beyond ``IRequest``: every request
+    that reaches an app is a ``twisted.web.http.Request`` (pipecomet's own
+    is one too), which has these.
+    """
+
+    finished: int | bool
+    code: int
+
+    def notifyFinish(self) -> Deferred[None]: ...
+
+
+class ObservedRequest(Protocol):
+    """
+    A request that calls its observer when it ends, with no Deferred
+    (:class:`pipecomet._http.Request`): ``call_when_done(hook, record)``
+    has ``hook(request, record, gone)`` called once, when the response
+    ended or the client went; False when it cannot (then
+    ``notifyFinish()`` is used).
+    """
+
+    pipecomet_record: RequestRecord | None
+
+    def call_when_done(self, hook: DoneHook, record: RequestRecord) -> bool: ...
 
 
 def valid_request_id(raw: bytes) -> bool:
@@ -122,7 +159,9 @@ def note_error(request: object, error: PipecometError) -> None:
     Remember the code and id of the error response ``request`` gets
     (called by :func:`~pipecomet._responders.send_error`).
     """
-    record = _OPEN.get(request)
+    record = getattr(request, "pipecomet_record", None)
+    if record is None:
+        record = _OPEN.get(request)
     if record is not None:
         record.error_code = error.code
         record.error_id = error.error_id
@@ -152,6 +191,9 @@ class RequestObserver:
         self.metrics: Metrics | None = None
         self.pipe_times: PipeTimes | None = None
         self._recording = False
+        # One bound method for every request that keeps it (a held request
+        # would otherwise hold a bound-method object of its own).
+        self._done_hook: DoneHook = self._done
 
     def attach(self, reactor: IReactorTime, *, stats: HTTPStats | None = None,
                access: AccessLog | None = None,
@@ -177,7 +219,7 @@ class RequestObserver:
             return chain
         return self.pipe_times.instrument(chain, route)
 
-    def begin(self, request: Any, route: str) -> RequestRecord:
+    def begin(self, request: IRequest, route: str) -> RequestRecord:
         """
         A request reached the app and is served by ``route`` (its label):
         keep or make its id, echo it, and start following it when
@@ -186,14 +228,24 @@ class RequestObserver:
         :return: the request's record (``record.request_id`` is for
             ``ctx.request_id``).
         """
-        raw = request.requestHeaders.getRawHeaders(b"x-request-id")
-        if raw and _VALID_ID.fullmatch(raw[0]) is not None:
-            rid_bytes = raw[0]
+        incoming = getattr(request, "incoming_ids", None)
+        if incoming is not None:
+            # Noted by the protocol as the headers were parsed.
+            rid_raw, parent_raw = incoming()
+        else:
+            raw = request.requestHeaders.getRawHeaders(b"x-request-id")
+            rid_raw = raw[0] if raw else None
+            parent_raw = None
+        rid_bytes: bytes | None
+        if rid_raw is not None and _VALID_ID.fullmatch(rid_raw) is not None:
+            rid_bytes = rid_raw
         else:
             rid_bytes = None
-            parent = request.requestHeaders.getRawHeaders(b"traceparent")
-            if parent:
-                m = _TRACEPARENT.fullmatch(parent[0].strip())
+            if incoming is None:
+                parents = request.requestHeaders.getRawHeaders(b"traceparent")
+                parent_raw = parents[0] if parents else None
+            if parent_raw is not None:
+                m = _TRACEPARENT.fullmatch(parent_raw.strip())
                 if m is not None and m.group(1) != b"0" * 32:
                     # Join the caller's trace: its trace-id is our id.
                     rid_bytes = m.group(1)
@@ -205,29 +257,44 @@ class RequestObserver:
                                reactor.seconds() if reactor is not None else 0.0,
                                rid_bytes.decode("ascii"))
         if self._recording:
-            _OPEN[request] = record
+            if hasattr(request, "pipecomet_record"):
+                request.pipecomet_record = record
+            else:
+                _OPEN[request] = record
             if route not in self.unobserved:
                 self.in_flight += 1
         return record
 
-    def follow(self, request: Any, record: RequestRecord) -> None:
+    def follow(self, request: IRequest, record: RequestRecord) -> None:
         """
-        The route was served: a request answered at once is recorded now
-        (no Deferred for the common case), a pending one when
-        ``notifyFinish()`` fires.
+        The route was served: a request answered at once is recorded now,
+        a pending one when it ends, through its ``call_when_done`` (no
+        Deferred) or else ``notifyFinish()``.
         """
         if not self._recording:
             return
-        if request.finished:
-            self._finished(None, request, record)
-        else:
-            request.notifyFinish().addBoth(self._finished, request, record)
+        answered = cast(_Answered, request)
+        if answered.finished:
+            self._done(request, record, False)
+            return
+        when_done = getattr(request, "call_when_done", None)
+        if when_done is not None and when_done(self._done_hook, record):
+            return
+        answered.notifyFinish().addBoth(self._finished, request, record)
 
-    def _finished(self, result: Any, request: Any, record: RequestRecord) -> None:
-        _OPEN.pop(request, None)
+    def _finished(self, result: object, request: IRequest, record: RequestRecord) -> None:
+        self._done(request, record, isinstance(result, Failure))
+        # Returning None ends a disconnect's failure here: it is not an error.
+
+    def _done(self, request: IRequest, record: RequestRecord,
+              gone: bool) -> None:
+        if hasattr(request, "pipecomet_record"):
+            request.pipecomet_record = None
+        else:
+            _OPEN.pop(request, None)
         reactor = self.reactor
         duration = reactor.seconds() - record.start if reactor is not None else 0.0
-        status = CLIENT_GONE if isinstance(result, Failure) else request.code
+        status = CLIENT_GONE if gone else cast(_Answered, request).code
         if record.route not in self.unobserved:
             self.in_flight -= 1
             stats = self.stats
@@ -236,7 +303,6 @@ class RequestObserver:
         access = self.access
         if access is not None:
             access.record(request, record, status, duration)
-        # Returning None ends a disconnect's failure here: it is not an error.
 
 
 def trace_headers(ctx: PipeContext) -> dict[str, str]:
