@@ -12,12 +12,12 @@ once per request.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .._chain import Answer, Pipe
+from .._chain import Answer, Pipe, PipeContext, PipeInput, PipeResult
 from ._accesslog import AccessLog, AccessLogService, FileWriter, MemoryWriter
 from ._config import LoggingConfig, MetricsConfig
 from ._dashboard import ASSETS, Dashboard, DashboardService, DashboardStream, asset, asset_answer
@@ -44,6 +44,9 @@ from ._requests import (
     trace_headers,
     valid_request_id,
 )
+
+if TYPE_CHECKING:
+    from .._app import App
 
 __all__ = [
     "AccessLog",
@@ -96,7 +99,7 @@ class Metrics:
     (``app.observer.metrics``).
     """
 
-    def __init__(self, app: Any, config: MetricsConfig) -> None:
+    def __init__(self, app: App, config: MetricsConfig) -> None:
         reactor = app.reactor
         runtime = app.runtime
         self.config = config
@@ -122,7 +125,7 @@ class Metrics:
         self.gather: Callable[[float], Deferred[Gathered | None]] | None = None
         self.process_index = ""
 
-    def _allowed(self, inp: Any, ctx: Any, res: Any) -> None:
+    def _allowed(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> None:
         denied = check_access(inp.request, self.config.allow_loopback, self.config.token,
                               query_token=True)
         if denied is not None:
@@ -149,7 +152,7 @@ class Metrics:
         if self.dashboard is not None:
             self.dashboard.app_name = f"{self.dashboard.app_name} · process {index} of {total}"
 
-    def _metrics(self, inp: Any, ctx: Any, res: Any) -> Answer | Deferred[Answer]:
+    def _metrics(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Answer | Deferred[Answer]:
         if self.gather is None:
             return Answer(body=exposition(self.registry), content_type=CONTENT_TYPE)
         return self.gather(self.config.scrape_timeout).addCallback(self._merged)
@@ -164,17 +167,17 @@ class Metrics:
                         "up": {self.process_index: True}, "supervisor": {}}
         return Answer(body=merged_exposition(gathered), content_type=CONTENT_TYPE)
 
-    def _page(self, inp: Any, ctx: Any, res: Any) -> Answer:
+    def _page(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Answer:
         return asset_answer("dashboard.html", self._assets)
 
-    def _asset(self, inp: Any, ctx: Any, res: Any) -> Answer:
+    def _asset(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Answer:
         return asset_answer(inp.path_params["name"], self._assets)
 
-    def _stream(self, inp: Any, ctx: Any, res: Any) -> DashboardStream:
+    def _stream(self, inp: PipeInput, ctx: PipeContext, res: PipeResult) -> DashboardStream:
         assert self.dashboard is not None
         return self.dashboard.open_stream()
 
-    def add_routes(self, app: Any) -> None:
+    def add_routes(self, app: App) -> None:
         allowed = Pipe(self._allowed, name="metrics_access")
         app.route(METRICS_PATH, [allowed, Pipe(self._metrics, name="metrics")])
         if self.dashboard is not None:
@@ -183,7 +186,7 @@ class Metrics:
             app.route(ASSET_PATH, [Pipe(self._asset, name="dashboard_asset")])
 
 
-def install_metrics(app: Any, config: MetricsConfig) -> Metrics | None:
+def install_metrics(app: App, config: MetricsConfig) -> Metrics | None:
     """
     ``[metrics]`` installer: keep the request figures, time the pipes of
     every route, probe the reactor's lag, and serve the metrics and the
@@ -207,7 +210,7 @@ def install_metrics(app: Any, config: MetricsConfig) -> Metrics | None:
     return metrics
 
 
-def install_logging(app: Any, config: LoggingConfig) -> AccessLog | None:
+def install_logging(app: App, config: LoggingConfig) -> AccessLog | None:
     """
     ``[logging]`` installer: the buffered access log, to where
     ``server.access_log`` says (``"on"``: standard output; ``"off"``; or a

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from json.encoder import encode_basestring as _json_str
-from typing import Protocol, Tuple, cast
+from typing import TYPE_CHECKING, Protocol, Tuple, cast
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -32,6 +32,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
 from ._requests import RequestRecord
+
+if TYPE_CHECKING:
+    from .._json import JSON
 
 __all__ = ["AccessLog", "AccessLogService", "FileWriter", "MemoryWriter"]
 
@@ -372,7 +375,7 @@ class AccessLog:
             out.append(line + "}\n")
         return out
 
-    def status(self) -> dict[str, int]:
+    def status(self) -> dict[str, JSON]:
         return {"lines": self.lines, "dropped": self.dropped, "writes": self.writes,
                 "buffered": len(self._buffer), "pending_bytes": self.writer.pending_bytes}
 

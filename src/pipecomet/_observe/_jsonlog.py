@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any, TextIO
 
-from twisted.application.service import MultiService
+from twisted.application.service import IServiceCollection, MultiService
 from twisted.logger import ILogObserver, formatEvent
 from twisted.python.components import Componentized
 from zope.interface import implementer
@@ -30,7 +30,7 @@ _SKIP = frozenset({"message", "isError", "system", "format", "why", "failure", "
                    "printed", "debug", "log_trace", "log_text"})
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: object) -> bool | int | float | str | None:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
@@ -93,11 +93,11 @@ class LoggingRoot(MultiService):
     log observer, which twistd then starts logging to.
     """
 
-    def __init__(self, observer: Any) -> None:
+    def __init__(self, observer: ILogObserver) -> None:
         super().__init__()
         self.observer = observer
 
-    def setServiceParent(self, parent: Any) -> Any:
+    def setServiceParent(self, parent: IServiceCollection) -> None:
         if isinstance(parent, Componentized):
             # twistd's Application; a plain MultiService parent (tests) has
             # no log observer to set.

@@ -17,7 +17,7 @@ import ipaddress
 import math
 from bisect import bisect_left
 from types import CoroutineType
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -25,10 +25,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-from .._chain import _PLAIN, Chain, Parallel, Pipe
+from .._chain import _PLAIN, Chain, Parallel, Pipe, PipeContext, PipeInput, PipeResult
 from .._errors import Forbidden, error_response
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from ._requests import RequestObserver, RequestRecord
 
 __all__ = [
     "BUCKETS",
@@ -130,7 +135,7 @@ class HTTPStats:
         self.all = Histogram()
         self.by_class = [0] * 6
 
-    def record(self, record: Any, status: int, duration: float) -> None:
+    def record(self, record: RequestRecord, status: int, duration: float) -> None:
         route = record.route
         key = (route, record.method, status)
         requests = self.requests
@@ -214,7 +219,7 @@ class PipeTimes:
         if p.run == "thread":
             handover = self
 
-            def timed_in_thread(inp: Any, ctx: Any, res: Any) -> Any:
+            def timed_in_thread(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
                 t0 = seconds()
                 try:
                     return func(inp, ctx, res)
@@ -225,11 +230,11 @@ class PipeTimes:
             return timed_in_thread
         observe = self._hist(key).observe
 
-        def ended(result: Any, t0: float) -> Any:
+        def ended(result: object, t0: float) -> object:
             observe(seconds() - t0)
             return result
 
-        def timed(inp: Any, ctx: Any, res: Any) -> Any:
+        def timed(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> Any:
             t0 = seconds()
             try:
                 out = func(inp, ctx, res)
@@ -304,7 +309,7 @@ class LagProbe:
 # Scrape time
 
 
-def _families() -> Any:
+def _families() -> Any:  # the three family classes, imported when first scraped
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
@@ -314,7 +319,7 @@ def _families() -> Any:
     return CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 
-def _num(value: Any) -> bool:
+def _num(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -349,7 +354,7 @@ class PipecometCollector:
     """
 
     def __init__(self, *, status_sources: dict[str, Callable[[], Any]], stats: HTTPStats,
-                 times: PipeTimes | None, lag: LagProbe | None, observer: Any = None,
+                 times: PipeTimes | None, lag: LagProbe | None, observer: RequestObserver | None = None,
                  workers: Callable[[], Any] | None = None) -> None:
         self.status_sources = status_sources
         self.stats = stats
@@ -586,7 +591,7 @@ def _backends(col: PipecometCollector, s: dict[str, Any]) -> Iterator[Any]:
     C, G, H = _families()
     fams: dict[str, Any] = {}
 
-    def fam(name: str, kind: str, labels: list[str], doc: str) -> Any:
+    def fam(name: str, kind: str, labels: list[str], doc: str) -> Any:  # one of _families()
         f = fams.get(name)
         if f is None:
             cls = {"counter": C, "gauge": G, "histogram": H}[kind]
@@ -654,7 +659,7 @@ _MAPPERS: dict[str, Callable[[PipecometCollector, dict[str, Any]], Iterator[Any]
 }
 
 
-def make_registry(collector: PipecometCollector, *, process: bool = True) -> Any:
+def make_registry(collector: PipecometCollector, *, process: bool = True) -> CollectorRegistry:
     """
     A registry of the app's own (never prometheus_client's global one, so
     several apps and tests in one process do not clash), with the
@@ -670,7 +675,7 @@ def make_registry(collector: PipecometCollector, *, process: bool = True) -> Any
     return registry
 
 
-def exposition(registry: Any) -> bytes:
+def exposition(registry: CollectorRegistry) -> bytes:
     """
     The text exposition, rendered here on the reactor thread (a few
     milliseconds for a large app); never in a thread pool.
@@ -684,7 +689,7 @@ def exposition(registry: Any) -> bytes:
 # Access
 
 
-def _is_loopback(request: Any) -> bool:
+def _is_loopback(request: IRequest) -> bool:
     addr = request.getClientAddress()
     if isinstance(addr, UNIXAddress):
         return True  # a UNIX socket's client is on this host
@@ -698,7 +703,7 @@ def _is_loopback(request: Any) -> bool:
     return (mapped or ip).is_loopback
 
 
-def check_access(request: Any, allow_loopback: bool, token: str,
+def check_access(request: IRequest, allow_loopback: bool, token: str,
                  query_token: bool = False) -> Forbidden | None:
     """
     None when ``request`` may see the metrics or the dashboard: a loopback
@@ -732,13 +737,13 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: Any, allow_loopback: bool = True, token: str = "") -> None:
+    def __init__(self, registry: CollectorRegistry, allow_loopback: bool = True, token: str = "") -> None:
         super().__init__()
         self.registry = registry
         self.allow_loopback = allow_loopback
         self.token = token
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         denied = check_access(request, self.allow_loopback, self.token)
         if denied is not None:
             return error_response(request, denied)
