@@ -303,6 +303,10 @@ class Subscription(Stream, EventListener):
         sink = self.sink
         assert sink is not None
         if len(self.objs) == 1:
+            # The frame is shared and carries the message's own id; the
+            # position still moves, for the cursor of a reconnect or
+            # shutdown frame.
+            self.pos[0] = msg.offset
             self.send(sink.message(msg, None), msg)
         else:
             self.set_pos(msg.topic, msg.offset)
