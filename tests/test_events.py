@@ -1001,8 +1001,10 @@ class _LaterBus:
         from pipecomet._bus import BusDelivery
 
         d, topic, event, data = self.pending.pop(0)
+        # Not a bus that keeps the history: the hubs number the message
+        # themselves; the publisher still hears the bus's own report.
         for r in self.receivers:
-            r.bus_message(topic, event, data, None, "e0:7")
+            r.bus_message(topic, event, data, None)
         d.callback(BusDelivery("e0:7", delivered))
 
     def add_receiver(self, receiver: Any) -> None:

@@ -102,7 +102,7 @@ class Subscription(Stream, EventListener):
         self.transport = sink.transport
         self.started = True
         self.open = True
-        self.hub._opened(self)
+        self.hub.opened(self)
         try:
             loading = self.hub.load_topics(self.objs)
         except Exception as e:
@@ -211,7 +211,7 @@ class Subscription(Stream, EventListener):
             return
         self.event = hub.keeper.listen([t.key for t in self.objs], self, self._lifetime(),
                                        many=True)
-        hub._streams[self] = None
+        hub.streaming(self)
 
     def _lifetime(self) -> float | None:
         cfg = self.hub.config
@@ -361,7 +361,7 @@ class Subscription(Stream, EventListener):
         self.open = False
         if self.event is not None:
             self.event.cancel()
-        self.hub._closed(self)
+        self.hub.closed(self)
 
     def _close(self, final: bytes | None) -> None:
         """
