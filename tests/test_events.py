@@ -102,6 +102,44 @@ class KeeperTests(SynchronousTestCase):
         self.assertEqual(self.keeper.waiters("k"), 1)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
+    def test_waiters_of_one_timeout_share_a_timed_call(self) -> None:
+        """
+        Waiters with the same timeout expire in the order they came: one
+        timed call serves them all, each times out at its own deadline,
+        and one that leaves (even the first) is not timed out.
+        """
+        recs = [Recorder() for _ in range(4)]
+        events = []
+        for rec in recs:
+            events.append(self.keeper.listen("k", rec, timeout=5))
+            self.clock.advance(1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(self.keeper.timers, 4)
+        events[0].cancel()  # t=4: the first leaves before its deadline
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1.5)  # t=5.5: past the first's deadline only
+        self.assertEqual([r.seen for r in recs], [[("cancel", None)], [], [], []])
+        self.clock.advance(0.5)  # t=6: the second's
+        self.assertEqual(recs[1].seen, [("timeout", None)])
+        self.assertEqual(recs[2].seen, [])
+        events[3].cancel()
+        self.clock.advance(1)  # t=7: the third's
+        self.assertEqual(recs[2].seen, [("timeout", None)])
+        self.assertEqual(self.keeper.timers, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # Another timeout has a timed call of its own; rescheduling moves
+        # an event from one to the other.
+        a = self.keeper.listen("k", Recorder(), timeout=5)
+        b = self.keeper.listen("k", Recorder(), timeout=9)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        a.reschedule(9)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        b.reschedule(None)
+        self.clock.advance(9)
+        self.assertEqual(a.state, EventState.TIMEOUT)
+        self.assertEqual(b.state, EventState.INIT)
+        self.assertEqual((self.keeper.timers, self.clock.getDelayedCalls()), (0, []))
+
     def test_fire_counts_waiters_on_several_keys(self) -> None:
         a, b = Recorder(), Recorder()
         self.keeper.listen(["x", "y"], a, many=True)

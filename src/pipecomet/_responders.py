@@ -18,10 +18,11 @@ frames it and writes it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, cast
 
-from twisted.internet.interfaces import IPushProducer
-from twisted.web.server import Request
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.web.http import HTTPChannel, Request
+from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from ._chain import Answer, ChainSink, Stream, as_pipecomet_error
@@ -61,7 +62,7 @@ class _Unserialisable(Exception):
         self.error = error
 
 
-def _encode(value: Any) -> bytes:
+def _encode(value: object) -> bytes:
     """
     :func:`dumps`, with a value JSON cannot carry (a lone surrogate, a
     cycle...) logged and raised as :class:`_Unserialisable`: the client
@@ -73,10 +74,24 @@ def _encode(value: Any) -> bytes:
         raise _Unserialisable(as_pipecomet_error(e, "serialising the response")) from None
 
 
-def send_error(request: Any, error: PipecometError) -> None:
+def web_request(request: IRequest | Request) -> Request:
     """
-    Send ``error`` as the whole response, if nothing was sent yet.
+    ``request`` as the twisted.web ``Request`` it is on every server path
+    (pipecomet's own protocol's request is one too): the responders write
+    through its channel side (``startedWriting``, ``channel``, producers),
+    which ``IRequest`` does not describe.
     """
+    if not isinstance(request, Request):
+        raise TypeError(f"a responder needs a twisted.web Request, not {type(request)!r}")
+    return request
+
+
+def send_error(to: IRequest | Request, error: PipecometError) -> None:
+    """
+    Send ``error`` as the whole response to the request ``to``, if
+    nothing was sent yet.
+    """
+    request = web_request(to)
     if _gone(request):
         return
     if request.startedWriting:
@@ -139,7 +154,7 @@ _ND_HEARTBEAT = b'{"event":"heartbeat"}\n'
 _HEARTBEATS = (HEARTBEAT, _chunk(HEARTBEAT), _ND_HEARTBEAT, _chunk(_ND_HEARTBEAT))
 
 
-def _hold(request: Any) -> None:
+def _hold(request: Request) -> None:
     """
     Exempt a held request from the idle timeout (Twisted #9532, #12498):
     pipecomet's protocol through ``request.hold()`` (a client EOF then
@@ -161,7 +176,7 @@ class _ChannelFrames:
 
     __slots__ = ("channel",)
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: HTTPChannel) -> None:
         self.channel = channel
 
     def __call__(self, data: bytes) -> bool:
@@ -172,7 +187,7 @@ class _ChannelFrames:
         return True
 
 
-def _frame_writer(request: Any) -> Callable[[bytes], bool]:
+def _frame_writer(request: Request) -> Callable[[bytes], bool]:
     """
     ``writer(frame) -> bool`` for a stream on ``request`` (True: written;
     False: the client is not reading, nothing was written).  pipecomet's
@@ -202,11 +217,11 @@ class Responder(ChainSink):
     name = "base"
     __slots__ = ("request",)
 
-    def __init__(self, request: Any) -> None:
-        self.request = request
+    def __init__(self, request: IRequest) -> None:
+        self.request = web_request(request)
 
     def _send(self, status: int, content_type: bytes, body: bytes,
-              headers: Any = None) -> None:
+              headers: Mapping[str, str] | None = None) -> None:
         request = self.request
         if _gone(request):
             return
@@ -238,7 +253,7 @@ class Responder(ChainSink):
     def error(self, error: PipecometError) -> None:
         send_error(self.request, error)
 
-    def result(self, value: Any) -> None:
+    def result(self, value: object) -> None:
         if isinstance(value, bytes):
             self._send(200, b"application/octet-stream", value)
             return
@@ -271,7 +286,8 @@ class Responder(ChainSink):
     def abort(self) -> None:
         transport = self.request.transport
         if transport is not None:
-            transport.abortConnection()
+            # TCP, TLS and UNIX stream transports all abort as TCP's does.
+            cast(ITCPTransport, transport).abortConnection()
 
     def hold(self) -> None:
         if getattr(self.request, "channel", None) is not None:
@@ -292,22 +308,29 @@ class JSONResponder(Responder):
     name = "json"
     transport = "longpoll"
     held = False
-    __slots__ = ("_results", "_errors")
+    # The branch results and errors are made when the first comes (a held
+    # long-poll never has any); the resume headers wait for the answer.
+    __slots__ = ("_results", "_errors", "_resumed")
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: IRequest) -> None:
         super().__init__(request)
-        self._results: dict[str, Any] = {}
-        self._errors: dict[str, Any] = {}
+        self._results: dict[str, object] | None = None
+        self._errors: dict[str, object] | None = None
+        self._resumed: tuple[str, str] | None = None
 
-    def part(self, name: str, value: Any) -> None:
+    def part(self, name: str, value: object) -> None:
+        if self._results is None:
+            self._results = {}
         self._results[name] = value
 
     def part_error(self, name: str, error: PipecometError) -> None:
+        if self._errors is None:
+            self._errors = {}
         self._errors[name] = error.to_json()
 
     def close(self) -> None:
         try:
-            body = _encode({"results": self._results, "errors": self._errors})
+            body = _encode({"results": self._results or {}, "errors": self._errors or {}})
         except _Unserialisable as e:
             send_error(self.request, e.error)
             return
@@ -316,7 +339,9 @@ class JSONResponder(Responder):
     # -- IStreamSink: a long-poll
 
     def start(self, cursor: str, resume: str, retry: float) -> bool:
-        _resume_headers(self.request, cursor, resume)
+        # Sent with the answer: a held poll keeps two strings, not two
+        # response headers.
+        self._resumed = (cursor, resume)
         return True
 
     def message(self, message: Message, cursor: str | None) -> bytes:
@@ -366,6 +391,8 @@ class JSONResponder(Responder):
                 body += b"," + dumps(extra)[1:-1]
             body += b"}"
         request.setResponseCode(200)
+        if self._resumed is not None:
+            _resume_headers(request, *self._resumed)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-cache")
         if retry_after is not None:
@@ -400,7 +427,7 @@ class _StreamResponder(Responder):
     _slots: tuple[int, int] = (SSE, SSE_CHUNKED)
     __slots__ = ("_started", "_framing", "_writer")
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: IRequest) -> None:
         super().__init__(request)
         self._started = False
         self._framing = self._slots[0]
@@ -425,7 +452,7 @@ class _StreamResponder(Responder):
             self._headers()
         request.write(data)
 
-    def part(self, name: str, value: Any) -> None:
+    def part(self, name: str, value: object) -> None:
         try:
             self.write_record("result", {"name": name, "result": value})
         except _Unserialisable as e:
@@ -434,7 +461,7 @@ class _StreamResponder(Responder):
     def part_error(self, name: str, error: PipecometError) -> None:
         self.write_record("error", {"name": name, "error": error.to_json()})
 
-    def result(self, value: Any) -> None:
+    def result(self, value: object) -> None:
         self.part("main", value)
         self.close()
 
@@ -615,7 +642,7 @@ class SSEResponder(_StreamResponder):
 
 
 #: Responder name → class.  Parts that add transports register here.
-RESPONDERS: dict[str, Callable[[Any], Responder]] = {
+RESPONDERS: dict[str, Callable[[IRequest], Responder]] = {
     "json": JSONResponder,
     "ndjson": NDJSONResponder,
     "sse": SSEResponder,
@@ -630,7 +657,7 @@ MEDIA_TYPES: dict[bytes, str] = {
 }
 
 
-def choose_responder(request: Any, offered: tuple[str, ...]) -> str:
+def choose_responder(request: IRequest, offered: tuple[str, ...]) -> str:
     """
     The responder for ``request`` among ``offered`` (first is the default):
     ``transport=`` wins, then the first ``Accept`` media type offered.
