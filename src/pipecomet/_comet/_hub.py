@@ -331,7 +331,8 @@ class CometHub:
             t.busy()
             t.subscribers += 1
             objs.append(t)
-        sub.objs = tuple(objs)
+        # One topic's tuple is shared by its subscribers.
+        sub.objs = objs[0].alone if len(objs) == 1 else tuple(objs)
         sub.pos = [0] * len(objs)
 
     def streaming(self, sub: Subscription) -> None:
