@@ -150,6 +150,10 @@ def _poll_one(m: Message) -> bytes:
 _MESSAGE_ENCODERS: tuple[Callable[[Message], bytes], ...] = (
     _sse_message, _sse_message_chunked, _ndjson_message, _ndjson_message_chunked, _poll_one)
 
+#: Header values of a long-poll answer (setRawHeaders copies them).
+_JSON = (b"application/json",)
+_NO_CACHE = (b"no-cache",)
+
 _ND_HEARTBEAT = b'{"event":"heartbeat"}\n'
 _HEARTBEATS = (HEARTBEAT, _chunk(HEARTBEAT), _ND_HEARTBEAT, _chunk(_ND_HEARTBEAT))
 
@@ -322,14 +326,13 @@ class JSONResponder(Responder):
     transport = "longpoll"
     held = False
     # The branch results and errors are made when the first comes (a held
-    # long-poll never has any); the resume headers wait for the answer.
-    __slots__ = ("_results", "_errors", "_resumed")
+    # long-poll never has any).
+    __slots__ = ("_results", "_errors")
 
     def __init__(self, request: IRequest) -> None:
         super().__init__(request)
         self._results: dict[str, object] | None = None
         self._errors: dict[str, object] | None = None
-        self._resumed: tuple[str, str] | None = None
 
     def part(self, name: str, value: object) -> None:
         if self._results is None:
@@ -352,9 +355,9 @@ class JSONResponder(Responder):
     # -- IStreamSink: a long-poll
 
     def start(self, cursor: str, resume: str, retry: float) -> bool:
-        # Sent with the answer: a held poll keeps two strings, not two
-        # response headers.
-        self._resumed = (cursor, resume)
+        # Set now, not with the answer: a publish answers thousands of polls
+        # at once, and every header set then is on the fan-out's path.
+        _resume_headers(self.request, cursor, resume)
         return True
 
     def message(self, message: Message, cursor: str | None) -> bytes:
@@ -404,13 +407,14 @@ class JSONResponder(Responder):
                 body += b"," + dumps(extra)[1:-1]
             body += b"}"
         request.setResponseCode(200)
-        if self._resumed is not None:
-            _resume_headers(request, *self._resumed)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-cache")
+        # Straight into the response's Headers (canonical names): a publish
+        # answers every held poll at once, and this is on that path.
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"Content-Type", _JSON)
+        headers.setRawHeaders(b"Cache-Control", _NO_CACHE)
         if retry_after is not None:
-            request.setHeader(b"retry-after", b"%d" % max(1, round(retry_after)))
-        request.setHeader(b"content-length", b"%d" % len(body))
+            headers.setRawHeaders(b"Retry-After", [b"%d" % max(1, round(retry_after))])
+        headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         request.write(body)
         request.finish()
 
