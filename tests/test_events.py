@@ -140,6 +140,34 @@ class KeeperTests(SynchronousTestCase):
         self.assertEqual(b.state, EventState.INIT)
         self.assertEqual((self.keeper.timers, self.clock.getDelayedCalls()), (0, []))
 
+    def test_a_listener_that_waits_again_on_timeout(self) -> None:
+        """
+        A waiter armed from a timeout (same timeout, same lane) keeps one
+        timed call, at the right deadline, for it and the lane's others.
+        """
+        keeper, clock = self.keeper, self.clock
+        later = Recorder()
+
+        class Again(Recorder):
+            def on_timeout(self, event):
+                super().on_timeout(event)
+                keeper.listen("k", later, timeout=5)
+
+        first = Again()
+        keeper.listen("k", first, timeout=5)
+        clock.advance(1)
+        second = Recorder()
+        keeper.listen("k", second, timeout=5)
+        clock.advance(4)  # t=5: the first times out and waits again (until 10)
+        self.assertEqual(first.seen, [("timeout", None)])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(1)  # t=6: the second's deadline
+        self.assertEqual(second.seen, [("timeout", None)])
+        self.assertEqual(later.seen, [])
+        clock.advance(4)  # t=10
+        self.assertEqual(later.seen, [("timeout", None)])
+        self.assertEqual((keeper.timers, clock.getDelayedCalls()), (0, []))
+
     def test_fire_counts_waiters_on_several_keys(self) -> None:
         a, b = Recorder(), Recorder()
         self.keeper.listen(["x", "y"], a, many=True)

@@ -400,6 +400,10 @@ class EventKeeper:
             event = next(iter(events))
             deadline = events[event]
             if deadline > now:
+                if lane.call is not None:
+                    # A listener armed a waiter here meanwhile: its call is
+                    # for a later deadline than this one's.
+                    lane.call.cancel()
                 lane.call = self.reactor.callLater(deadline - now, self._expire, lane)
                 return
             del events[event]
