@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pipecomet import App, Config, Pipe
-from pipecomet._comet import CometConfig, format_cursor, parse_cursor
+from pipecomet._comet import CometConfig, CometStats, format_cursor, parse_cursor
 from pipecomet._errors import BadRequest, GatewayTimeout
 from pipecomet._events import (
     TRANSITIONS,
@@ -101,6 +101,72 @@ class KeeperTests(SynchronousTestCase):
         self.assertEqual(rec.seen, [("timeout", None)])
         self.assertEqual(self.keeper.waiters("k"), 1)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_waiters_of_one_timeout_share_a_timed_call(self) -> None:
+        """
+        Waiters with the same timeout expire in the order they came: one
+        timed call serves them all, each times out at its own deadline,
+        and one that leaves (even the first) is not timed out.
+        """
+        recs = [Recorder() for _ in range(4)]
+        events = []
+        for rec in recs:
+            events.append(self.keeper.listen("k", rec, timeout=5))
+            self.clock.advance(1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(self.keeper.timers, 4)
+        events[0].cancel()  # t=4: the first leaves before its deadline
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1.5)  # t=5.5: past the first's deadline only
+        self.assertEqual([r.seen for r in recs], [[("cancel", None)], [], [], []])
+        self.clock.advance(0.5)  # t=6: the second's
+        self.assertEqual(recs[1].seen, [("timeout", None)])
+        self.assertEqual(recs[2].seen, [])
+        events[3].cancel()
+        self.clock.advance(1)  # t=7: the third's
+        self.assertEqual(recs[2].seen, [("timeout", None)])
+        self.assertEqual(self.keeper.timers, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # Another timeout has a timed call of its own; rescheduling moves
+        # an event from one to the other.
+        a = self.keeper.listen("k", Recorder(), timeout=5)
+        b = self.keeper.listen("k", Recorder(), timeout=9)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)
+        a.reschedule(9)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        b.reschedule(None)
+        self.clock.advance(9)
+        self.assertEqual(a.state, EventState.TIMEOUT)
+        self.assertEqual(b.state, EventState.INIT)
+        self.assertEqual((self.keeper.timers, self.clock.getDelayedCalls()), (0, []))
+
+    def test_a_listener_that_waits_again_on_timeout(self) -> None:
+        """
+        A waiter armed from a timeout (same timeout, same lane) keeps one
+        timed call, at the right deadline, for it and the lane's others.
+        """
+        keeper, clock = self.keeper, self.clock
+        later = Recorder()
+
+        class Again(Recorder):
+            def on_timeout(self, event):
+                super().on_timeout(event)
+                keeper.listen("k", later, timeout=5)
+
+        first = Again()
+        keeper.listen("k", first, timeout=5)
+        clock.advance(1)
+        second = Recorder()
+        keeper.listen("k", second, timeout=5)
+        clock.advance(4)  # t=5: the first times out and waits again (until 10)
+        self.assertEqual(first.seen, [("timeout", None)])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(1)  # t=6: the second's deadline
+        self.assertEqual(second.seen, [("timeout", None)])
+        self.assertEqual(later.seen, [])
+        clock.advance(4)  # t=10
+        self.assertEqual(later.seen, [("timeout", None)])
+        self.assertEqual((keeper.timers, clock.getDelayedCalls()), (0, []))
 
     def test_fire_counts_waiters_on_several_keys(self) -> None:
         a, b = Recorder(), Recorder()
@@ -453,6 +519,143 @@ class CometTransportTests(SynchronousTestCase):
         late = c.get("/sub/news")
         self.assertEqual(late.status, 503)
         self.assertEqual(late.json()["error"]["code"], "shutting_down")
+
+
+class FarewellCursorTests(SynchronousTestCase):
+    """
+    The cursor a held stream's last frame carries (``reconnect`` at its
+    lifetime, ``shutdown``) is where the client is: the id of the last
+    message it got, live or replayed, so that resuming from it gives
+    exactly the rest.
+    """
+
+    def _frames(self, call: Any, transport: str) -> list[dict[str, Any]]:
+        if transport == "sse":
+            out = []
+            for e in call.events():
+                if "data" not in e:
+                    continue
+                body = json.loads(e["data"])
+                name = e.get("event", "message")
+                out.append({"event": name, "id": e.get("id"), "fields": body})
+            return out
+        out = []
+        for line in call.lines():
+            if "id" in line:
+                out.append({"event": line["event"], "id": line["id"], "fields": line["data"]})
+            else:
+                out.append({"event": line["event"], "id": None, "fields": line})
+        return out
+
+    def _delivered(self, frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [f for f in frames if f["id"] is not None and f["event"] == "message"]
+
+    def _headers(self, transport: str) -> dict[str, str]:
+        return {"accept": "text/event-stream" if transport == "sse"
+                else "application/x-ndjson"}
+
+    def _resume(self, c: MemoryClient, transport: str, cursor: str) -> list[Any]:
+        again = c.get("/sub/news?transport=longpoll&since=" + cursor)
+        return [m["data"] for m in again.json()["messages"]]
+
+    def check_lifetime_end(self, transport: str, resume_first: bool) -> None:
+        app, c = make({"max_lifetime": 0})
+        hub = hub_of(app)
+        start = ""
+        if resume_first:
+            # A stream that starts with a replay, then goes on live.
+            for n in (-2, -1):
+                hub.publish("news", n)
+            start = "&since=0"
+        call = c.get("/sub/news?timeout=5" + start, headers=self._headers(transport))
+        for n in range(3):
+            hub.publish("news", n)
+        c.flush()
+        got = self._delivered(self._frames(call, transport))
+        self.assertEqual([f["fields"] for f in got],
+                         ([-2, -1] if resume_first else []) + [0, 1, 2])
+        c.advance(5.1)
+        self.assertTrue(call.done)
+        last = self._frames(call, transport)[-1]
+        self.assertEqual(last["event"], "reconnect")
+        self.assertEqual(last["fields"]["cursor"], got[-1]["id"])
+        for n in (3, 4):
+            hub.publish("news", n)
+        self.assertEqual(self._resume(c, transport, last["fields"]["cursor"]), [3, 4])
+
+    def check_shutdown(self, transport: str) -> None:
+        app, c = make()
+        hub = hub_of(app)
+        call = c.get("/sub/news", headers=self._headers(transport))
+        for n in range(3):
+            hub.publish("news", n)
+        c.flush()
+        got = self._delivered(self._frames(call, transport))
+        self.assertEqual([f["fields"] for f in got], [0, 1, 2])
+        app.service.stopService()
+        c.flush()
+        last = self._frames(call, transport)[-1]
+        self.assertEqual(last["event"], "shutdown")
+        self.assertEqual(last["fields"]["cursor"], got[-1]["id"])
+        # The server comes back (same process, same history): the client
+        # resumes from the shutdown frame's cursor.
+        app.service.startService()
+        for n in (3, 4):
+            hub.publish("news", n)
+        self.assertEqual(self._resume(c, transport, last["fields"]["cursor"]), [3, 4])
+
+    def test_sse_lifetime_end_cursor_follows_live_messages(self) -> None:
+        self.check_lifetime_end("sse", resume_first=False)
+
+    def test_sse_lifetime_end_cursor_after_replay_and_live(self) -> None:
+        self.check_lifetime_end("sse", resume_first=True)
+
+    def test_ndjson_lifetime_end_cursor_follows_live_messages(self) -> None:
+        self.check_lifetime_end("ndjson", resume_first=False)
+
+    def test_ndjson_lifetime_end_cursor_after_replay_and_live(self) -> None:
+        self.check_lifetime_end("ndjson", resume_first=True)
+
+    def test_sse_shutdown_cursor_follows_live_messages(self) -> None:
+        self.check_shutdown("sse")
+
+    def test_ndjson_shutdown_cursor_follows_live_messages(self) -> None:
+        self.check_shutdown("ndjson")
+
+
+class _Owner:
+    """
+    The subscription side a :class:`FlowControl` talks to, recorded.
+    """
+
+    def __init__(self) -> None:
+        self.open = True
+        self.hub = type("Hub", (), {"stats": CometStats()})()
+
+    def slow(self) -> None:
+        raise AssertionError("the drop policy keeps the client")
+
+    def dropped_gaps(self, dropped: dict[str, list[int]]) -> list[bytes]:
+        return [b"gap %s %d-%d" % (t.encode(), a, b) for t, (a, b) in dropped.items()]
+
+
+class DropThenEndTests(SynchronousTestCase):
+    def test_last_frames_declare_what_was_dropped(self) -> None:
+        """
+        A stream that ends while its slow client still has messages
+        dropped (``drop`` policy) writes their gap before the queued
+        frames: the final frame's cursor is past the dropped ones.
+        """
+        from pipecomet._comet._flow import FlowControl
+        from pipecomet._comet._topics import Message
+
+        owner = _Owner()
+        flow = FlowControl(owner, None, 10, True)  # type: ignore[arg-type]
+        for n in range(1, 5):
+            flow.enqueue(b"frame%d" % n, Message("news", n, f"e:{n}", "message", b"1", 0.0))
+        self.assertEqual(owner.hub.stats.dropped, 3)
+        self.assertEqual(flow.take(), [b"gap news 1-3", b"frame4"])
+        self.assertEqual(flow.take(), [])
 
 
 class DemoCometTests(SynchronousTestCase):
@@ -864,8 +1067,10 @@ class _LaterBus:
         from pipecomet._bus import BusDelivery
 
         d, topic, event, data = self.pending.pop(0)
+        # Not a bus that keeps the history: the hubs number the message
+        # themselves; the publisher still hears the bus's own report.
         for r in self.receivers:
-            r.bus_message(topic, event, data, None, "e0:7")
+            r.bus_message(topic, event, data, None)
         d.callback(BusDelivery("e0:7", delivered))
 
     def add_receiver(self, receiver: Any) -> None:

@@ -12,7 +12,7 @@ reconnects.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
@@ -20,6 +20,10 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from ._interfaces import Delivery, IBus, IBusReceiver
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._redis_bus import RedisBus
 
 __all__ = ["MemoryBus", "BusConfig", "BusDelivery", "TopicHistory", "StoredMessage", "install"]
 
@@ -172,19 +176,19 @@ class _BusService(Service):
 
     name = "bus"
 
-    def __init__(self, bus: Any) -> None:
+    def __init__(self, bus: RedisBus) -> None:
         self.bus = bus
 
     def startService(self) -> None:
         super().startService()
         self.bus.start()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         return self.bus.stop()
 
 
-def install(app: Any, config: BusConfig) -> None:
+def install(app: App, config: BusConfig) -> None:
     """
     ``[bus]`` installer: with ``kind = "redis"`` the app's bus is a
     :class:`~pipecomet._redis_bus.RedisBus` connected with the app (the

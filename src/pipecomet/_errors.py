@@ -15,6 +15,7 @@ import os
 from typing import TYPE_CHECKING, Mapping, TypedDict, Unpack
 
 if TYPE_CHECKING:
+    from twisted.web.http import Request
     from twisted.web.iweb import IRequest
 
     from ._json import JSON
@@ -192,7 +193,7 @@ def error_body(error: PipecometError) -> bytes:
     return json.dumps({"error": error.to_json()}, separators=(",", ":")).encode("utf-8")
 
 
-def error_response(request: IRequest, error: PipecometError) -> bytes:
+def error_response(request: IRequest | Request, error: PipecometError) -> bytes:
     """
     Set the status and headers of ``error``'s response on ``request`` (a
     twisted.web request) and return its body: the one place an error

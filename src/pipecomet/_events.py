@@ -8,8 +8,11 @@ the seed's: ``init`` → ``invoke`` (repeatable) → ``complete`` or
 transitions come from the outside (:meth:`EventKeeper.fire`,
 :meth:`EventKeeper.complete`) and run the event's listener at once; the
 passive one, the timeout, is a timed call on the reactor: nothing is ever
-scanned or polled.  Leaving the waiting states removes the event from every
-key and cancels its timer, so a finished event holds nothing.
+scanned or polled.  Waiters with the same timeout expire in the order they
+came, so they share one timed call (a :class:`_Lane`): ten thousand
+long-polls held for the same 30 s cost one ``DelayedCall``, not ten
+thousand.  Leaving the waiting states removes the event from every key and
+from its lane, so a finished event holds nothing.
 
 :class:`Condition` is the pipe that waits: in ``once`` mode it returns a
 Deferred that the first firing of its key completes (an async backend that
@@ -21,7 +24,8 @@ its topics until an end event, a timeout or the client leaving.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Hashable, Iterable, cast
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable, Union, cast
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
@@ -31,6 +35,10 @@ from zope.interface import implementer
 
 from ._errors import GatewayTimeout
 from ._interfaces import IEventListener
+
+if TYPE_CHECKING:
+    from ._chain import PipeContext, PipeInput, PipeResult
+    from ._comet import Subscription
 
 __all__ = [
     "EventState",
@@ -47,6 +55,11 @@ log = Logger()
 
 
 class EventState(enum.Enum):
+    # Members are singletons: hashing them by identity (in C) instead of
+    # Enum's hash of the name (in Python) makes the transition table's
+    # lookups cheap; equality is identity already.
+    __hash__ = object.__hash__
+
     INIT = "init"
     INVOKE = "invoke"
     COMPLETE = "complete"
@@ -55,6 +68,8 @@ class EventState(enum.Enum):
 
 
 class EventAction(enum.Enum):
+    __hash__ = object.__hash__
+
     INVOKE = "invoke"
     COMPLETE = "complete"
     TIMEOUT = "timeout"
@@ -95,8 +110,8 @@ class EventListener:
 
     __slots__ = ()
 
-    def on_invoke(self, event: Event, value: Any) -> None: ...
-    def on_complete(self, event: Event, value: Any) -> None: ...
+    def on_invoke(self, event: Event, value: object) -> None: ...
+    def on_complete(self, event: Event, value: object) -> None: ...
     def on_timeout(self, event: Event) -> None: ...
     def on_cancel(self, event: Event) -> None: ...
 
@@ -105,8 +120,9 @@ class Event:
     """
     One waiter: its keys, its state, its listener and its deadline.
 
-    Made by :meth:`EventKeeper.listen`; driven by the keeper and by its own
-    timer.
+    Made by :meth:`EventKeeper.listen`; driven by the keeper and by the
+    timed call of its lane (``timer``: the :class:`_Lane` of its timeout,
+    None without a deadline).
     """
 
     __slots__ = ("keeper", "keys", "listener", "state", "timer", "invocations", "__weakref__")
@@ -117,7 +133,7 @@ class Event:
         self.keys = keys
         self.listener = listener
         self.state = EventState.INIT
-        self.timer: IDelayedCall | None = None
+        self.timer: _Lane | None = None
         self.invocations = 0
 
     def __repr__(self) -> str:
@@ -134,7 +150,7 @@ class Event:
             raise InvalidTransition(f"cannot {action.value} an event in state "
                                     f"{self.state.value}") from None
 
-    def invoke(self, value: Any = None) -> None:
+    def invoke(self, value: object = None) -> None:
         """
         Run the listener once and keep waiting.
         """
@@ -143,7 +159,7 @@ class Event:
         self.keeper.invoked += 1
         self.listener.on_invoke(self, value)
 
-    def complete(self, value: Any = None) -> None:
+    def complete(self, value: object = None) -> None:
         """
         Run the listener once and stop waiting.
         """
@@ -165,7 +181,6 @@ class Event:
         self.listener.on_cancel(self)
 
     def _timed_out(self) -> None:
-        self.timer = None
         if self.state not in WAITING:
             return
         self._move(EventAction.TIMEOUT)
@@ -177,13 +192,29 @@ class Event:
         """
         Move the deadline to ``timeout`` seconds from now (None: no deadline).
         """
-        if self.timer is not None:
-            self.timer.cancel()
-            self.keeper.timers -= 1
-            self.timer = None
+        keeper = self.keeper
+        keeper._disarm(self)
         if timeout is not None and self.state in WAITING:
-            self.timer = self.keeper.reactor.callLater(timeout, self.keeper._fire_timer, self)
-            self.keeper.timers += 1
+            keeper._arm(self, timeout)
+
+
+class _Lane:
+    """
+    The waiters of one timeout, oldest first: their deadlines come in the
+    order they were armed, so one timed call, at the first deadline, serves
+    them all.
+
+    :ivar wait: the timeout, in seconds.
+    :ivar events: each waiter and its deadline, oldest first.
+    :ivar call: the timed call at (or before) the oldest deadline.
+    """
+
+    __slots__ = ("wait", "events", "call")
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+        self.events: OrderedDict[Event, float] = OrderedDict()
+        self.call: IDelayedCall | None = None
 
 
 class _OnceListener(EventListener):
@@ -193,20 +224,20 @@ class _OnceListener(EventListener):
 
     __slots__ = ("deferred", "timeout_value", "event")
 
-    def __init__(self, timeout_value: Any) -> None:
-        self.deferred: Deferred[Any] = Deferred(self._cancelled)
+    def __init__(self, timeout_value: object) -> None:
+        self.deferred: Deferred[object] = Deferred(self._cancelled)
         self.timeout_value = timeout_value
         self.event: Event | None = None
 
-    def _cancelled(self, d: Deferred[Any]) -> None:
+    def _cancelled(self, d: Deferred[object]) -> None:
         # Deferred.cancel() on a waiter: the event lets go of its keys.
         if self.event is not None:
             self.event.cancel()
 
-    def on_invoke(self, event: Event, value: Any) -> None:
+    def on_invoke(self, event: Event, value: object) -> None:
         event.complete(value)
 
-    def on_complete(self, event: Event, value: Any) -> None:
+    def on_complete(self, event: Event, value: object) -> None:
         if not self.deferred.called:
             self.deferred.callback(value)
 
@@ -242,6 +273,8 @@ class EventKeeper:
     def __init__(self, reactor: IReactorTime) -> None:
         self.reactor = reactor
         self._by_key: dict[Hashable, dict[Event, None]] = {}
+        # Deadlines by timeout (see _Lane).
+        self._lanes: dict[float, _Lane] = {}
         self.timers = 0
         self.events = 0
         self.invoked = 0
@@ -269,12 +302,11 @@ class EventKeeper:
             waiters[event] = None
         self.events += 1
         if timeout is not None:
-            event.timer = self.reactor.callLater(timeout, self._fire_timer, event)
-            self.timers += 1
+            self._arm(event, timeout)
         return event
 
     def wait(self, key: Hashable, timeout: float | None = None, *,
-             on_timeout: Any = None) -> Deferred[Any]:
+             on_timeout: object = None) -> Deferred[object]:
         """
         A Deferred that fires with the value of the next :meth:`fire` or
         :meth:`complete` of ``key`` (the "once" mode).  Cancelling it lets go
@@ -294,7 +326,7 @@ class EventKeeper:
 
     # -- firing
 
-    def fire(self, key: Hashable, value: Any = None) -> int:
+    def fire(self, key: Hashable, value: object = None) -> int:
         """
         Invoke every waiter of ``key`` with ``value`` (a once-mode waiter
         completes).  Returns the number of waiters reached.
@@ -303,14 +335,14 @@ class EventKeeper:
 
     invoke = fire
 
-    def complete(self, key: Hashable, value: Any = None) -> int:
+    def complete(self, key: Hashable, value: object = None) -> int:
         """
         Complete every waiter of ``key`` (the end event).  Returns the
         number of waiters reached.
         """
         return self._reach(key, "complete", value)
 
-    def _reach(self, key: Hashable, transition: str, value: Any) -> int:
+    def _reach(self, key: Hashable, transition: str, value: object) -> int:
         waiters = self._by_key.get(key)
         if not waiters:
             return 0
@@ -327,13 +359,61 @@ class EventKeeper:
 
     # -- books
 
-    def _fire_timer(self, event: Event) -> None:
-        self.timers -= 1
+    def _arm(self, event: Event, timeout: float) -> None:
+        lane = self._lanes.get(timeout)
+        if lane is None:
+            lane = self._lanes[timeout] = _Lane(timeout)
+        lane.events[event] = self.reactor.seconds() + timeout
+        event.timer = lane
+        self.timers += 1
+        if lane.call is None:
+            lane.call = self.reactor.callLater(timeout, self._expire, lane)
+
+    def _disarm(self, event: Event) -> None:
+        lane = event.timer
+        if lane is None:
+            return
         event.timer = None
-        try:
-            event._timed_out()
-        except Exception:
-            log.failure("listener of {keys!r} failed on timeout", keys=event.keys)
+        self.timers -= 1
+        del lane.events[event]
+        if not lane.events:
+            # (A lane whose first waiter left keeps its call: when it
+            # comes, it moves on to the next deadline.)
+            self._drop(lane)
+
+    def _drop(self, lane: _Lane) -> None:
+        if lane.call is not None:
+            lane.call.cancel()
+            lane.call = None
+        if self._lanes.get(lane.wait) is lane:
+            del self._lanes[lane.wait]
+
+    def _expire(self, lane: _Lane) -> None:
+        """
+        The timed call of ``lane``: time out its waiters whose deadline
+        has come, oldest first, then wait for the next one.
+        """
+        lane.call = None
+        events = lane.events
+        now = self.reactor.seconds()
+        while events:
+            event = next(iter(events))
+            deadline = events[event]
+            if deadline > now:
+                if lane.call is not None:
+                    # A listener armed a waiter here meanwhile: its call is
+                    # for a later deadline than this one's.
+                    lane.call.cancel()
+                lane.call = self.reactor.callLater(deadline - now, self._expire, lane)
+                return
+            del events[event]
+            event.timer = None
+            self.timers -= 1
+            try:
+                event._timed_out()
+            except Exception:
+                log.failure("listener of {keys!r} failed on timeout", keys=event.keys)
+        self._drop(lane)
 
     def _release(self, event: Event) -> None:
         for k in event.keys:
@@ -343,9 +423,7 @@ class EventKeeper:
                 if not waiters:
                     del self._by_key[k]
         if event.timer is not None:
-            event.timer.cancel()
-            event.timer = None
-            self.timers -= 1
+            self._disarm(event)
         self.events -= 1
 
     def waiters(self, key: Hashable | None = None) -> int:
@@ -371,11 +449,21 @@ class EventKeeper:
         }
 
 
-def _key_of(key: Any) -> Callable[[Any, Any, Any], Any]:
+#: A condition's key function: ``key(inp, ctx, res)`` gives the event key
+#: (once mode), or the topic or topics (many mode).
+KeyFunction = Callable[["PipeInput", "PipeContext", "PipeResult"], object]
+
+#: What a :class:`Condition` is given as its key: a key or topic (a
+#: ``{name}`` in a string is filled from the path and query parameters),
+#: topics, or a key function.
+ConditionKey = Union[Hashable, Iterable[str], KeyFunction]
+
+
+def _key_of(key: ConditionKey) -> KeyFunction:
     if callable(key):
-        return key
+        return cast(KeyFunction, key)
     if isinstance(key, str) and "{" in key:
-        def fmt(inp: Any, ctx: Any, res: Any) -> str:
+        def fmt(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> str:
             return key.format(**inp.path_params, **inp.query)
         return fmt
     return lambda inp, ctx, res: key
@@ -399,12 +487,13 @@ class Condition:
     :param on_timeout: ``once`` mode: the result (or exception) on timeout.
     """
 
-    key: Any
+    key: ConditionKey
     mode: str = attrs.field(default="once", validator=attrs.validators.in_(("once", "many")))
     timeout: float | None = None
     name: str = "condition"
-    on_timeout: Any = None
-    _key: Any = attrs.field(init=False, repr=False, eq=False)
+    # An exception instance, a callable, or the value itself.
+    on_timeout: object = None
+    _key: KeyFunction = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "_key", _key_of(self.key))
@@ -413,16 +502,17 @@ class Condition:
     def __name__(self) -> str:  # Pipe() names a plain callable after it
         return self.name
 
-    def __call__(self, inp: Any, ctx: Any, res: Any) -> Any:
+    def __call__(self, inp: PipeInput, ctx: PipeContext,
+                 res: PipeResult) -> Deferred[object] | Subscription:
         runtime = ctx.runtime
         keeper = runtime.events if runtime is not None else None
         if keeper is None:
             raise RuntimeError("condition pipe used but no event keeper is installed")
         key = self._key(inp, ctx, res)
         if self.mode == "once":
-            return keeper.wait(key, self.timeout, on_timeout=self.on_timeout)
+            return keeper.wait(cast(Hashable, key), self.timeout, on_timeout=self.on_timeout)
         hub = runtime.comet
         if hub is None:
             raise RuntimeError("many-mode condition used but no comet hub is installed")
-        topics = [key] if isinstance(key, str) else list(key)
+        topics = [key] if isinstance(key, str) else list(cast(Iterable[str], key))
         return hub.subscription(inp, topics)

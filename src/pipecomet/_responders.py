@@ -18,10 +18,11 @@ frames it and writes it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, cast, runtime_checkable
 
-from twisted.internet.interfaces import IPushProducer
-from twisted.web.server import Request
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.web.http import HTTPChannel, Request
+from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from ._chain import Answer, Stream, as_pipecomet_error, refuse_stream
@@ -62,7 +63,7 @@ class _Unserialisable(Exception):
         self.error = error
 
 
-def _encode(value: Any) -> bytes:
+def _encode(value: object) -> bytes:
     """
     :func:`dumps`, with a value JSON cannot carry (a lone surrogate, a
     cycle...) logged and raised as :class:`_Unserialisable`: the client
@@ -74,10 +75,24 @@ def _encode(value: Any) -> bytes:
         raise _Unserialisable(as_pipecomet_error(e, "serialising the response")) from None
 
 
-def send_error(request: Any, error: PipecometError) -> None:
+def web_request(request: IRequest | Request) -> Request:
     """
-    Send ``error`` as the whole response, if nothing was sent yet.
+    ``request`` as the twisted.web ``Request`` it is on every server path
+    (pipecomet's own protocol's request is one too): the responders write
+    through its channel side (``startedWriting``, ``channel``, producers),
+    which ``IRequest`` does not describe.
     """
+    if not isinstance(request, Request):
+        raise TypeError(f"a responder needs a twisted.web Request, not {type(request)!r}")
+    return request
+
+
+def send_error(to: IRequest | Request, error: PipecometError) -> None:
+    """
+    Send ``error`` as the whole response to the request ``to``, if
+    nothing was sent yet.
+    """
+    request = web_request(to)
     if _gone(request):
         return
     if request.startedWriting:
@@ -136,11 +151,15 @@ def _poll_one(m: Message) -> bytes:
 _MESSAGE_ENCODERS: tuple[Callable[[Message], bytes], ...] = (
     _sse_message, _sse_message_chunked, _ndjson_message, _ndjson_message_chunked, _poll_one)
 
+#: Header values of a long-poll answer (setRawHeaders copies them).
+_JSON = (b"application/json",)
+_NO_CACHE = (b"no-cache",)
+
 _ND_HEARTBEAT = b'{"event":"heartbeat"}\n'
 _HEARTBEATS = (HEARTBEAT, _chunk(HEARTBEAT), _ND_HEARTBEAT, _chunk(_ND_HEARTBEAT))
 
 
-def _hold(request: Any) -> None:
+def _hold(request: Request) -> None:
     """
     Exempt a held request from the idle timeout (Twisted #9532, #12498):
     pipecomet's protocol through ``request.hold()`` (a client EOF then
@@ -154,6 +173,20 @@ def _hold(request: Any) -> None:
         request.channel.setTimeout(None)
 
 
+@runtime_checkable
+class _FrameWriter(Protocol):
+    """
+    What a held stream writes its frames with: pipecomet's own request, or
+    :class:`_ChannelFrames` on twisted.web's channel.
+    """
+
+    def write_frame(self, data: bytes) -> bool:
+        """
+        Write ``data`` (True), or nothing while the client is not reading
+        (False).
+        """
+
+
 class _ChannelFrames:
     """
     Frame writer for a request on twisted.web's own channel: its write,
@@ -162,10 +195,10 @@ class _ChannelFrames:
 
     __slots__ = ("channel",)
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: HTTPChannel) -> None:
         self.channel = channel
 
-    def __call__(self, data: bytes) -> bool:
+    def write_frame(self, data: bytes) -> bool:
         channel = self.channel
         if getattr(channel.transport, "producerPaused", False):
             return False
@@ -173,16 +206,15 @@ class _ChannelFrames:
         return True
 
 
-def _frame_writer(request: Any) -> Callable[[bytes], bool]:
+def _frame_writer(request: Request) -> _FrameWriter:
     """
-    ``writer(frame) -> bool`` for a stream on ``request`` (True: written;
-    False: the client is not reading, nothing was written).  pipecomet's
-    protocol sends the frame to the socket at once when nothing waits
-    before it (one syscall).
+    The frame writer of a stream on ``request``: pipecomet's own request
+    (its ``write_frame`` sends the frame to the socket at once when nothing
+    waits before it, one syscall, and costs a held stream nothing more), or
+    a :class:`_ChannelFrames` on twisted.web's channel.
     """
-    write_frame: Callable[[bytes], bool] | None = getattr(request, "write_frame", None)
-    if write_frame is not None:
-        return write_frame
+    if isinstance(request, _FrameWriter):
+        return request
     return _ChannelFrames(request.channel)
 
 
@@ -203,11 +235,11 @@ class Responder:
     name = "base"
     __slots__ = ("request",)
 
-    def __init__(self, request: Any) -> None:
-        self.request = request
+    def __init__(self, request: IRequest) -> None:
+        self.request = web_request(request)
 
     def _send(self, status: int, content_type: bytes, body: bytes,
-              headers: Any = None) -> None:
+              headers: Mapping[str, str] | None = None) -> None:
         request = self.request
         if _gone(request):
             return
@@ -239,7 +271,7 @@ class Responder:
     def error(self, error: PipecometError) -> None:
         send_error(self.request, error)
 
-    def result(self, value: Any) -> None:
+    def result(self, value: object) -> None:
         if isinstance(value, bytes):
             self._send(200, b"application/octet-stream", value)
             return
@@ -272,7 +304,8 @@ class Responder:
     def abort(self) -> None:
         transport = self.request.transport
         if transport is not None:
-            transport.abortConnection()
+            # TCP, TLS and UNIX stream transports all abort as TCP's does.
+            cast(ITCPTransport, transport).abortConnection()
 
     def hold(self) -> None:
         if getattr(self.request, "channel", None) is not None:
@@ -293,22 +326,28 @@ class JSONResponder(Responder):
     name = "json"
     transport = "longpoll"
     held = False
+    # The branch results and errors are made when the first comes (a held
+    # long-poll never has any).
     __slots__ = ("_results", "_errors")
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: IRequest) -> None:
         super().__init__(request)
-        self._results: dict[str, Any] = {}
-        self._errors: dict[str, Any] = {}
+        self._results: dict[str, object] | None = None
+        self._errors: dict[str, object] | None = None
 
-    def part(self, name: str, value: Any) -> None:
+    def part(self, name: str, value: object) -> None:
+        if self._results is None:
+            self._results = {}
         self._results[name] = value
 
     def part_error(self, name: str, error: PipecometError) -> None:
+        if self._errors is None:
+            self._errors = {}
         self._errors[name] = error.to_json()
 
     def close(self) -> None:
         try:
-            body = _encode({"results": self._results, "errors": self._errors})
+            body = _encode({"results": self._results or {}, "errors": self._errors or {}})
         except _Unserialisable as e:
             send_error(self.request, e.error)
             return
@@ -317,6 +356,8 @@ class JSONResponder(Responder):
     # -- IStreamSink: a long-poll
 
     def start(self, cursor: str, resume: str, retry: float) -> bool:
+        # Set now, not with the answer: a publish answers thousands of polls
+        # at once, and every header set then is on the fan-out's path.
         _resume_headers(self.request, cursor, resume)
         return True
 
@@ -367,11 +408,14 @@ class JSONResponder(Responder):
                 body += b"," + dumps(extra)[1:-1]
             body += b"}"
         request.setResponseCode(200)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-cache")
+        # Straight into the response's Headers (canonical names): a publish
+        # answers every held poll at once, and this is on that path.
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"Content-Type", _JSON)
+        headers.setRawHeaders(b"Cache-Control", _NO_CACHE)
         if retry_after is not None:
-            request.setHeader(b"retry-after", b"%d" % max(1, round(retry_after)))
-        request.setHeader(b"content-length", b"%d" % len(body))
+            headers.setRawHeaders(b"Retry-After", [b"%d" % max(1, round(retry_after))])
+        headers.setRawHeaders(b"Content-Length", [b"%d" % len(body)])
         request.write(body)
         request.finish()
 
@@ -402,11 +446,11 @@ class _StreamResponder(Responder):
     _slots: tuple[int, int] = (SSE, SSE_CHUNKED)
     __slots__ = ("_started", "_framing", "_writer")
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: IRequest) -> None:
         super().__init__(request)
         self._started = False
         self._framing = self._slots[0]
-        self._writer: Callable[[bytes], bool] | None = None
+        self._writer: _FrameWriter | None = None
 
     def _headers(self) -> None:
         request = self.request
@@ -427,7 +471,7 @@ class _StreamResponder(Responder):
             self._headers()
         request.write(data)
 
-    def part(self, name: str, value: Any) -> None:
+    def part(self, name: str, value: object) -> None:
         try:
             self.write_record("result", {"name": name, "result": value})
         except _Unserialisable as e:
@@ -436,7 +480,7 @@ class _StreamResponder(Responder):
     def part_error(self, name: str, error: PipecometError) -> None:
         self.write_record("error", {"name": name, "error": error.to_json()})
 
-    def result(self, value: Any) -> None:
+    def result(self, value: object) -> None:
         self.part("main", value)
         self.close()
 
@@ -499,7 +543,7 @@ class _StreamResponder(Responder):
 
     def write(self, frame: bytes) -> bool:
         assert self._writer is not None, "write() before start()"
-        return self._writer(frame)
+        return self._writer.write_frame(frame)
 
     def write_through(self, frames: list[bytes]) -> None:
         channel = self.request.channel
@@ -617,7 +661,7 @@ class SSEResponder(_StreamResponder):
 
 
 #: Responder name → class.  Parts that add transports register here.
-RESPONDERS: dict[str, Callable[[Any], IChainSink]] = {
+RESPONDERS: dict[str, Callable[[IRequest], IChainSink]] = {
     "json": JSONResponder,
     "ndjson": NDJSONResponder,
     "sse": SSEResponder,
@@ -632,7 +676,7 @@ MEDIA_TYPES: dict[bytes, str] = {
 }
 
 
-def choose_responder(request: Any, offered: tuple[str, ...]) -> str:
+def choose_responder(request: IRequest, offered: tuple[str, ...]) -> str:
     """
     The responder for ``request`` among ``offered`` (first is the default):
     ``transport=`` wins, then the first ``Accept`` media type offered.

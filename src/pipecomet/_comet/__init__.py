@@ -17,8 +17,17 @@ The package, part by part:
 - :mod:`~pipecomet._comet._interfaces`: :class:`IStreamSink`, the seam to
   the wire, which the responders (:mod:`pipecomet._responders`) implement:
   SSE, NDJSON, long-poll;
-- :mod:`~pipecomet._comet._hub`: the hub of one process (topics,
-  subscriptions, figures, publishing through the bus);
+- :mod:`~pipecomet._comet._hub`: the hub of one process (the registry of
+  topics and subscriptions, heartbeats and the farewell at shutdown, the
+  bus's receiver, publishing through the bus);
+- :mod:`~pipecomet._comet._admission`: whether a request may subscribe and
+  what it asks for (topics, cursor, ``last=``, ``timeout=``);
+- :mod:`~pipecomet._comet._publishing`: a publish's checks, its result
+  (:class:`Published`) and idempotency keys;
+- :mod:`~pipecomet._comet._history`: topics kept by a bus that keeps the
+  history (Redis): loading, catching up, ``gap`` and ``reset``;
+- :mod:`~pipecomet._comet._stats`: the hub's counts (:class:`CometStats`)
+  and its ``/_pipecomet/status`` section;
 - :mod:`~pipecomet._comet._publish`: ``POST /_pipecomet/publish/{topic}``
   and the ``[comet]`` installer.
 
@@ -42,7 +51,9 @@ peer show up as a write error.
 from __future__ import annotations
 
 from ._config import RESERVED_EVENTS, CometConfig, TopicConfig
-from ._hub import CometHub, CometService, CometStats, Published
+from ._hub import CometHub, CometService
+from ._publishing import Published
+from ._stats import CometStats
 from ._interfaces import IStreamSink
 from ._publish import install, publish_pipes
 from ._subscription import Subscription

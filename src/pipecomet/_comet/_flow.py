@@ -103,11 +103,19 @@ class FlowControl:
 
     def take(self) -> list[bytes]:
         """
-        Empty the queue: the frames still waiting, oldest first.
+        Empty the queue: the frames still waiting, oldest first, after the
+        ``gap`` frames of what was dropped (the stream's last frame is
+        about to follow them, and its cursor is past the dropped ones).
         """
         q, self.queue = self.queue, None
         self.queued = 0
-        return [d for d, _ in q] if q else []
+        out: list[bytes] = []
+        if self.dropped:
+            dropped, self.dropped = self.dropped, None
+            out = self.owner.dropped_gaps(dropped)
+        if q:
+            out.extend(d for d, _ in q)
+        return out
 
     def buffered(self) -> int:
         """

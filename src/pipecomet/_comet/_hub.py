@@ -1,6 +1,7 @@
 """
-The comet hub of one process: its topics, its held subscriptions, its
-figures, and publishing through the bus.
+The comet hub of one process: the registry of its topics and held
+subscriptions, its lifecycle (heartbeats, the farewell at shutdown), and the
+bus's receiver on which publishes arrive.
 
 A publish goes through the bus (:mod:`pipecomet._bus`) to the hub of every
 process.  The hub gives the message its id ``epoch:offset`` in its topic,
@@ -11,95 +12,47 @@ sends the message to its client.  The Deferred a publish returns is the
 bus's own report (:class:`~pipecomet._bus.BusDelivery`), whatever the bus:
 the in-memory one fires it at once, a networked one when the broker has
 answered.
+
+Its parts live beside it: who may subscribe and what a request asks for in
+:mod:`~pipecomet._comet._admission`, the publish checks, results and
+idempotency keys in :mod:`~pipecomet._comet._publishing`, topics kept by a
+bus that keeps the history in :mod:`~pipecomet._comet._history`, the counts
+and the status in :mod:`~pipecomet._comet._stats`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections import OrderedDict
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._bus import BusDelivery, TopicHistory
+from .._bus import BusDelivery
 from .._chain import PipeInput
-from .._errors import BadRequest, PayloadTooLarge, PipecometError, ServiceUnavailable
+from .._errors import PipecometError, ServiceUnavailable
 from .._events import EventKeeper
 from .._interfaces import IBus, IBusReceiver, IHistoryBus
 from .._json import dumps
-from ._config import END_EVENT, EVENT_RE, RESERVED_EVENTS, TOPIC_RE, CometConfig, limits_for
+from ._admission import check_room, read_request
+from ._config import END_EVENT, CometConfig, limits_for
+from ._history import HistoryFollower
+from ._publishing import IdempotencyKeys, Published, check_message, check_topic
+from ._stats import CometStats, status
 from ._subscription import End, Subscription
-from ._topics import Topic, parse_cursor
+from ._topics import Message, Topic
 
-__all__ = ["CometHub", "CometService", "CometStats", "Published"]
+if TYPE_CHECKING:
+    from .._json import JSON
+
+__all__ = ["CometHub", "CometService"]
 
 log = Logger()
-
-TRANSPORTS = ("sse", "ndjson", "longpoll")
-
-
-@attrs.define
-class CometStats:
-    """
-    The running counts of one hub (``/_pipecomet/status`` under ``comet``).
-
-    :ivar opened: subscriptions served, by transport.
-    :ivar published: messages stored and fired in this process.
-    :ivar delivered: subscribers they reached.
-    :ivar dropped: messages dropped for slow clients (``drop`` policy).
-    :ivar duplicates: publishes answered from their idempotency key.
-    :ivar slow_disconnects: clients cut off past ``buffer_bytes``.
-    :ivar resume_hits: subscriptions resumed without loss.
-    :ivar gaps: gaps declared (cursor too old, or messages the bus lost).
-    :ivar resets: resets declared (cursor of another epoch).
-    :ivar lifetime_ends: streams told to reconnect at ``max_lifetime``.
-    :ivar bus_drops: times the bus went down.
-    :ivar rejected: refused requests by error code.
-    """
-
-    opened: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(TRANSPORTS, 0))
-    published: int = 0
-    delivered: int = 0
-    dropped: int = 0
-    duplicates: int = 0
-    slow_disconnects: int = 0
-    resume_hits: int = 0
-    gaps: int = 0
-    resets: int = 0
-    lifetime_ends: int = 0
-    bus_drops: int = 0
-    rejected: dict[str, int] = attrs.field(factory=dict)
-
-    def count_resume(self, status: str) -> None:
-        """
-        Count how a subscription's cursor resumed.
-        """
-        if status == "ok":
-            self.resume_hits += 1
-        elif status == "gap":
-            self.gaps += 1
-        elif status == "reset":
-            self.resets += 1
-
-
-@attrs.frozen
-class Published:
-    """
-    What a publish did: the message's ``id``, how many subscribers it
-    reached in this process, and whether it was a retry already stored.
-    """
-
-    topic: str
-    id: str | None
-    delivered: int
-    duplicate: bool = False
 
 
 @implementer(IBusReceiver)
@@ -117,11 +70,11 @@ class CometHub:
         self.topics: dict[str, Topic] = {}
         self._streams: dict[Subscription, None] = {}
         self._polls: dict[Subscription, None] = {}
-        self._idem: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        self._idem = IdempotencyKeys(reactor, config.idempotency_ttl, config.idempotency_keys)
         self._heartbeat: IDelayedCall | None = None
         # A bus that keeps the history (Redis) numbers the messages; the
         # topics here are then a cache of it, loaded before they serve.
-        self._history: IHistoryBus | None = bus if IHistoryBus.providedBy(bus) else None
+        self._history = HistoryFollower(self, bus) if IHistoryBus.providedBy(bus) else None
         self.history_bus = self._history is not None
         self.closing = False
         self.bus_ok = True
@@ -138,8 +91,10 @@ class CometHub:
 
     def stop(self) -> None:
         """
-        Graceful shutdown: every held request gets a final event saying
-        when to reconnect (spread over ``retry`` .. 2×``retry``), then closes.
+        Graceful shutdown, the farewell: every held request gets a final
+        event saying when to reconnect (spread over ``retry`` ..
+        2×``retry``) and, on a stream, the cursor to resume from; then it
+        closes.
         """
         self.closing = True
         if self._heartbeat is not None:
@@ -181,18 +136,18 @@ class CometHub:
             t.close()
             del self.topics[t.name]
 
-    def _reject(self, error: PipecometError) -> PipecometError:
-        self.stats.rejected[error.code] = self.stats.rejected.get(error.code, 0) + 1
-        return error
-
     def check_topic(self, name: str) -> None:
-        if not TOPIC_RE.match(name):
-            raise self._reject(BadRequest(
-                "topic names are 1-100 of A-Z a-z 0-9 _ . -", code="bad_topic"))
+        """
+        Raise (and count) 400 ``bad_topic`` unless ``name`` is a topic name.
+        """
+        try:
+            check_topic(name)
+        except PipecometError as e:
+            raise self.stats.reject(e) from None
 
     # -- publishing
 
-    def publish(self, topic: str, data: Any, event: str = "message",
+    def publish(self, topic: str, data: object, event: str = "message",
                 key: str | None = None) -> Deferred[Published]:
         """
         Publish ``data`` (JSON-able) on ``topic``: a Deferred of
@@ -211,23 +166,19 @@ class CometHub:
         topic would pass ``max_topics``; the Deferred fails with 503
         ``bus_unavailable`` when the bus cannot take the message.
         """
-        self.check_topic(topic)
-        if event != "message" and (not EVENT_RE.match(event) or event in RESERVED_EVENTS
-                                   or event == END_EVENT):
-            raise self._reject(BadRequest(f"event name {event[:64]!r} is not allowed",
-                                          code="bad_event"))
-        if len(data) > self.config.max_message_bytes:
-            raise self._reject(PayloadTooLarge(
-                f"message of {len(data)} bytes; the limit is {self.config.max_message_bytes}",
-                code="message_too_large"))
+        try:
+            check_topic(topic)
+            check_message(event, data, self.config.max_message_bytes)
+        except PipecometError as e:
+            raise self.stats.reject(e) from None
         if key is not None and not self.history_bus:
-            seen = self._seen(topic, key)
+            seen = self._idem.seen(topic, key)
             if seen is not None:
                 self.stats.duplicates += 1
                 return succeed(Published(topic, seen, 0, True))
         if topic not in self.topics and len(self.topics) >= self.config.max_topics \
                 and not self.history_bus:
-            raise self._reject(ServiceUnavailable(
+            raise self.stats.reject(ServiceUnavailable(
                 f"{len(self.topics)} topics are alive; the limit is {self.config.max_topics}",
                 code="too_many_topics", retry_after=self.config.retry))
 
@@ -238,12 +189,12 @@ class CometHub:
 
         def failed(f: Failure) -> Failure:
             if isinstance(f.value, PipecometError):
-                self._reject(f.value)
+                self.stats.reject(f.value)
             return f
 
         return self.bus.publish(topic, event, data, key).addCallbacks(done, failed)
 
-    def complete(self, topic: str, data: Any = None) -> Deferred[Published]:
+    def complete(self, topic: str, data: object = None) -> Deferred[Published]:
         """
         The end event of ``topic``: every subscriber gets ``end`` and its
         request closes.  A Deferred of :class:`Published` as the bus reports
@@ -260,18 +211,6 @@ class CometHub:
         return self.bus.publish(topic, END_EVENT, dumps(data)).addCallbacks(
             lambda done: Published(topic, None, done.delivered), failed)
 
-    def _seen(self, topic: str, key: str) -> str | None:
-        idem = self._idem
-        now = self.reactor.seconds()
-        # Keys expire in insertion order: stop at the first one still fresh.
-        while idem:
-            first = next(iter(idem.values()))
-            if first[0] > now:
-                break
-            idem.popitem(last=False)
-        hit = idem.get((topic, key))
-        return hit[1] if hit is not None else None
-
     # -- IBusReceiver
 
     def bus_message(self, topic: str, event: str, data: bytes, key: str | None,
@@ -284,23 +223,20 @@ class CometHub:
             return BusDelivery(None, self.keeper.complete(("comet", topic),
                                                           End(topic=topic, data=value)))
         if id is not None:
-            self._numbered(topic, id, event, data)
+            assert self._history is not None, "only a history bus numbers messages"
+            self._history.numbered(topic, id, event, data)
             return None
+        idem = self._idem
         if key is not None:
-            seen = self._seen(topic, key)
+            seen = idem.seen(topic, key)
             if seen is not None:
                 self.stats.duplicates += 1
                 return BusDelivery(seen, 0, True)
         t = self._topic(topic)
         msg = t.append(event, data, self.reactor.seconds())
-        self.stats.published += 1
         if key is not None:
-            idem = self._idem
-            idem[(topic, key)] = (self.reactor.seconds() + self.config.idempotency_ttl, msg.id)
-            while len(idem) > self.config.idempotency_keys:
-                idem.popitem(last=False)
-        reached = self.keeper.fire(t.key, msg)
-        self.stats.delivered += reached
+            idem.remember(topic, key, msg.id)
+        reached = self.deliver(t, msg)
         if t.subscribers == 0 and not t.history:
             self._maybe_forget(t)
         return BusDelivery(msg.id, reached)
@@ -316,13 +252,9 @@ class CometHub:
         if self.bus_ok:
             return
         self.bus_ok = True
-        if self.history_bus:
-            # The bus kept what was published meanwhile: each topic held
-            # here catches up from it (missed messages, or a gap/reset
-            # event for what it no longer has).
-            for t in list(self.topics.values()):
-                if t.loaded and t.waiting is None:
-                    self._load(t).addErrback(lambda f: None)
+        if self._history is not None:
+            # The bus kept what was published meanwhile.
+            self._history.catch_up()
             return
         # Messages published elsewhere while the broker was away never
         # reached this process: say so to every subscriber, never silently.
@@ -333,139 +265,23 @@ class CometHub:
             sub.answer_poll([], [{"topic": t.name, "reason": "bus", "missed": None}
                                  for t in sub.objs])
 
-    # -- a bus that keeps the history (Redis)
+    # -- delivering
 
-    def load_topics(self, topics: Sequence[Topic]) -> Deferred[None] | None:
+    def deliver(self, t: Topic, msg: Message) -> int:
         """
-        None when every topic can serve now; else a Deferred that fires
-        when they are loaded from the bus.  Raises 503 ``bus_unavailable``
-        while the bus is down (subscribers already held stay).
+        ``msg``, stored in ``t``, goes to every subscriber waiting on it:
+        the number reached.
         """
-        if not self.history_bus:
-            return None
-        if not self.bus_ok:
-            raise self._reject(ServiceUnavailable("the comet bus is unavailable",
-                                                  code="bus_unavailable",
-                                                  retry_after=self.config.retry))
-        waits = [self._load(t) for t in topics if not t.loaded or t.waiting is not None]
-        if not waits:
-            return None
-        def first_failure(f: Failure) -> Failure:
-            # gatherResults wraps the failure: give the load's own.
-            error = f.value
-            assert isinstance(error, FirstError)
-            sub: Failure = error.subFailure
-            return sub
-
-        return gatherResults(waits, consumeErrors=True).addCallbacks(lambda _: None,
-                                                                     first_failure)
-
-    def _load(self, t: Topic) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if t.waiting is not None:
-            t.waiting.append(d)
-            return d
-        t.waiting = [d]
-
-        def loaded(history: TopicHistory) -> None:
-            waiting, t.waiting = t.waiting or [], None
-            self._sync(t, history)
-            for w in waiting:
-                w.callback(None)
-
-        def failed(f: Failure) -> None:
-            waiting, t.waiting = t.waiting or [], None
-            t.early = []
-            for w in waiting:
-                w.errback(f)
-
-        assert self._history is not None, "only a history bus loads topics"
-        self._history.load(t.name, t.limits.history_count).addCallbacks(loaded, failed)
-        return d
-
-    def _sync(self, t: Topic, history: TopicHistory) -> None:
-        """
-        Bring ``t`` in line with the bus's copy: the first load takes it
-        as is; a later one (after a drop) delivers what was missed, or
-        says what is gone (``gap``) or that the epoch changed (``reset``).
-        """
-        msgs = history.messages
-        if not t.loaded:
-            t.loaded = True
-            t.epoch = history.epoch
-            t.history.clear()
-            t.bytes = 0
-            first = msgs[0].offset if msgs else history.last_offset + 1
-            t.last_offset = first - 1
-            for m in msgs:
-                t.append(m.event, m.data, m.time, m.offset)
-            t.last_offset = history.last_offset
-        else:
-            if history.epoch != t.epoch and not msgs:
-                self._reset(t, history.epoch, history.last_offset)
-            for m in msgs:
-                self._receive(t, history.epoch, m.offset, m.event, m.data, m.time)
-            if history.last_offset > t.last_offset:
-                self._gap(t, history.last_offset)
-        early, t.early = t.early, []
-        for epoch, offset, event, data in early:
-            self._receive(t, epoch, offset, event, data, self.reactor.seconds())
-
-    def _numbered(self, topic: str, id: str, event: str, data: bytes) -> None:
-        t = self.topics.get(topic)
-        if t is None:
-            return  # not held here: the bus keeps its history
-        epoch, _, offset = id.partition(":")
-        if not t.loaded or t.waiting is not None:
-            t.early.append((epoch, int(offset), event, data))
-            return
-        off = int(offset)
-        if epoch == t.epoch and off > t.last_offset + 1:
-            # Messages between went past us: the bus may still have them.
-            t.early.append((epoch, off, event, data))
-            self._load(t).addErrback(lambda f: None)
-            return
-        self._receive(t, epoch, off, event, data, self.reactor.seconds())
-
-    def _receive(self, t: Topic, epoch: str, offset: int, event: str, data: bytes,
-                 now: float) -> None:
-        if epoch != t.epoch:
-            self._reset(t, epoch, offset - 1)
-        elif offset <= t.last_offset:
-            return  # already here (replayed and live both)
-        elif offset > t.last_offset + 1:
-            self._gap(t, offset - 1)
-        msg = t.append(event, data, now, offset)
         self.stats.published += 1
-        self.stats.delivered += self.keeper.fire(t.key, msg)
+        reached = self.keeper.fire(t.key, msg)
+        self.stats.delivered += reached
+        return reached
 
-    def _reset(self, t: Topic, epoch: str, last: int) -> None:
+    def tell(self, t: Topic, name: str, fields: dict[str, Any], pos: int) -> None:
         """
-        The bus lost the topic's history and started a new epoch: say so.
+        Send the control event ``name`` to every subscriber of ``t``, whose
+        position there is now ``pos``.
         """
-        old = t.id_at(t.last_offset)
-        t.epoch = epoch
-        t.history.clear()
-        t.bytes = 0
-        t.last_offset = last
-        self.stats.resets += 1
-        self._tell(t, "reset", {"topic": t.name, "reason": "reset", "from": old,
-                                "resumed_from": t.id_at(last), "epoch": epoch}, last)
-
-    def _gap(self, t: Topic, upto: int) -> None:
-        """
-        Offsets ``t.last_offset + 1 .. upto`` are gone for good: say so.
-        """
-        missed = upto - t.last_offset
-        self.stats.gaps += 1
-        self._tell(t, "gap", {"topic": t.name, "reason": "bus", "from": t.id_at(t.last_offset),
-                              "resumed_from": t.id_at(upto), "missed": missed}, upto)
-        # The local history stays contiguous: it restarts after the gap.
-        t.history.clear()
-        t.bytes = 0
-        t.last_offset = upto
-
-    def _tell(self, t: Topic, name: str, fields: dict[str, Any], pos: int) -> None:
         for sub in list(self._streams):
             if t in sub.objs:
                 sub.set_pos(t.name, pos)
@@ -475,67 +291,37 @@ class CometHub:
                 sub.set_pos(t.name, pos)
                 sub.answer_poll([], [fields])
 
+    def load_topics(self, topics: Sequence[Topic]) -> Deferred[None] | None:
+        """
+        None when every topic can serve now; else (a bus that keeps the
+        history) a Deferred that fires when they are loaded from the bus.
+        Raises 503 ``bus_unavailable`` while that bus is down.
+        """
+        if self._history is None:
+            return None
+        return self._history.load_topics(topics)
+
     # -- subscribing
 
     def subscription(self, inp: PipeInput, topics: Sequence[str]) -> Subscription:
         """
         A subscription of ``inp``'s request to ``topics``, after the limits
         and the request's cursor (``Last-Event-ID`` header, then
-        ``last_event_id=``, then ``since=``), ``last=1`` and ``timeout=``.
+        ``last_event_id=``, then ``since=``), ``last=1`` and ``timeout=``
+        (see :mod:`~pipecomet._comet._admission`); a refusal is counted.
         """
-        cfg = self.config
-        topics = tuple(dict.fromkeys(topics))
-        if not topics:
-            raise self._reject(BadRequest("no topic given", code="bad_topic"))
-        if len(topics) > cfg.max_topics_per_connection:
-            raise self._reject(BadRequest(
-                f"{len(topics)} topics asked; the limit is {cfg.max_topics_per_connection}",
-                code="too_many_topics_per_connection"))
-        for name in topics:
-            self.check_topic(name)
-        if self.closing:
-            raise self._reject(ServiceUnavailable("the server is shutting down",
-                                                  code="shutting_down", retry_after=cfg.retry))
-        if self.connections >= cfg.max_connections:
-            raise self._reject(ServiceUnavailable(
-                f"{self.connections} comet connections are held; the limit is "
-                f"{cfg.max_connections}", code="too_many_connections", retry_after=cfg.retry))
-        new = 0
-        for name in topics:
-            t = self.topics.get(name)
-            if t is None:
-                new += 1
-            elif t.subscribers >= cfg.max_connections_per_topic:
-                raise self._reject(ServiceUnavailable(
-                    f"topic {name!r} has {t.subscribers} subscribers; the limit is "
-                    f"{cfg.max_connections_per_topic}", code="topic_full",
-                    retry_after=cfg.retry))
-        if new and len(self.topics) + new > cfg.max_topics:
-            raise self._reject(ServiceUnavailable(
-                f"{len(self.topics)} topics are alive; the limit is {cfg.max_topics}",
-                code="too_many_topics", retry_after=cfg.retry))
-        q = inp.query
-        text = inp.header("last-event-id")
-        if text is None:
-            text = q.get("last_event_id")
-        if text is None:
-            text = q.get("since")
-        cursors = parse_cursor(text, topics) if text is not None else None
-        last = q.get("last", "") in ("1", "true", "yes")
-        timeout = None
-        if "timeout" in q:
-            try:
-                timeout = float(q["timeout"])
-            except ValueError:
-                timeout = -1.0
-            if not (timeout > 0):
-                raise self._reject(BadRequest("timeout must be a positive number of seconds",
-                                              code="bad_timeout"))
-            timeout = min(timeout, cfg.longpoll_max_timeout if cfg.max_lifetime == 0
-                          else max(cfg.longpoll_max_timeout, cfg.max_lifetime))
-        return Subscription(self, inp.request, topics, cursors, last, timeout)
+        try:
+            asked = read_request(inp, topics, self.config)
+            check_room(self.config, asked.topics, self.topics, self.connections, self.closing)
+        except PipecometError as e:
+            raise self.stats.reject(e) from None
+        return Subscription(self, inp.request, asked.topics, asked.cursors, asked.last,
+                            asked.timeout)
 
-    def _opened(self, sub: Subscription) -> None:
+    def opened(self, sub: Subscription) -> None:
+        """
+        ``sub`` is served: count it and tie it to its topics.
+        """
         self.connections += 1
         self.stats.opened[sub.transport] += 1
         if sub.transport == "longpoll":
@@ -548,10 +334,21 @@ class CometHub:
             t.busy()
             t.subscribers += 1
             objs.append(t)
-        sub.objs = tuple(objs)
+        # One topic's tuple is shared by its subscribers.
+        sub.objs = objs[0].alone if len(objs) == 1 else tuple(objs)
         sub.pos = [0] * len(objs)
 
-    def _closed(self, sub: Subscription) -> None:
+    def streaming(self, sub: Subscription) -> None:
+        """
+        ``sub`` streams (its replay is out): it gets heartbeats and the
+        farewell.
+        """
+        self._streams[sub] = None
+
+    def closed(self, sub: Subscription) -> None:
+        """
+        ``sub`` has ended: let go of it.
+        """
         self.connections -= 1
         self._streams.pop(sub, None)
         self._polls.pop(sub, None)
@@ -562,35 +359,8 @@ class CometHub:
 
     # -- figures
 
-    def status(self) -> dict[str, Any]:
-        by_kind = dict.fromkeys(TRANSPORTS, 0)
-        for sub in self._streams:
-            by_kind[sub.transport] += 1
-        by_kind["longpoll"] = len(self._polls)
-        busiest = sorted(self.topics.values(), key=lambda t: -t.subscribers)[:50]
-        return {
-            "connections": self.connections,
-            "connections_by_transport": by_kind,
-            "opened_by_transport": dict(self.stats.opened),
-            "topics": len(self.topics),
-            "waiters_by_topic": {t.name: t.subscribers for t in busiest if t.subscribers},
-            "history_messages": sum(len(t.history) for t in self.topics.values()),
-            "history_bytes": sum(t.bytes for t in self.topics.values()),
-            "published": self.stats.published,
-            "delivered": self.stats.delivered,
-            "dropped": self.stats.dropped,
-            "duplicates": self.stats.duplicates,
-            "slow_disconnects": self.stats.slow_disconnects,
-            "resume_hits": self.stats.resume_hits,
-            "gaps": self.stats.gaps,
-            "resets": self.stats.resets,
-            "lifetime_ends": self.stats.lifetime_ends,
-            "rejected": dict(self.stats.rejected),
-            "idempotency_keys": len(self._idem),
-            "bus_connected": self.bus_ok,
-            "bus_drops": self.stats.bus_drops,
-            "closing": self.closing,
-        }
+    def status(self) -> dict[str, JSON]:
+        return status(self)
 
 
 class CometService(Service):

@@ -18,7 +18,8 @@ from .._events import EventKeeper
 from .._interfaces import IHistoryBus
 from .._json import dumps
 from ._config import CometConfig, limits_for
-from ._hub import CometHub, CometService, Published
+from ._hub import CometHub, CometService
+from ._publishing import Published
 
 if TYPE_CHECKING:
     from .._app import App
@@ -30,19 +31,19 @@ def _check_token(hub: CometHub, inp: PipeInput) -> None:
     token = hub.config.publish_token
     auth = inp.header("authorization")
     if not auth:
-        raise hub._reject(Unauthorized("publishing needs Authorization: Bearer <token>",
+        raise hub.stats.reject(Unauthorized("publishing needs Authorization: Bearer <token>",
                                        code="missing_token",
                                        headers={"WWW-Authenticate": 'Bearer realm="pipecomet"'}))
     scheme, _, given = auth.partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
-        raise hub._reject(Unauthorized("publishing needs Authorization: Bearer <token>",
+        raise hub.stats.reject(Unauthorized("publishing needs Authorization: Bearer <token>",
                                        code="missing_token",
                                        headers={"WWW-Authenticate": 'Bearer realm="pipecomet"'}))
     if not token:
-        raise hub._reject(Forbidden("publishing over HTTP is disabled (no comet.publish_token)",
+        raise hub.stats.reject(Forbidden("publishing over HTTP is disabled (no comet.publish_token)",
                                     code="publish_disabled"))
     if not hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8")):
-        raise hub._reject(Forbidden("wrong publish token", code="bad_token"))
+        raise hub.stats.reject(Forbidden("wrong publish token", code="bad_token"))
 
 
 def _hub_of(ctx: PipeContext) -> CometHub:
@@ -58,7 +59,7 @@ def _publish_auth(inp: PipeInput, ctx: PipeContext, res: PipeResult) -> None:
     hub.check_topic(inp.path_params["topic"])
     length = inp.header("content-length")
     if length is not None and length.isdigit() and int(length) > hub.config.max_message_bytes:
-        raise hub._reject(PayloadTooLarge(
+        raise hub.stats.reject(PayloadTooLarge(
             f"message of {length} bytes; the limit is {hub.config.max_message_bytes}",
             code="message_too_large"))
     return None
@@ -73,7 +74,7 @@ def _publish_send(inp: PipeInput, ctx: PipeContext,
     hub = _hub_of(ctx)
     body: bytes = res.last or b""
     if len(body) > hub.config.max_message_bytes:
-        raise hub._reject(PayloadTooLarge(
+        raise hub.stats.reject(PayloadTooLarge(
             f"message of {len(body)} bytes; the limit is {hub.config.max_message_bytes}",
             code="message_too_large"))
     # Imported here: pipecomet._lazy loads the HTTP server, whose requests
@@ -87,18 +88,18 @@ def _publish_send(inp: PipeInput, ctx: PipeContext,
             # choke on them.  Too deep or too long numbers are 400s too.
             data = dumps(decode_json(body))
         except BadRequest as e:
-            raise hub._reject(BadRequest(f"the body is not valid JSON ({e.message})",
+            raise hub.stats.reject(BadRequest(f"the body is not valid JSON ({e.message})",
                                          code="invalid_json")) from None
     else:
         try:
             data = dumps(body.decode("utf-8"))
         except UnicodeDecodeError:
-            raise hub._reject(BadRequest("the body is not UTF-8 text",
+            raise hub.stats.reject(BadRequest("the body is not UTF-8 text",
                                          code="bad_encoding")) from None
     event = inp.query.get("event", "message")
     key = inp.header("idempotency-key") or inp.query.get("idempotency_key")
     if key is not None and not (0 < len(key) <= 200):
-        raise hub._reject(BadRequest("idempotency key must be 1-200 characters",
+        raise hub.stats.reject(BadRequest("idempotency key must be 1-200 characters",
                                      code="bad_idempotency_key"))
     return hub.publish_json(inp.path_params["topic"], data, event, key).addCallback(
         lambda done: {"topic": done.topic, "id": done.id, "delivered": done.delivered,

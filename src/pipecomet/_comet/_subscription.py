@@ -11,7 +11,7 @@ responder the client chose); its writes go through its
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 __all__ = ["Subscription", "End"]
 
 log = Logger()
+
+#: Steps of a stream's lifetime jitter (see ``Subscription._lifetime``).
+JITTER_STEPS = 64
 
 
 class End(dict[str, Any]):
@@ -102,7 +105,7 @@ class Subscription(Stream, EventListener):
         self.transport = sink.transport
         self.started = True
         self.open = True
-        self.hub._opened(self)
+        self.hub.opened(self)
         try:
             loading = self.hub.load_topics(self.objs)
         except Exception as e:
@@ -140,6 +143,9 @@ class Subscription(Stream, EventListener):
         """
         Where this subscription is now, as a cursor to resume from.
         """
+        objs = self.objs
+        if len(objs) == 1:
+            return f"{objs[0].epoch}:{self.pos[0]}"
         return format_cursor([(t.name, t.epoch, o) for t, o in zip(self.objs, self.pos)],
                              len(self.objs) == 1)
 
@@ -173,8 +179,7 @@ class Subscription(Stream, EventListener):
             return
         timeout = self.timeout if self.timeout is not None else self.hub.config.longpoll_timeout
         sink.hold()
-        self.event = self.hub.keeper.listen([t.key for t in self.objs], self, timeout,
-                                            many=True)
+        self.event = self.hub.keeper.listen(self._keys(), self, timeout, many=True)
 
     def answer_poll(self, batch: list[Message], control: list[dict[str, Any]],
                     extra: dict[str, Any] | None = None,
@@ -209,15 +214,26 @@ class Subscription(Stream, EventListener):
             self.pos[0] = replay[-1].offset
         if not self.open:  # cut off while replaying
             return
-        self.event = hub.keeper.listen([t.key for t in self.objs], self, self._lifetime(),
-                                       many=True)
-        hub._streams[self] = None
+        self.event = hub.keeper.listen(self._keys(), self, self._lifetime(), many=True)
+        hub.streaming(self)
+
+    def _keys(self) -> tuple[tuple[str, str], ...]:
+        """
+        The keeper's keys of the topics (one topic's is shared by all its
+        subscribers).
+        """
+        objs = self.objs
+        if len(objs) == 1:
+            return objs[0].keys
+        return tuple(t.key for t in objs)
 
     def _lifetime(self) -> float | None:
         cfg = self.hub.config
         life = cfg.max_lifetime or None
         if life is not None:
-            life *= 1.0 - cfg.lifetime_jitter * random.random()
+            # The jitter in 64 steps: streams of one step share a timed call
+            # in the keeper (its lanes), and they still come back spread.
+            life *= 1.0 - cfg.lifetime_jitter * random.randint(0, JITTER_STEPS) / JITTER_STEPS
         if self.timeout is not None:
             life = self.timeout if life is None else min(life, self.timeout)
         return life
@@ -296,25 +312,32 @@ class Subscription(Stream, EventListener):
 
     # -- EventListener
 
-    def on_invoke(self, event: Event, msg: Message) -> None:
+    def on_invoke(self, event: Event, value: object) -> None:
+        # The topics' keys are fired with their messages only.
+        msg = cast(Message, value)
         if self.transport == "longpoll":
             event.complete(msg)
             return
         sink = self.sink
         assert sink is not None
         if len(self.objs) == 1:
+            # The frame is shared and carries the message's own id; the
+            # position still moves, for the cursor of a reconnect or
+            # shutdown frame.
+            self.pos[0] = msg.offset
             self.send(sink.message(msg, None), msg)
         else:
             self.set_pos(msg.topic, msg.offset)
             self.send(sink.message(msg, self.cursor()), msg)
 
-    def on_complete(self, event: Event, value: Any) -> None:
+    def on_complete(self, event: Event, value: object) -> None:
         if isinstance(value, Message):  # a long-poll answered by a publish
             self.set_pos(value.topic, value.offset)
             self.answer_poll([value], [])
             return
         # The end event: the topic is over.
-        fields = {"topic": value.get("topic"), "data": value.get("data")}
+        end = cast(End, value)
+        fields = {"topic": end.get("topic"), "data": end.get("data")}
         if self.transport == "longpoll":
             self.answer_poll([], [], {"end": fields})
         else:
@@ -357,7 +380,7 @@ class Subscription(Stream, EventListener):
         self.open = False
         if self.event is not None:
             self.event.cancel()
-        self.hub._closed(self)
+        self.hub.closed(self)
 
     def _close(self, final: bytes | None) -> None:
         """

@@ -72,7 +72,7 @@ class Topic:
 
     __slots__ = ("reactor", "when_empty", "name", "key", "epoch", "last_offset", "history",
                  "bytes", "subscribers", "timer", "idle", "limits", "evicted", "loaded",
-                 "waiting", "early")
+                 "waiting", "early", "keys", "alone")
 
     def __init__(self, reactor: IReactorTime, name: str, limits: TopicLimits,
                  when_empty: Callable[[Topic], None], loaded: bool = True) -> None:
@@ -81,6 +81,10 @@ class Topic:
         self.name = name
         # The topic's key in the EventKeeper, shared by all its waiters.
         self.key = ("comet", name)
+        # The keys and topics of a subscription to this topic alone
+        # (shared by all such subscriptions).
+        self.keys = (self.key,)
+        self.alone: tuple[Topic, ...] = (self,)
         self.epoch = os.urandom(4).hex()
         self.last_offset = 0
         self.history: deque[Message] = deque()
