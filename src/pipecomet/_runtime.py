@@ -71,6 +71,10 @@ class Runtime:
             self._reactor = cast("IPipecometReactor", reactor)
         return self._reactor
 
+    @reactor.setter
+    def reactor(self, reactor: IPipecometReactor) -> None:
+        self._reactor = reactor
+
     def status(self) -> dict[str, JSON]:
         """
         Every registered part's live figures, by part name.
