@@ -7,25 +7,28 @@ from __future__ import annotations
 
 import json as _json
 import string
-from typing import TYPE_CHECKING, Any, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar, cast
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from .._chain import Answer, Pipe, PipeContext, PipeInput, PipeResult, SkipIf, Stream
 from .._errors import BadRequest
 from .._observe._requests import trace_headers
+from .._twcompat import request_gone
 from ._response import Response
 
 _T = TypeVar("_T")
 
 if TYPE_CHECKING:
+    from .._comet import IStreamSink
     from .._json import JSON
+    from .._responders import Responder
     # (Imported where used: pipecomet._http imports the app, which imports this.)
     from .._http._request import Request
     from .._lazy._body import LazyBody
@@ -148,13 +151,14 @@ class _ProxiedStream(Stream):
 
     def __init__(self, response: Response) -> None:
         self.response = response
-        self.request: server.Request | None = None
+        self.request: http.Request | None = None
         self._done: Deferred[None] = Deferred()
 
-    # Any: the proxy writes through the responder's request (``.request``),
-    # which IStreamSink does not declare.
-    def serve(self, responder: Any) -> None:
-        request = self.request = responder.request
+    def serve(self, responder: IStreamSink) -> None:
+        # A stream is served by pipecomet's own responders, which all write
+        # to a twisted.web request (``.request``, which IStreamSink does not
+        # declare).
+        request = self.request = cast("Responder", responder).request
         resp = self.response
         request.setResponseCode(resp.status)
         headers = request.responseHeaders
@@ -168,7 +172,7 @@ class _ProxiedStream(Stream):
         request = self.request
         assert request is not None  # set by serve()
         request.unregisterProducer()
-        if not (request.finished or getattr(request, "_disconnected", False)):
+        if not request_gone(request):
             request.finish()
         if not self._done.called:
             self._done.callback(None)
@@ -177,7 +181,7 @@ class _ProxiedStream(Stream):
         request = self.request
         assert request is not None  # set by serve()
         request.unregisterProducer()
-        if not (request.finished or getattr(request, "_disconnected", False)):
+        if not request_gone(request):
             # The status went out already: cut the connection so the client
             # sees a broken body rather than a short one.
             request.loseConnection()
