@@ -99,6 +99,20 @@ def wait_for(pred: Any, deadline: float = 30.0, what: str = "condition") -> Any:
     raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
 
 
+def wait_replaced(port: int, old_pids: set[int]) -> Any:
+    """
+    The supervisor's process set once two ready processes serve, none of
+    them one of ``old_pids`` (a SIGHUP reload has replaced both).
+    """
+
+    def reloaded() -> Any:
+        s = status(port)["processes"]
+        pids = {c["pid"] for c in s["set"] if c["ready"]}
+        return s if len(pids) == 2 and not pids & old_pids else None
+
+    return wait_for(reloaded, 90, "both processes replaced")
+
+
 def ready_set(port: int, n: int = 2) -> Any:
     def check() -> Any:
         s = status(port)["processes"]
@@ -424,12 +438,7 @@ def test_sighup_restarts_one_at_a_time_with_no_failed_request(tmp_path: Path,
         time.sleep(0.5)
         proc.send_signal(signal.SIGHUP)
 
-        def reloaded() -> Any:
-            s = status(port)["processes"]
-            pids = {c["pid"] for c in s["set"] if c["ready"]}
-            return s if len(pids) == 2 and not pids & old_pids else None
-
-        after = wait_for(reloaded, 90, "both processes replaced")
+        after = wait_replaced(port, old_pids)
         time.sleep(0.5)
         stop.set()
         for w in workers:
@@ -501,12 +510,7 @@ def test_sighup_under_keep_alive_load_fails_no_request(tmp_path: Path, redis_ser
         wait_for(lambda: all(c.ok for c in clients), 30, "every client answered")
         proc.send_signal(signal.SIGHUP)
 
-        def reloaded() -> Any:
-            s = status(port)["processes"]
-            pids = {c["pid"] for c in s["set"] if c["ready"]}
-            return s if len(pids) == 2 and not pids & old_pids else None
-
-        after = wait_for(reloaded, 90, "both processes replaced")
+        after = wait_replaced(port, old_pids)
         # Every client has been moved off the old processes (it got a
         # Connection: close there and reconnected), and has been answered
         # by a new one since.

@@ -908,7 +908,34 @@ class _Pausable(TypingProtocol):
     def startReading(self) -> None: ...
 
 
-class AcceptBalancer:
+class _PeriodicCheck:
+    """
+    A check run every ``interval`` seconds on ``reactor`` between
+    :meth:`start` and :meth:`stop` (the next call is armed before the
+    check runs, so a failing check does not end the series).
+    """
+
+    reactor: IReactorTime
+    interval: float
+    _call: IDelayedCall | None
+
+    def start(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._check)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _check(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._check)
+        self.check()
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+
+class AcceptBalancer(_PeriodicCheck):
     """
     Keeps held (comet) connections even across the serving processes that
     share one listening socket.
@@ -937,17 +964,11 @@ class AcceptBalancer:
         self._reported = -1
         self._call: IDelayedCall | None = None
 
-    def start(self) -> None:
-        self._call = self.reactor.callLater(self.interval, self._check)
-
     def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        super().stop()
         self._resume()
 
-    def _check(self) -> None:
-        self._call = self.reactor.callLater(self.interval, self._check)
+    def check(self) -> None:
         own = self.hub.connections
         if own != self._reported:
             self._reported = own
@@ -971,7 +992,7 @@ class AcceptBalancer:
             self.port.startReading()
 
 
-class ConnectionBalancer:
+class ConnectionBalancer(_PeriodicCheck):
     """
     Moves keep-alive connections off a serving process that holds more
     than its share, with one inherited socket.
@@ -1008,16 +1029,7 @@ class ConnectionBalancer:
         self._drained: set[int] = set()
         self._call: IDelayedCall | None = None
 
-    def start(self) -> None:
-        self._call = self.reactor.callLater(self.interval, self._check)
-
-    def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def _check(self) -> None:
-        self._call = self.reactor.callLater(self.interval, self._check)
+    def check(self) -> None:
         open_ = self.tracker.open_connections()
         ids = {id(p) for p in open_}
         self._drained &= ids
